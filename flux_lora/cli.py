@@ -1,0 +1,243 @@
+"""Command line: `python -m flux_lora COMMAND` or `torchrun --nproc_per_node=N -m flux_lora COMMAND`.
+
+Each command builds a Config (defaults < --config YAML < flags < --set) and calls one stage's
+run(cfg). No torch import at module level, so --help stays fast. A FluxLoraError becomes one
+stderr line and a documented exit code:
+    0 done, 1 internal error, 2 bad input or config, 3 stopped on a signal (rerun to resume),
+    4 training diverged, 5 another rank failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from flux_lora.errors import FluxLoraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train FLUX.1 LoRA adapters: preprocess images into a cache, then train with DDP.")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections: model, data, preprocess, lora, train, output, dist)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override any key: --set train.lr=2e-4 (repeatable; wins over flags)")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks (or set FLUX_LORA_DEBUG=1)")]
+JsonOpt = Annotated[Optional[bool], typer.Option("--json/--no-json", help="JSON-lines events on stdout; human text stays on stderr")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="FLUX.1 diffusers directory or hub id")]
+CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="cache directory (preprocess writes, train reads)")]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def guarded(fn: Callable[[], object], debug: bool) -> None:
+    """Run a stage; turn errors into one stderr line and an exit code."""
+    debug = debug or os.environ.get("FLUX_LORA_DEBUG") == "1"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tag = f"rank {_rank()}: " if world > 1 else ""
+    try:
+        fn()
+    except FluxLoraError as e:
+        if debug:
+            raise
+        if not (getattr(e, "shared", False) and _rank() != 0):
+            print(f"{tag}error: {e}", file=sys.stderr, flush=True)
+        raise typer.Exit(e.exit_code) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a crash still gets one line naming the rank and the cause
+        if debug:
+            raise
+        hint = "; lower --batch-size or use --memory-mode fp8/nf4" if type(e).__name__ == "OutOfMemoryError" else ""
+        msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
+        print(f"{tag}failed: {type(e).__name__}: {msg}{hint} (rerun with --debug for the traceback)",
+              file=sys.stderr, flush=True)
+        raise typer.Exit(1) from None
+
+
+def _build(config: Optional[Path], flags: dict, sets: Optional[list[str]]):
+    from flux_lora.config import build_config
+
+    return build_config(config, flags, sets or [])
+
+
+@app.command("make-tiny")
+def make_tiny_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="where to write the tiny pipeline")],
+    seed: Annotated[int, typer.Option(help="weights seed")] = 0,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a tiny random FLUX.1 pipeline (diffusers layout) plus a tiny captioner in DIR/captioner."""
+    def go():
+        from flux_lora.tiny import make_tiny
+
+        from flux_lora.models import quiet_libraries
+        quiet_libraries()
+        make_tiny(out_dir, seed)
+        print(f"tiny FLUX pipeline written to {out_dir}", file=sys.stderr)
+    guarded(go, debug)
+
+
+@app.command("demo-data")
+def demo_data_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="where to write the images")],
+    count: Annotated[int, typer.Option(help="number of images")] = 12,
+    seed: int = 0,
+) -> None:
+    """Write a small synthetic image set (some with .txt captions, some without) for the demo."""
+    from flux_lora.demo import make_images
+
+    make_images(out_dir, count, seed)
+    print(f"{count} demo images written to {out_dir}", file=sys.stderr)
+
+
+@app.command()
+def preprocess(
+    model: ModelOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="image folder, .zip, or http(s) URL of a zip")] = None,
+    cache_dir: CacheOpt = None,
+    resolution: Annotated[Optional[int], typer.Option(help="target side in pixels (multiple of 16)")] = None,
+    square: Annotated[Optional[bool], typer.Option("--square/--buckets", help="center-crop squares instead of aspect buckets")] = None,
+    trigger_word: Annotated[Optional[str], typer.Option(help="word prepended to every caption")] = None,
+    captioner: Annotated[Optional[str], typer.Option(help="captioner model id/path for images without .txt, or none")] = None,
+    default_caption: Annotated[Optional[str], typer.Option(help="caption when --captioner none")] = None,
+    max_sequence_length: Annotated[Optional[int], typer.Option(help="T5 tokens per caption")] = None,
+    sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="prompt for train's preview images (repeatable)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="images per encoder batch")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="image decoding worker processes")] = None,
+    strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="fail on unreadable images")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="rebuild an existing cache")] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow the captioner's own code")] = None,
+    json_events: JsonOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Stage 1: caption, resize and encode images into CACHE (rank r handles items r, r+N, ...)."""
+    flags = {"model.path": model, "data.source": data, "data.cache_dir": cache_dir, "data.resolution": resolution,
+             "data.square": square, "data.trigger_word": trigger_word, "data.captioner": captioner,
+             "data.default_caption": default_caption, "data.max_sequence_length": max_sequence_length,
+             "data.sample_prompts": sample_prompt or None, "preprocess.batch_size": batch_size,
+             "preprocess.num_workers": num_workers, "data.strict": strict, "preprocess.overwrite": overwrite,
+             "data.trust_remote_code": trust_remote_code, "output.json": json_events}
+
+    def go():
+        from flux_lora import preprocess as stage
+
+        stage.run(_build(config, flags, set_))
+    guarded(go, debug)
+
+
+@app.command()
+def train(
+    model: ModelOpt = None,
+    cache_dir: CacheOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="output directory")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="samples per GPU per micro-step")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="micro-steps per optimizer step")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: rank)")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="attention, attention-mlp, all-linear or a comma list of modules")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="guidance embedding value")] = None,
+    timestep_sampling: Annotated[Optional[str], typer.Option(help="uniform, logit-normal or flux-shift")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="intermediate LoRA every N steps")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="resumable checkpoint every N steps")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(help="preview images every N steps")] = None,
+    memory_mode: Annotated[Optional[str], typer.Option(help="fast, fp8 or nf4")] = None,
+    compile_: Annotated[Optional[str], typer.Option("--compile", help="auto, on or off")] = None,
+    export_format: Annotated[Optional[str], typer.Option(help="diffusers or kohya")] = None,
+    resume_from: Annotated[Optional[str], typer.Option(help="checkpoint directory to resume from")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="resume from the latest checkpoint in --output")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="delete earlier results in --output")] = None,
+    json_events: JsonOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Stage 2: train a LoRA on the cached shards with DDP; rank 0 writes OUTPUT/lora.safetensors."""
+    flags = {"model.path": model, "data.cache_dir": cache_dir, "output.dir": output, "train.steps": steps,
+             "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.lr": lr, "train.seed": seed,
+             "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.targets": targets, "train.guidance": guidance,
+             "train.timestep_sampling": timestep_sampling, "train.save_every": save_every,
+             "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
+             "train.memory_mode": memory_mode, "train.compile": compile_, "output.export_format": export_format,
+             "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
+             "output.json": json_events}
+
+    def go():
+        from flux_lora import train as stage
+
+        stage.run(_build(config, flags, set_))
+    guarded(go, debug)
+
+
+@app.command()
+def sample(
+    model: Annotated[str, typer.Option("--model", "-m", help="FLUX.1 diffusers directory or hub id")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt (repeatable)")],
+    out: Annotated[Path, typer.Option("--out", help="PNG to write (a grid for several prompts)")],
+    lora: Annotated[Optional[Path], typer.Option(help="LoRA .safetensors to apply")] = None,
+    seed: int = 0,
+    steps: Annotated[int, typer.Option(help="denoising steps")] = 28,
+    guidance: Annotated[float, typer.Option(help="guidance scale")] = 3.5,
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 1024,
+    max_sequence_length: Annotated[int, typer.Option(help="T5 tokens")] = 512,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate an image with FluxPipeline (+ a trained LoRA) to try a result without code."""
+    def go():
+        from flux_lora.sampling import sample_command
+
+        sample_command(model, lora, prompt, out, seed, steps, guidance, size, max_sequence_length)
+        print(f"wrote {out}", file=sys.stderr)
+    guarded(go, debug)
+
+
+@app.command()
+def export(
+    lora: Annotated[Path, typer.Argument(help="diffusers-format LoRA .safetensors")],
+    out: Annotated[Path, typer.Option("--out", help="file to write")],
+    export_format: Annotated[str, typer.Option("--format", help="kohya (ComfyUI / Forge / kohya names)")] = "kohya",
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a trained LoRA to the key names ComfyUI, Forge and kohya tools read."""
+    def go():
+        from flux_lora.export import export_file
+
+        export_file(lora, out, export_format)
+        print(f"wrote {out}", file=sys.stderr)
+    guarded(go, debug)
+
+
+@app.command()
+def watch(
+    run_dir: Annotated[Path, typer.Argument(help="training output dir or preprocess cache dir (holds events.jsonl)")],
+    serve: Annotated[Optional[str], typer.Option(help="HOST:PORT: serve the events as Server-Sent Events")] = None,
+    timeout: Annotated[float, typer.Option(help="give up after this many seconds without a done/error event (0 = never)")] = 0,
+    debug: DebugOpt = False,
+) -> None:
+    """Follow a run's events.jsonl: live progress; exit 0 at done, 1 at error."""
+    def go():
+        from flux_lora.watch import serve_events, watch_events
+
+        code = serve_events(run_dir, serve, timeout) if serve else watch_events(run_dir, timeout)
+        raise typer.Exit(code)
+    guarded(go, debug)
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print every config key with its default and meaning (Markdown)."""
+    from flux_lora.config import reference_markdown
+
+    print(reference_markdown())
+
+
+def main() -> None:
+    app(prog_name="flux_lora")

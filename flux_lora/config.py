@@ -1,0 +1,296 @@
+"""Typed configuration: one dataclass per section, loaded from YAML, CLI flags and `--set a.b=c`.
+
+Precedence: defaults < YAML file < CLI flags < --set. Unknown keys and wrong types fail with the
+key name and the valid choices, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flux_lora.errors import ConfigError
+
+
+def doc(default: Any, text: str, **choices: Any) -> Any:
+    """A dataclass field with a default and a one-line description (shown in the README)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text, **choices})
+    return field(default=default, metadata={"doc": text, **choices})
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("", "FLUX.1 pipeline: a local diffusers directory or a hub id (e.g. black-forest-labs/FLUX.1-dev)")
+    dtype: str = doc("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    attention: str = doc("flash", "SDPA backend on CUDA: flash, efficient, math or default (cuDNN's backward crashes on H100 with torch 2.11)")
+    revision: str = doc("", "hub revision (branch, tag or commit) when path is a hub id")
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _choice("model.attention", self.attention, ("flash", "efficient", "math", "default"))
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("", "images: a folder, a .zip file or an http(s) URL of a zip")
+    cache_dir: str = doc("", "cache directory written by preprocess and read by train")
+    resolution: int = doc(512, "target side in pixels (multiple of 16); buckets keep about resolution² pixels")
+    square: bool = doc(False, "center-crop every image to resolution×resolution instead of aspect buckets")
+    trigger_word: str = doc("", "prepended to every caption (once); replaces a [trigger] placeholder")
+    default_caption: str = doc("", "caption for images without a .txt when captioner is none")
+    captioner: str = doc("Salesforce/blip-image-captioning-large", "image-to-text model for images without a .txt caption, or none")
+    trust_remote_code: bool = doc(False, "allow the captioner's own code from the hub (off: only natively supported models)")
+    max_sequence_length: int = doc(512, "T5 tokens per caption (FLUX.1-dev: 512, schnell: 256)")
+    strict: bool = doc(False, "fail on the first unreadable image instead of skipping it with a warning")
+    sample_prompts: list = doc([], "prompts encoded now so train can draw preview images without text encoders")
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.resolution % 16:
+            raise ConfigError(f"data.resolution={self.resolution} is not a positive multiple of 16; use e.g. 512 or 1024")
+        if self.max_sequence_length <= 0:
+            raise ConfigError("data.max_sequence_length must be positive, e.g. 512")
+        self.sample_prompts = [str(p) for p in self.sample_prompts]
+
+
+@dataclass
+class PreprocessConfig:
+    batch_size: int = doc(8, "images per encoder batch on each rank")
+    caption_batch_size: int = doc(8, "images per captioner batch")
+    num_workers: int = doc(2, "worker processes decoding and resizing images while the GPU encodes")
+    chunk_items: int = doc(64, "items per shard file (T5 embeddings are ~4 MB per item at 512 tokens)")
+    overwrite: bool = doc(False, "delete an existing cache in cache_dir and rebuild it")
+    max_zip_bytes: int = doc(50 * 2**30, "refuse ZIPs whose entries unpack to more than this many bytes")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "caption_batch_size", "chunk_items"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"preprocess.{name} must be positive")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = doc(16, "LoRA rank r")
+    alpha: float = doc(0.0, "LoRA alpha (0 means alpha = rank, i.e. scale 1)")
+    targets: str = doc("attention-mlp", "attention, attention-mlp, all-linear, or a comma-separated list of module names")
+    dropout: float = doc(0.0, "LoRA dropout")
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"lora.rank={self.rank} must be positive, e.g. 16")
+        if self.alpha == 0:
+            self.alpha = float(self.rank)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = doc(1000, "optimizer steps")
+    batch_size: int = doc(1, "samples per GPU per micro-step")
+    grad_accum: int = doc(1, "micro-steps per optimizer step (global batch = batch_size × ranks × grad_accum)")
+    lr: float = doc(1e-4, "AdamW learning rate")
+    lr_b_factor: float = doc(1.0, "learning-rate multiplier for the LoRA B matrices (LoRA+; 1 = off)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    warmup_steps: int = doc(0, "linear warm-up steps")
+    schedule: str = doc("constant", "learning rate after warm-up: constant or cosine")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm (0 = off)")
+    seed: int = doc(0, "seed for LoRA init, data order, noise and timesteps")
+    guidance: float = doc(1.0, "guidance embedding value (used when the model has one, e.g. FLUX.1-dev)")
+    timestep_sampling: str = doc("flux-shift", "uniform, logit-normal, or flux-shift (logit-normal shifted by image size, as FLUX inference)")
+    logit_mean: float = doc(0.0, "mean of the logit-normal timestep distribution")
+    logit_std: float = doc(1.0, "std of the logit-normal timestep distribution")
+    memory_mode: str = doc("fast", "fast (bf16 base), fp8 (torchao fp8 base + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
+    gradient_checkpointing: str = doc("auto", "auto (off in fast mode, on in fp8/nf4), on or off")
+    compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")
+    save_every: int = doc(0, "write OUTPUT/lora-step-NNNNNN.safetensors every N steps (0 = only at the end)")
+    checkpoint_every: int = doc(100, "write a resumable checkpoint every N steps (and on stop)")
+    keep_checkpoints: int = doc(2, "how many checkpoints to keep")
+    sample_every: int = doc(0, "draw preview images of the sample prompts every N steps (0 = off)")
+    sample_steps: int = doc(20, "denoising steps per preview image")
+    log_every: int = doc(10, "plain progress line every N steps when stderr is not a terminal")
+    max_nonfinite: int = doc(5, "stop after this many non-finite losses in a row")
+
+    def __post_init__(self) -> None:
+        _choice("train.schedule", self.schedule, ("constant", "cosine"))
+        _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit-normal", "flux-shift"))
+        _choice("train.memory_mode", self.memory_mode, ("fast", "fp8", "nf4"))
+        _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        _choice("train.compile", self.compile, ("auto", "on", "off"))
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be positive, e.g. 1e-4")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = doc("", "output directory: LoRA, checkpoints, events, samples")
+    json: bool = doc(False, "also print JSON events on stdout (people-facing text stays on stderr)")
+    export_format: str = doc("diffusers", "diffusers, or kohya (also write lora-kohya.safetensors for ComfyUI/Forge)")
+    resume: bool = doc(True, "resume from the latest checkpoint in the output directory")
+    resume_from: str = doc("", "resume from this checkpoint directory")
+    overwrite: bool = doc(False, "delete earlier results in the output directory first")
+
+    def __post_init__(self) -> None:
+        _choice("output.export_format", self.export_format, ("diffusers", "kohya"))
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = doc(600, "collective timeout: a dead rank ends the job after this long, not after 30 minutes")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def _choice(key: str, value: str, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def section_types() -> dict[str, type]:
+    return _field_types(Config)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or fail naming the key."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+        if kind is list:
+            if isinstance(value, str):
+                import yaml
+
+                parsed = yaml.safe_load(value)
+                value = parsed if isinstance(parsed, list) else [value]
+            if not isinstance(value, list):
+                raise ValueError
+            return list(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    name = getattr(kind, "__name__", str(kind))
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def _merge(raw: dict, overrides: dict[str, Any], origin: str) -> None:
+    """Merge dotted `section.key` overrides into the nested raw dict, checking the keys."""
+    sections = section_types()
+    for dotted, value in overrides.items():
+        if "." not in dotted:
+            raise ConfigError(f"{origin}: '{dotted}' must be section.key; sections: {', '.join(sections)}")
+        section, key = dotted.split(".", 1)
+        _check_key(section, key, origin)
+        raw.setdefault(section, {})[key] = value
+
+
+def _check_key(section: str, key: str | None, origin: str) -> None:
+    sections = section_types()
+    if section not in sections:
+        raise ConfigError(f"{origin}: unknown section '{section}'; valid sections: {', '.join(sections)}")
+    if key is not None:
+        valid = [f.name for f in dataclasses.fields(sections[section])]
+        if key not in valid:
+            raise ConfigError(f"{origin}: unknown key '{section}.{key}'; valid keys in '{section}': {', '.join(valid)}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; check the --config path")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must be a mapping of sections (model:, data:, train:, ...)")
+    for section, body in raw.items():
+        _check_key(str(section), None, str(p))
+        if not isinstance(body, dict):
+            raise ConfigError(f"{p}: section '{section}' must be a mapping of keys")
+        for key in body:
+            _check_key(str(section), str(key), str(p))
+    return raw
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def build_config(yaml_path: str | Path | None = None, flags: dict[str, Any] | None = None,
+                 sets: list[str] | None = None) -> Config:
+    """defaults < YAML < flags (already dotted, None = not given) < --set."""
+    raw: dict = load_yaml(yaml_path) if yaml_path else {}
+    _merge(raw, {k: v for k, v in (flags or {}).items() if v is not None}, "command line")
+    _merge(raw, parse_set(sets or []), "--set")
+    sections = section_types()
+    built = {}
+    for name, cls in sections.items():
+        body = raw.get(name, {})
+        types = _field_types(cls)
+        kwargs = {k: _coerce(f"{name}.{k}", v, types[k]) for k, v in body.items()}
+        built[name] = cls(**kwargs)
+    return Config(**built)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, generated from the field docs."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, cls in section_types().items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{name}.{f.name}` | `{default!r}` | {f.metadata.get('doc', '')} |")
+    return "\n".join(lines)

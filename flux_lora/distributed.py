@@ -1,0 +1,155 @@
+"""The one place that creates and destroys the process group.
+
+Without torchrun (no RANK/WORLD_SIZE in the environment) everything runs as world size 1 and no
+process group is created; every helper here then degrades to a no-op, so stage code never asks
+"am I distributed?".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_dist_info() -> DistInfo:
+    """Rank and world size from torchrun's environment; world size 1 without it."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and os.environ.get("FLUX_LORA_CPU") != "1":
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, device)
+
+
+_INFO: DistInfo | None = None
+
+
+def info() -> DistInfo:
+    return _INFO if _INFO is not None else env_dist_info()
+
+
+@contextlib.contextmanager
+def session(timeout_s: int = 600) -> Iterator[DistInfo]:
+    """Init the process group (NCCL on CUDA, gloo on CPU) and always tear it down."""
+    global _INFO
+    di = env_dist_info()
+    if di.device.type == "cuda":
+        torch.cuda.set_device(di.device)
+    created = False
+    if di.distributed and not dist.is_initialized():
+        backend = "nccl" if di.device.type == "cuda" else "gloo"
+        kwargs = {"device_id": di.device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        created = True
+    _INFO = di
+    try:
+        yield di
+    finally:
+        _INFO = None
+        if created and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _active():
+        if info().device.type == "cuda":
+            dist.barrier(device_ids=[info().device.index])
+        else:
+            dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (all-reduce MAX): a shared decision."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=info().device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over all ranks (one collective)."""
+    if not _active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64 if info().device.type == "cpu" else torch.float32,
+                     device=info().device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's picklable object, in rank order, on every rank."""
+    if not _active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's object on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Items this rank handles: rank, rank + world, rank + 2·world, ... (may be empty)."""
+    return list(range(rank, n, world))
+
+
+def print0(*args: object) -> None:
+    """People-facing text from rank 0 only, on stderr so stdout stays machine-readable."""
+    if info().is_main:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def main_then_share(fn):
+    """Run fn() on rank 0 only and give its result to every rank; if it raises a FluxLoraError,
+    every rank raises the same error (so no rank waits at a barrier for a rank that failed)."""
+    from flux_lora import errors
+
+    result, failure = None, None
+    if info().is_main:
+        try:
+            result = fn()
+        except errors.FluxLoraError as e:
+            failure = (type(e).__name__, str(e))
+    result, failure = broadcast_object((result, failure))
+    if failure:
+        err = getattr(errors, failure[0], errors.FluxLoraError)(failure[1])
+        err.shared = True  # every rank raises it: only rank 0 needs to print it
+        raise err
+    return result

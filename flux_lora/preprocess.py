@@ -1,0 +1,353 @@
+"""Stage 1: images -> cache of VAE latents and CLIP/T5 embeddings.
+
+    python -m flux_lora preprocess --model M --data IMAGES --cache-dir CACHE
+    torchrun --nproc_per_node=8 -m flux_lora preprocess --config configs/flux-dev-1024.yaml
+
+Rank r of N handles items r, r+N, ... and writes them in chunks; rank 0 writes the manifest after
+all ranks are done. A rerun skips chunks that are already complete and valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from flux_lora import cache, distributed, models
+from flux_lora.captions import Captioner, apply_trigger
+from flux_lora.config import Config
+from flux_lora.encode import encode_latents, encode_prompts
+from flux_lora.errors import CacheError, DataError, FluxLoraError
+from flux_lora.images import SourceImage, discover, load_rgb, make_buckets, nearest_bucket, resize_to_bucket, resolve_source
+from flux_lora.report import make_reporter
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """Decode + resize in DataLoader workers so the GPU never waits for PIL."""
+
+    def __init__(self, entries: list[tuple[int, SourceImage]], buckets: list[tuple[int, int]]):
+        self.entries, self.buckets = entries, buckets
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, k: int) -> dict:
+        index, src = self.entries[k]
+        try:
+            im = load_rgb(src.path)
+        except DataError as e:
+            return {"index": index, "error": str(e)}
+        bucket = nearest_bucket(im.width, im.height, self.buckets)
+        im = resize_to_bucket(im, bucket)
+        import numpy as np
+
+        return {"index": index, "pixels": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), "bucket": bucket}
+
+
+def _decoded(entries, buckets, workers: int):
+    loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets), batch_size=None, shuffle=False,
+                                         num_workers=workers, prefetch_factor=8 if workers else None)
+    yield from loader
+
+
+def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
+    """What the items and their captions depend on, so a changed dataset is not mixed with an old cache."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(f"{s.name}\0{s.caption}\0".encode())
+    d = cfg.data
+    h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
+    return h.hexdigest()[:32]
+
+
+def cache_settings(cfg: Config, sources: list[SourceImage], world: int) -> dict:
+    return {"model": cfg.model.path,
+            "fingerprint": models.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision),
+            "resolution": cfg.data.resolution, "square": cfg.data.square,
+            "buckets": make_buckets(cfg.data.resolution, cfg.data.square),
+            "max_sequence_length": cfg.data.max_sequence_length, "dataset": dataset_identity(cfg, sources),
+            "num_sources": len(sources), "world_size": world, "chunk_items": cfg.preprocess.chunk_items}
+
+
+_LAYOUT_KEYS = ("world_size", "chunk_items")
+_IGNORED_KEYS = ("model", "source_root")  # the fingerprint and dataset identity cover these
+
+
+def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
+    """Rank 0: make cache_dir ours. Returns True if a complete cache with these settings exists."""
+    old = cache.read_json(cache_dir / "settings.json")
+    if overwrite:
+        for sub in ("shards", "progress"):
+            shutil.rmtree(cache_dir / sub, ignore_errors=True)
+        for f in ("manifest.json", "settings.json", "captions.jsonl", "samples.pt"):
+            (cache_dir / f).unlink(missing_ok=True)
+        old = None
+    elif old is None and (cache_dir / "shards").is_dir() and any((cache_dir / "shards").iterdir()):
+        raise CacheError(f"{cache_dir} holds shards of an unknown cache; pass --overwrite or another --cache-dir")
+    if old is not None:
+        diff = [k for k in settings if k not in _LAYOUT_KEYS + _IGNORED_KEYS and old.get(k) != settings[k]]
+        if diff:
+            raise CacheError(f"{cache_dir} holds a cache built with different {', '.join(diff)}; "
+                             "pass --overwrite to rebuild it or choose another --cache-dir")
+        manifest = cache.read_json(cache_dir / "manifest.json")
+        if manifest and not cache.check_shard_files(cache_dir, manifest, (0, 10**9)):
+            return True
+        layout = [k for k in _LAYOUT_KEYS if old.get(k) != settings[k]]
+        if layout:
+            raise CacheError(f"{cache_dir} holds an unfinished cache started with "
+                             + ", ".join(f"{k}={old.get(k)}" for k in layout)
+                             + "; rerun with the same number of ranks to finish it, or pass --overwrite")
+    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
+    (cache_dir / "manifest.json").unlink(missing_ok=True)
+    cache.atomic_write_json(cache_dir / "settings.json", settings)
+    return False
+
+
+def plan_parts(mine: list[int], chunk: int) -> list[list[int]]:
+    """This rank's items in chunks; at least one (possibly empty) chunk per rank."""
+    return [mine[i:i + chunk] for i in range(0, len(mine), chunk)] or [[]]
+
+
+class Progress:
+    """Items done across all ranks, through small per-rank files (no collectives: ranks may have
+    different numbers of chunks)."""
+
+    def __init__(self, cache_dir: Path, di: distributed.DistInfo, total: int, reporter):
+        self.dir, self.di, self.total, self.reporter = cache_dir / "progress", di, total, reporter
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.t0, self.done_here = time.time(), 0
+
+    def add(self, n: int) -> None:
+        self.done_here += n
+        cache.atomic_write_json(self.dir / f"rank-{self.di.rank:05d}.json", {"done": self.done_here})
+        if self.di.is_main:
+            done = sum((cache.read_json(p) or {}).get("done", 0) for p in self.dir.glob("rank-*.json"))
+            elapsed = time.time() - self.t0
+            rate = done / elapsed if elapsed > 0 else 0.0
+            self.reporter.progress(done, done=done, total=self.total, progress=done / max(self.total, 1),
+                                   items_per_s=rate, elapsed_s=elapsed,
+                                   eta_s=(self.total - done) / rate if rate > 0 else None)
+
+
+def caption_missing(cfg: Config, entries: list[tuple[int, SourceImage]], buckets, di, reporter) -> dict[int, str]:
+    """Captions for this rank's items without a .txt: auto-captioned in batches, or the default."""
+    missing = [(i, s) for i, s in entries if s.caption is None]
+    if not missing:
+        return {}
+    if cfg.data.captioner.lower() == "none":
+        if di.is_main:
+            reporter.warning(f"{len(missing)} image(s) on rank 0 have no .txt caption; using the default caption "
+                             f"{cfg.data.default_caption!r} (captioner is none)")
+        return {i: cfg.data.default_caption for i, _ in missing}
+    dtype = models.resolve_dtype(cfg.model.dtype, di.device)
+    captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code)
+    out, batch = {}, []
+    for rec in _decoded(missing, buckets, cfg.preprocess.num_workers):
+        if "error" in rec:
+            continue  # reported when the chunk is encoded
+        batch.append(rec)
+        if len(batch) == cfg.preprocess.caption_batch_size:
+            out.update(_caption_batch(captioner, batch))
+            batch = []
+    if batch:
+        out.update(_caption_batch(captioner, batch))
+    captioner.close()
+    return out
+
+
+def _caption_batch(captioner: Captioner, batch: list[dict]) -> dict[int, str]:
+    from PIL import Image
+
+    images = [Image.fromarray(r["pixels"].permute(1, 2, 0).numpy()) for r in batch]
+    return {r["index"]: text for r, text in zip(batch, captioner(images))}
+
+
+class Encoders:
+    """VAE + text encoders on this rank's device, loaded once for all chunks."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        dtype = models.resolve_dtype(cfg.model.dtype, device)
+        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision).to(device).eval()
+        if device.type == "cuda":
+            self.vae = self.vae.to(memory_format=torch.channels_last)
+        self.text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision).to(device)
+        self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
+
+    def latents(self, records: list[dict]) -> dict[int, torch.Tensor]:
+        """Latents per item index, batched within each bucket."""
+        by_bucket: dict[tuple, list[dict]] = {}
+        for r in records:
+            by_bucket.setdefault(tuple(r["bucket"]), []).append(r)
+        out = {}
+        for group in by_bucket.values():
+            for i in range(0, len(group), self.batch):
+                rows = group[i:i + self.batch]
+                pixels = torch.stack([r["pixels"] for r in rows]).float() / 127.5 - 1.0
+                if self.device.type == "cuda":
+                    pixels = pixels.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                for r, lat in zip(rows, encode_latents(self.vae, pixels)):
+                    out[r["index"]] = lat
+        return out
+
+    def prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t5 [U, L, D], clip [U, P]) for unique texts, batched."""
+        t5s, clips = [], []
+        for i in range(0, len(texts), self.batch):
+            clip, t5 = encode_prompts(self.text, texts[i:i + self.batch], self.max_len, self.device)
+            t5s.append(t5)
+            clips.append(clip)
+        return torch.cat(t5s), torch.cat(clips)
+
+    def close(self) -> None:
+        del self.vae, self.text
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, str], sources: list[SourceImage]) -> dict:
+    latents = enc.latents(records)
+    texts = list(dict.fromkeys(captions[r["index"]] for r in records))
+    if texts:
+        t5, clip = enc.prompts(texts)
+    else:
+        t5, clip = torch.zeros(0), torch.zeros(0)
+    items = [{"index": r["index"], "latents": latents[r["index"]], "bucket": r["bucket"],
+              "caption": captions[r["index"]], "source": sources[r["index"]].name,
+              "text_id": texts.index(captions[r["index"]])} for r in records]
+    return cache.pack_shard(items, t5, clip)
+
+
+def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, str]:
+    out = {}
+    for i, s in entries:
+        base = s.caption if s.caption is not None else auto.get(i, cfg.data.default_caption)
+        out[i] = apply_trigger(base, cfg.data.trigger_word)
+    return out
+
+
+def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress: Progress) -> None:
+    """Encode and write every chunk of this rank that is not already complete on disk."""
+    shards_dir = Path(cfg.data.cache_dir) / "shards"
+    world = di.world_size
+    pending = []
+    for p, planned in enumerate(parts):
+        name = cache.shard_name(di.rank, world, p)
+        if cache.valid_sidecar(shards_dir, name, planned) is not None:
+            progress.add(len(planned))
+        else:
+            pending.append((p, planned))
+    if not pending:
+        return
+    entries = [(i, sources[i]) for _, planned in pending for i in planned]
+    captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
+    enc = Encoders(cfg, di.device) if entries else None
+    stream = iter(_decoded(entries, buckets, cfg.preprocess.num_workers))
+    for p, planned in pending:
+        records, skipped = [], []
+        for _ in planned:
+            rec = next(stream)
+            if "error" in rec:
+                if cfg.data.strict:
+                    raise DataError(f"{rec['error']} (--strict); remove or fix the file")
+                reporter.warning(f"skipping {rec['error']}", file=sources[rec["index"]].name)
+                skipped.append({"index": rec["index"], "source": sources[rec["index"]].name, "error": rec["error"]})
+            else:
+                records.append(rec)
+        shard = encode_chunk(enc, records, captions, sources) if records else cache.pack_shard([], torch.zeros(0), torch.zeros(0))
+        cache.write_shard(shards_dir, cache.shard_name(di.rank, world, p), shard, planned, skipped)
+        progress.add(len(planned))
+    if enc is not None:
+        enc.close()
+
+
+def write_samples(cfg: Config, di) -> None:
+    """Rank 0: encode the sample prompts for train's preview images."""
+    path = Path(cfg.data.cache_dir) / "samples.pt"
+    prompts = [apply_trigger(p, cfg.data.trigger_word) if "[trigger]" in p else p for p in cfg.data.sample_prompts]
+    if not prompts:
+        path.unlink(missing_ok=True)
+        return
+    old = cache.load_sample_prompts(Path(cfg.data.cache_dir)) if path.is_file() else None
+    if old is not None and old.get("prompts") == prompts:
+        return
+    dtype = models.resolve_dtype(cfg.model.dtype, di.device)
+    text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision).to(di.device)
+    clip, t5 = encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"prompts": prompts, "t5": t5, "clip": clip}, buf)
+    cache.atomic_write_bytes(path, buf.getvalue())
+
+
+def finish(cache_dir: Path, settings: dict, reporter) -> dict:
+    """Rank 0, after every rank is done: manifest + captions.jsonl."""
+    world = settings["world_size"]
+    sidecars = []
+    for side_path in sorted((cache_dir / "shards").glob(f"rank-*-of-{world:05d}-part-*.json")):
+        side = cache.read_json(side_path)
+        if side is None:
+            raise CacheError(f"{side_path} is unreadable; rerun preprocess to rebuild that chunk")
+        sidecars.append(side)
+    manifest = cache.build_manifest(cache_dir, settings, sidecars)
+    skipped = [s for side in sidecars for s in side.get("skipped", [])]
+    if manifest["total_items"] == 0:
+        raise DataError(f"no usable images: all {len(skipped)} file(s) in {settings['source_root']} were unreadable; "
+                        "check the files or the --data path")
+    for side in sidecars:
+        if not side["file"].startswith("rank-00000-"):  # rank 0 reported its own as it went
+            for s in side.get("skipped", []):
+                reporter.emit("warning", message=f"skipped {s['error']}", file=s["source"])
+    lines = [json.dumps({"index": i, "source": src, "caption": cap}) for side in sidecars
+             for i, src, cap in zip(side["index"], side["source"], side["caption"])]
+    cache.atomic_write_bytes(cache_dir / "captions.jsonl", ("\n".join(sorted(lines, key=lambda l: json.loads(l)["index"])) + "\n").encode())
+    cache.atomic_write_json(cache_dir / "manifest.json", manifest)
+    return {"total_items": manifest["total_items"], "skipped": len(skipped), "shards": len(manifest["shards"])}
+
+
+def run(cfg: Config) -> dict:
+    models.quiet_libraries()
+    cache_dir = Path(cfg.data.cache_dir)
+    if not cfg.data.cache_dir:
+        raise CacheError("no cache directory given; pass --cache-dir DIR")
+    with distributed.session(cfg.dist.timeout_s) as di:
+        distributed.main_then_share(lambda: cache_dir.mkdir(parents=True, exist_ok=True))
+        reporter = make_reporter(di.is_main, di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
+        try:
+            return _run(cfg, di, cache_dir, reporter)
+        except FluxLoraError as e:
+            reporter.error(str(e), rank=di.rank)
+            raise
+        finally:
+            reporter.close()
+
+
+def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
+    models.check_model_path(cfg.model.path)
+    root = distributed.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes))
+    sources = discover(Path(root))
+    if not sources:
+        raise DataError(f"no images (jpg, png, webp, bmp, tiff) found in {root}; check the --data path")
+    settings = {**cache_settings(cfg, sources, di.world_size), "source_root": str(root)}
+    complete = distributed.main_then_share(lambda: claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
+    reporter.start(len(sources), "preprocess", world_size=di.world_size, dataset_size=len(sources),
+                   cache_dir=str(cache_dir), resolution=cfg.data.resolution)
+    if complete:
+        reporter.info(f"cache in {cache_dir} is already complete for these settings; nothing to do")
+        summary = distributed.main_then_share(lambda: {"total_items": cache.read_json(cache_dir / "manifest.json")["total_items"]})
+    else:
+        parts = plan_parts(distributed.shard_indices(len(sources), di.rank, di.world_size), cfg.preprocess.chunk_items)
+        progress = Progress(cache_dir, di, len(sources), reporter)
+        encode_pending(cfg, di, parts, sources, settings["buckets"], reporter, progress)
+        distributed.barrier()
+        summary = distributed.main_then_share(lambda: finish(cache_dir, settings, reporter))
+    if di.is_main:
+        write_samples(cfg, di)
+    distributed.barrier()
+    reporter.done(**summary, cache_dir=str(cache_dir))
+    reporter.info(f"cache ready: {summary['total_items']} items in {cache_dir}")
+    return summary
