@@ -153,3 +153,11 @@ def main_then_share(fn):
         err.shared = True  # every rank raises it: only rank 0 needs to print it
         raise err
     return result
+
+
+def all_sum_tensor(t: torch.Tensor) -> list[float]:
+    """Sum a small device tensor over ranks and read it on the host: the loop's one sync per step."""
+    if _active():
+        t = t.float() if t.device.type == "cuda" else t.double()
+        dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,143 @@
+"""Resumable train state: OUTPUT/checkpoints/step-NNNNNN/ written atomically by rank 0, keep-last-k,
+and the stop flag that signals set.
+
+    step-NNNNNN/lora.safetensors   LoRA tensors (fp32)
+    step-NNNNNN/optimizer.pt       optimizer + LR scheduler state (torch.load weights_only=True)
+    step-NNNNNN/state.json         step, sampler position, the math-relevant config, RNG seeds
+A directory is renamed into place only after all three are written and fsynced, so a crash or a
+full disk mid-write leaves the previous checkpoint as the latest valid one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from flux_lora.cache import atomic_write_bytes, read_json
+from flux_lora.errors import CheckpointError
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def save_checkpoint(out_dir: Path, step: int, lora_sd: dict, optim_state: dict, state: dict,
+                    keep: int, rank: int) -> Path | None:
+    """Rank 0 writes; other ranks return None. Raises CheckpointError (previous one intact) on I/O failure."""
+    if rank != 0:
+        return None
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(out_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(lora_sd, str(tmp / "lora.safetensors"))
+        buf = io.BytesIO()
+        torch.save(optim_state, buf)
+        atomic_write_bytes(tmp / "optimizer.pt", buf.getvalue())
+        atomic_write_bytes(tmp / "state.json", json.dumps({**state, "step": step}, indent=1).encode())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final} ({e.strerror or e}); free disk space or fix "
+                              f"permissions; the previous checkpoint is intact") from None
+    prune(out_dir, keep)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / "state.json").is_file() and (d / "lora.safetensors").is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def prune(out_dir: Path, keep: int) -> None:
+    for _, d in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+    for stale in (Path(out_dir) / "checkpoints").glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_valid(out_dir: Path) -> Path | None:
+    """The newest checkpoint whose files all load (a corrupt newest one falls back to the one before)."""
+    for _, d in reversed(list_checkpoints(out_dir)):
+        try:
+            load_checkpoint(d)
+            return d
+        except CheckpointError:
+            continue
+    return None
+
+
+def load_checkpoint(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state = read_json(path / "state.json")
+    if state is None or not (path / "lora.safetensors").is_file() or not (path / "optimizer.pt").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (state.json, lora.safetensors, optimizer.pt)")
+    try:
+        lora = load_file(str(path / "lora.safetensors"))
+        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}); pick another with --resume-from") from None
+    return {"state": state, "lora": lora, "optim": optim, "path": str(path)}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys of the math-relevant config whose value changed since the checkpoint."""
+    return [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
+
+
+class StopFlag:
+    """SIGTERM / SIGINT / SIGUSR1 (SLURM's warning before preemption) set a flag; the training loop
+    turns it into a shared decision at the next step boundary."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def install(self) -> "StopFlag":
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def raised(self) -> bool:
+        return self.signal_name is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,115 @@
+"""Export a diffusers-format LoRA with the key names ComfyUI, Forge and kohya's sd-scripts read:
+`lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+
+BFL's checkpoint fuses q/k/v (and, in single blocks, q/k/v + mlp) into one Linear, so their LoRAs
+are fused too: down = [A_q; A_k; A_v] (rank k·r), up = block-diagonal of the B's, and alpha is
+multiplied by k so that alpha / rank (the scale these tools apply) stays alpha / r. Each fused
+member's update is unchanged: up·down restricted to its rows is B_q·A_q.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from flux_lora.errors import FluxLoraError
+
+DOUBLE = {
+    "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "img_attn_proj": ["attn.to_out.0"],
+    "img_mlp_0": ["ff.net.0.proj"],
+    "img_mlp_2": ["ff.net.2"],
+    "img_mod_lin": ["norm1.linear"],
+    "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "txt_attn_proj": ["attn.to_add_out"],
+    "txt_mlp_0": ["ff_context.net.0.proj"],
+    "txt_mlp_2": ["ff_context.net.2"],
+    "txt_mod_lin": ["norm1_context.linear"],
+}
+SINGLE = {
+    "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+    "linear2": ["proj_out"],
+    "modulation_lin": ["norm.linear"],
+}
+_KEY = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.lora_(A|B)\.weight$")
+
+
+def _out_features(member: str, in_features: int) -> int:
+    """Output size of a fused member that was not trained (so has no B to read it from)."""
+    return 4 * in_features if member == "proj_mlp" else in_features
+
+
+def fuse(downs: list[torch.Tensor | None], ups: list[torch.Tensor | None], in_features: int,
+         members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse per-member LoRAs (A [r, in], B [out, r]; None = untrained) into down [k·r, in] and
+    block-diagonal up [Σout, k·r]."""
+    r = next(d.shape[0] for d in downs if d is not None)
+    dtype = next(d.dtype for d in downs if d is not None)
+    outs = [u.shape[0] if u is not None else _out_features(m, in_features) for u, m in zip(ups, members)]
+    down = torch.cat([d if d is not None else torch.zeros(r, in_features, dtype=dtype) for d in downs])
+    up = torch.zeros(sum(outs), r * len(members), dtype=dtype)
+    row = 0
+    for j, (u, o) in enumerate(zip(ups, outs)):
+        if u is not None:
+            up[row:row + o, j * r:(j + 1) * r] = u
+        row += o
+    return down.contiguous(), up.contiguous()
+
+
+def to_kohya(sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers-format state dict (keys `transformer.…lora_A.weight`) -> kohya/BFL names."""
+    modules: dict[tuple[str, int], dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in sd.items():
+        m = _KEY.match(key)
+        if not m:
+            raise FluxLoraError(f"cannot export {key} to kohya format (only block layers are supported)")
+        kind, idx, module, ab = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        modules.setdefault((kind, idx), {}).setdefault(module, {})[ab] = value
+    out: dict[str, torch.Tensor] = {}
+    for (kind, idx), trained in sorted(modules.items()):
+        table, prefix = (DOUBLE, f"lora_unet_double_blocks_{idx}") if kind == "transformer_blocks" \
+            else (SINGLE, f"lora_unet_single_blocks_{idx}")
+        used = set()
+        for name, members in table.items():
+            present = [mem for mem in members if mem in trained]
+            if not present:
+                continue
+            used.update(present)
+            downs = [trained[mem]["A"] if mem in trained else None for mem in members]
+            ups = [trained[mem]["B"] if mem in trained else None for mem in members]
+            in_features = next(d.shape[1] for d in downs if d is not None)
+            down, up = fuse(downs, ups, in_features, members) if len(members) > 1 else (downs[0], ups[0])
+            out[f"{prefix}_{name}.lora_down.weight"] = down
+            out[f"{prefix}_{name}.lora_up.weight"] = up
+            out[f"{prefix}_{name}.alpha"] = torch.tensor(float(alpha) * len(members))
+        unknown = set(trained) - used
+        if unknown:
+            raise FluxLoraError(f"cannot export {kind}.{idx}.{sorted(unknown)[0]} to kohya format (no BFL name)")
+    return out
+
+
+def export_file(src: Path, dst: Path, export_format: str = "kohya") -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if export_format != "kohya":
+        raise FluxLoraError(f"unknown export format {export_format!r}; use kohya")
+    if not Path(src).is_file():
+        raise FluxLoraError(f"LoRA file {src} does not exist")
+    with safe_open(str(src), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    r = meta.get("transformer.r")
+    alpha = meta.get("transformer.lora_alpha", r)
+    if alpha is None:  # no metadata: diffusers then assumes alpha = rank
+        alpha = next(v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight"))
+    kohya = to_kohya(sd, alpha)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    save_file(kohya, str(tmp), metadata={"ss_network_module": "networks.lora_flux", "ss_network_dim": str(r),
+                                         "ss_network_alpha": str(alpha)})
+    tmp.replace(dst)
+    return dst

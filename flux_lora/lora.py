@@ -1,0 +1,142 @@
+"""LoRA on the FLUX transformer with peft: target presets, freezing, fp32 trainables, and saving
+in diffusers' format (keys `transformer.…lora_A/lora_B`, alpha kept in the adapter metadata)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from flux_lora.errors import ConfigError
+
+_DOUBLE = r"transformer_blocks\.\d+\."
+_SINGLE = r"single_transformer_blocks\.\d+\."
+_DOUBLE_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_DOUBLE_MLP = r"(ff|ff_context)\.net\.(0\.proj|2)"
+_SINGLE_ATTN = r"attn\.(to_q|to_k|to_v)"
+_SINGLE_MLP = r"(proj_mlp|proj_out)"
+
+# Qualified patterns (peft full-matches a string target against module names), so the final
+# top-level proj_out is never wrapped.
+PRESETS = {
+    "attention": rf"({_DOUBLE}{_DOUBLE_ATTN}|{_SINGLE}{_SINGLE_ATTN})",
+    "attention-mlp": rf"({_DOUBLE}({_DOUBLE_ATTN}|{_DOUBLE_MLP})|{_SINGLE}({_SINGLE_ATTN}|{_SINGLE_MLP}))",
+    "all-linear": rf"({_DOUBLE}|{_SINGLE}).*",
+}
+
+
+def target_pattern(targets: str) -> str:
+    if targets in PRESETS:
+        return PRESETS[targets]
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"lora.targets={targets!r} is empty; use attention, attention-mlp, all-linear or module names")
+    return r"(.*\.)?(" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def matched_modules(model: torch.nn.Module, pattern: str) -> list[str]:
+    rx = re.compile(pattern)
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.fullmatch(name)]
+
+
+def unmatched_targets(model: torch.nn.Module, targets: str) -> list[str]:
+    """Entries of an explicit target list that match no Linear layer (for a warning)."""
+    if targets in PRESETS:
+        return [] if matched_modules(model, PRESETS[targets]) else [targets]
+    return [t.strip() for t in targets.split(",") if t.strip() and not matched_modules(model, target_pattern(t.strip()))]
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, dropout: float, seed: int) -> int:
+    """Freeze the base, inject LoRA in place (clean keys, no `base_model.model.` prefix), make the
+    LoRA params fp32. The seed makes the initial LoRA identical on every rank. Returns #params."""
+    from peft import LoraConfig
+
+    pattern = target_pattern(targets)
+    if not matched_modules(model, pattern):
+        raise ConfigError(f"lora.targets={targets!r} matches no Linear layer of this transformer; "
+                          "use attention, attention-mlp, all-linear or names such as attn.to_q")
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                     target_modules=pattern, init_lora_weights=True))
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
+def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`transformer_blocks.0.attn.to_q.lora_A.weight` -> tensor (fp32, CPU, contiguous)."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(model)
+    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
+def load_lora_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, sd)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ConfigError(f"checkpoint LoRA does not fit this model ({len(missing)} missing keys, e.g. {missing[0]})")
+
+
+def adapter_metadata(model: torch.nn.Module) -> dict:
+    cfg = model.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+
+
+def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write a diffusers-format LoRA file atomically (temp dir + rename)."""
+    from diffusers import FluxPipeline
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=sd, weight_name=path.name,
+                                           transformer_lora_adapter_metadata=metadata)
+        Path(tmp, path.name).replace(path)
+
+
+def verify_saved(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Self-check: every trained tensor and rank/alpha round-trip through the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for k, v in sd.items():
+            key = f"transformer.{k}"
+            if key not in keys or not torch.equal(f.get_tensor(key), v):
+                raise RuntimeError(f"self-check failed: {key} did not round-trip through {path}")
+        stored = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    if stored.get("transformer.lora_alpha") != metadata["lora_alpha"] or stored.get("transformer.r") != metadata["r"]:
+        raise RuntimeError(f"self-check failed: rank/alpha metadata was not stored in {path}")
+
+
+def export_lora(path: Path, model: torch.nn.Module, rank: int, export_format: str = "diffusers") -> Path | None:
+    """Rank 0 only: write the LoRA (diffusers format), check it round-trips, and optionally write
+    the kohya/ComfyUI version beside it. Other ranks return None."""
+    sd = lora_state_dict(model)
+    if rank != 0:
+        return None
+    meta = adapter_metadata(model)
+    save_lora(path, sd, meta)
+    verify_saved(path, sd, meta)
+    if export_format == "kohya":
+        from flux_lora.export import export_file
+
+        export_file(path, path.with_name(path.stem + "-kohya.safetensors"), "kohya")
+    return path

@@ -1,0 +1,46 @@
+"""OUTPUT/loss.png: loss and its moving average against step, learning rate on a second axis."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+SIZE_IN, DPI = (8, 4.5), 100  # 800 × 450 pixels
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        if math.isfinite(v):
+            acc.append(v)
+        acc = acc[-window:]
+        out.append(sum(acc) / len(acc) if acc else float("nan"))
+    return out
+
+
+def write_loss_plot(path: Path, history: list) -> None:
+    """history: (step, loss, lr) tuples. Written atomically; an empty history writes nothing."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h[0] for h in history]
+    losses = [h[1] for h in history]
+    lrs = [h[2] for h in history]
+    fig, ax = plt.subplots(figsize=SIZE_IN, dpi=DPI)
+    ax.plot(steps, losses, color="0.7", linewidth=0.8, label="loss")
+    ax.plot(steps, moving_average(losses, max(1, len(losses) // 20)), color="C0", label="moving average")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, lrs, color="C1", linewidth=0.8, linestyle="--", label="learning rate")
+    ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=DPI)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,107 @@
+"""Inference with diffusers' FluxPipeline: preview grids during training (prompts encoded by
+preprocess, so no text encoder is loaded) and the `flux_lora sample` command."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import torch
+
+from flux_lora import distributed, models
+
+PREVIEW_GUIDANCE = 3.5
+
+
+def make_grid(images: list, captions: list[str]):
+    """Images side by side with their prompt written under each."""
+    from PIL import Image, ImageDraw
+
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    label_h = 14 * 3 + 6
+    grid = Image.new("RGB", (w * len(images), h + label_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, text) in enumerate(zip(images, captions)):
+        grid.paste(im, (i * w, 0))
+        lines = textwrap.wrap(text, max(8, w // 7))[:3]
+        draw.multiline_text((i * w + 3, h + 3), "\n".join(lines), fill="black")
+    return grid
+
+
+def _pipeline(transformer, vae, scheduler):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Previewer:
+    """Draws the cached sample prompts with the current LoRA. Prompts are split over the ranks and
+    the images gathered on rank 0, so no rank idles long enough to hit a collective timeout."""
+
+    def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter):
+        dtype = models.resolve_dtype(cfg.model.dtype, di.device)
+        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision).to(di.device).eval()
+        self.scheduler = models.load_scheduler(cfg.model.path, cfg.model.revision)
+        self.model, self.samples, self.reporter, self.di, self.dtype = model, samples, reporter, di, dtype
+        self.size, self.steps, self.seed = manifest["resolution"], cfg.train.sample_steps, cfg.train.seed
+        self.out_dir = Path(cfg.output.dir) / "samples"
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> None:
+        prompts = self.samples["prompts"]
+        mine = distributed.shard_indices(len(prompts), self.di.rank, self.di.world_size)
+        was_training = self.model.training
+        self.model.eval()
+        pipe = _pipeline(self.model, self.vae, self.scheduler)
+        images = {}
+        for i in mine:
+            gen = torch.Generator(device=self.di.device).manual_seed(self.seed + i)
+            images[i] = pipe(prompt_embeds=self.samples["t5"][i:i + 1].to(self.di.device, self.dtype),
+                             pooled_prompt_embeds=self.samples["clip"][i:i + 1].to(self.di.device, self.dtype),
+                             height=self.size, width=self.size, num_inference_steps=self.steps,
+                             guidance_scale=PREVIEW_GUIDANCE, generator=gen).images[0]
+        self.model.train(was_training)
+        gathered = {k: v for part in distributed.gather_objects(images) for k, v in part.items()}
+        if self.di.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / f"step-{step:06d}.png"
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            make_grid([gathered[i] for i in range(len(prompts))], prompts).save(tmp)
+            tmp.replace(path)
+            self.reporter.emit("sample", step=step, path=str(path), prompts=prompts)
+
+
+def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path, seed: int, steps: int,
+                   guidance: float, size: int, max_sequence_length: int) -> Path:
+    """`flux_lora sample`: FluxPipeline.from_pretrained + load_lora_weights, one image per prompt."""
+    from diffusers import FluxPipeline
+
+    from flux_lora.errors import FluxLoraError
+
+    models.quiet_libraries()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = models.resolve_dtype("auto", device)
+    models.check_model_path(model)
+    if size % 16:
+        raise FluxLoraError(f"--size {size} is not a multiple of 16")
+    with models._load_errors(model, "the pipeline"):
+        pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        if not Path(lora).is_file():
+            raise FluxLoraError(f"LoRA file {lora} does not exist")
+        pipe.load_lora_weights(str(lora), adapter_name="trained")
+        if not pipe.get_list_adapters().get("transformer"):
+            raise FluxLoraError(f"{lora} loaded no LoRA weights into the transformer; is it a FLUX LoRA?")
+    images = []
+    for i, p in enumerate(prompts):
+        gen = torch.Generator(device=device).manual_seed(seed + i)
+        images.append(pipe(p, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                           generator=gen, max_sequence_length=max_sequence_length).images[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (images[0] if len(images) == 1 else make_grid(images, prompts)).save(out)
+    return out

@@ -1,0 +1,382 @@
+"""Stage 2: LoRA training on the cached shards with DistributedDataParallel.
+
+    python -m flux_lora train --model M --cache-dir CACHE --output OUT          # 1 process (CPU or 1 GPU)
+    torchrun --nproc_per_node=8 -m flux_lora train --config configs/flux-dev-512.yaml
+
+Every rank loads the transformer, adds the same LoRA, and takes its slice of each global batch;
+DDP averages gradients. Rank 0 writes checkpoints, events and the LoRA. A signal, a non-finite
+loss or a failing rank becomes every rank's decision through the one all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flux_lora import cache, checkpoint, distributed, flow, lora, models, speed
+from flux_lora.config import Config, to_yaml
+from flux_lora.errors import (CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError,
+                              StoppedError)
+from flux_lora.report import make_reporter
+from flux_lora.sampler import GlobalBatchSampler
+
+
+# ---------------------------------------------------------------- setup
+
+def prepare_output(cfg: Config) -> str | None:
+    """Rank 0: make the output dir usable; returns the checkpoint to resume from, if any."""
+    if not cfg.output.dir:
+        raise CheckpointError("no output directory given; pass --output DIR")
+    out = Path(cfg.output.dir)
+    if cfg.output.overwrite and out.is_dir():
+        for name in ("checkpoints", "samples"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for f in out.glob("*"):
+            if f.is_file() and (f.suffix in (".safetensors", ".png", ".jsonl", ".yaml")):
+                f.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"output directory {out} is not writable ({e.strerror}); choose another --output") from None
+    if cfg.output.resume_from:
+        if not Path(cfg.output.resume_from).is_dir():
+            raise CheckpointError(f"--resume-from {cfg.output.resume_from} does not exist; point it at OUTPUT/checkpoints/step-NNNNNN")
+        return cfg.output.resume_from
+    has_results = any(out.glob("checkpoints/step-*")) or any(out.glob("*.safetensors"))
+    if not cfg.output.resume:
+        if has_results:
+            raise CheckpointError(f"output directory {out} already holds a run and --no-resume was given; "
+                                  "pass --overwrite to replace it or choose another --output")
+        return None
+    latest = checkpoint.latest_valid(out)
+    return str(latest) if latest else None
+
+
+def load_data(cfg: Config, di) -> tuple[dict, cache.CachedDataset]:
+    """The manifest, checked against --model, and every shard's size and checksum."""
+    cache_dir = Path(cfg.data.cache_dir)
+    if not cfg.data.cache_dir:
+        raise CacheError("no cache directory given; pass --cache-dir DIR (written by `flux_lora preprocess`)")
+    manifest = cache.load_manifest(cache_dir)
+    models.check_model_path(cfg.model.path)
+    fp = models.fingerprint(cfg.model.path, manifest["max_sequence_length"], cfg.model.revision)
+    if fp != manifest["fingerprint"]:
+        raise CacheError(f"cache {cache_dir} was built for model {manifest['model']}, not {cfg.model.path} "
+                         "(different VAE/text encoders); rerun preprocess with this --model")
+    problems = [p for ps in distributed.gather_objects(cache.check_shard_files(cache_dir, manifest, (di.rank, di.world_size)))
+                for p in ps]
+    if problems:
+        raise CacheError(f"cache {cache_dir}: {problems[0]}"
+                         + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+                         + "; rerun preprocess (with --overwrite) to rebuild it")
+    return manifest, cache.CachedDataset(cache_dir, manifest)
+
+
+def build_model(cfg: Config, di, reporter):
+    """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied."""
+    dtype = models.resolve_dtype(cfg.model.dtype, di.device)
+    models.set_attention_backend(cfg.model.attention)
+    transformer = models.load_transformer(cfg.model.path, dtype, cfg.model.revision)
+    for name in lora.unmatched_targets(transformer, cfg.lora.targets):
+        reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
+    speed.quantize_base(transformer, cfg.train.memory_mode)
+    n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, cfg.train.seed)
+    transformer.to(di.device)
+    speed.apply(transformer, cfg.train, di.device)
+    return transformer, n_params
+
+
+def make_optimizer(model, cfg: Config, device: torch.device):
+    """AdamW (fused on CUDA); LoRA B matrices may get a larger LR (LoRA+)."""
+    params = lora.lora_parameters(model)
+    a = [p for n, p in params if "lora_B" not in n]
+    b = [p for n, p in params if "lora_B" in n]
+    tc = cfg.train
+    groups = [{"params": a, "lr": tc.lr}, {"params": b, "lr": tc.lr * tc.lr_b_factor}]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999),
+                            **({"fused": True} if device.type == "cuda" else {}))
+
+    def factor(step: int) -> float:
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        if tc.schedule == "cosine":
+            progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def math_config(cfg: Config, world: int, manifest: dict) -> dict:
+    """What must not change between a checkpoint and its resume (the numbers depend on it)."""
+    t, l = cfg.train, cfg.lora
+    out = {"lora.rank": l.rank, "lora.alpha": l.alpha, "lora.targets": l.targets, "lora.dropout": l.dropout,
+           "train.lr": t.lr, "train.lr_b_factor": t.lr_b_factor, "train.weight_decay": t.weight_decay,
+           "train.warmup_steps": t.warmup_steps, "train.schedule": t.schedule, "train.max_grad_norm": t.max_grad_norm,
+           "train.seed": t.seed, "train.guidance": t.guidance, "train.timestep_sampling": t.timestep_sampling,
+           "train.logit_mean": t.logit_mean, "train.logit_std": t.logit_std,
+           "global batch (batch_size × ranks × grad_accum)": t.batch_size * world * t.grad_accum,
+           "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in manifest["shards"])}
+    if t.schedule == "cosine":
+        out["train.steps"] = t.steps
+    return out
+
+
+# ---------------------------------------------------------------- the step
+
+@dataclass
+class StepInputs:
+    seed: int
+    guidance: float | None
+    sampling: str
+    logit_mean: float
+    logit_std: float
+    device: torch.device
+    dtype: torch.dtype
+
+
+def micro_loss(model, batch: dict, positions: list[int], step: int, s: StepInputs) -> torch.Tensor:
+    """Rectified-flow loss of one micro-batch (one bucket)."""
+    x0 = batch["latents"].to(s.device, non_blocking=True).float()  # [B, C, h, w]
+    _, _, h, w = x0.shape
+    seq_len = (h // 2) * (w // 2)
+    noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), s.seed, step, positions, s.sampling,
+                                       s.logit_mean, s.logit_std, seq_len, s.device)
+    xt = flow.pack_latents(flow.noisy_latents(x0, noise, t))
+    t5 = batch["t5"].to(s.device, s.dtype, non_blocking=True)
+    guidance = torch.full((x0.shape[0],), s.guidance, device=s.device) if s.guidance is not None else None
+    autocast = torch.autocast("cuda", dtype=s.dtype) if s.device.type == "cuda" and s.dtype != torch.float32 \
+        else contextlib.nullcontext()
+    with autocast:
+        pred = model(hidden_states=xt.to(s.dtype), timestep=t.to(s.dtype), guidance=guidance,
+                     pooled_projections=batch["clip"].to(s.device, s.dtype, non_blocking=True),
+                     encoder_hidden_states=t5, txt_ids=flow.text_ids(t5.shape[1], s.device),
+                     img_ids=flow.image_ids(h, w, s.device), return_dict=False)[0]
+    return flow.flow_loss(pred, flow.pack_latents(flow.velocity_target(x0, noise)))
+
+
+def train_step(ddp_model, dataset, slices, step: int, s: StepInputs) -> torch.Tensor:
+    """Forward/backward over this rank's micro-batches; gradients sync only on the last one."""
+    total = torch.zeros((), device=s.device)
+    for k, sl in enumerate(slices):
+        last = k == len(slices) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()
+        with sync:
+            loss = micro_loss(ddp_model, dataset.collate(sl.items), sl.positions, step, s) / len(slices)
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class RunState:
+    step: int = 0
+    nonfinite_in_row: int = 0
+    loss_history: list = field(default_factory=list)  # (step, loss, lr)
+
+
+def run(cfg: Config) -> dict:
+    models.quiet_libraries()
+    with distributed.session(cfg.dist.timeout_s) as di:
+        resume_from = distributed.main_then_share(lambda: prepare_output(cfg))
+        out = Path(cfg.output.dir)
+        reporter = make_reporter(di.is_main, di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)
+        stop = checkpoint.StopFlag().install()
+        try:
+            return _run(cfg, di, out, reporter, stop, resume_from)
+        except FluxLoraError as e:
+            if not isinstance(e, StoppedError):
+                reporter.error(str(e), rank=di.rank)
+            raise
+        except Exception as e:
+            reporter.error(f"rank {di.rank}: {type(e).__name__}: {e}", rank=di.rank)
+            raise
+        finally:
+            stop.restore()
+            reporter.close()
+
+
+def _run(cfg: Config, di, out: Path, reporter, stop, resume_from: str | None) -> dict:
+    t_start = time.time()
+    manifest, dataset = load_data(cfg, di)
+    model, n_params = build_model(cfg, di, reporter)
+    ddp = speed.wrap_ddp(model, di)
+    opt, sched = make_optimizer(model, cfg, di.device)
+    tc = cfg.train
+    current_math = math_config(cfg, di.world_size, manifest)
+    state = RunState()
+    if resume_from:
+        state = resume(resume_from, model, opt, sched, current_math, reporter)
+    if di.is_main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    sampler = GlobalBatchSampler([it.bucket for it in dataset.items], tc.batch_size * di.world_size * tc.grad_accum, tc.seed)
+    has_guidance = bool(getattr(model.config, "guidance_embeds", False))
+    s = StepInputs(tc.seed, tc.guidance if has_guidance else None, tc.timestep_sampling, tc.logit_mean,
+                   tc.logit_std, di.device, models.resolve_dtype(cfg.model.dtype, di.device))
+    previews = make_previewer(cfg, di, manifest, model, reporter)
+    reporter.start(tc.steps, "train", world_size=di.world_size, dataset_size=len(dataset), total_steps=tc.steps,
+                   start_step=state.step, lora_parameters=n_params, global_batch=sampler.global_batch,
+                   resumed_from=resume_from, config=_public_config(cfg))
+    if di.is_main and resume_from:
+        reporter.info(f"resuming from {resume_from} at step {state.step}")
+    meter = Meter(tc.steps, state.step, sampler.global_batch)
+    first_step_s = None
+    while state.step < tc.steps:
+        slices = sampler.rank_slices(state.step, di.rank, di.world_size, tc.batch_size)
+        loss = train_step(ddp, dataset, slices, state.step, s)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
+                                                   tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+        local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
+        loss_sum, stop_votes, bad_votes = distributed.all_sum_tensor(
+            torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+                         torch.tensor(float(stop.raised), device=di.device), local_bad.float()]))
+        lr = sched.get_last_lr()[0]
+        if bad_votes > 0:
+            opt.zero_grad(set_to_none=True)
+            state.nonfinite_in_row += 1
+            reporter.warning(f"non-finite loss at step {state.step + 1}; step skipped "
+                             f"({state.nonfinite_in_row}/{tc.max_nonfinite} in a row)", step=state.step + 1)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state.nonfinite_in_row = 0
+        sched.step()
+        state.step += 1
+        step_loss = loss_sum / di.world_size if bad_votes == 0 else float("nan")
+        state.loss_history.append((state.step, step_loss, lr))
+        first_step_s = first_step_s or time.time() - t_start
+        reporter.progress(state.step, **meter.update(state.step, step_loss, lr))
+        if state.nonfinite_in_row >= tc.max_nonfinite:
+            save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
+            raise DivergedError(f"loss was non-finite {state.nonfinite_in_row} steps in a row at step {state.step}; "
+                                f"checkpoint saved from before the divergence; lower --lr and rerun")
+        periodic_outputs(cfg, out, model, opt, sched, state, current_math, di, reporter, previews)
+        if stop_votes > 0:
+            save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
+            raise StoppedError(f"stopped at step {state.step} ({stop.signal_name or 'signal on another rank'}); "
+                               "rerun the same command to resume")
+    if resume_from is None or state.step > _resume_step(resume_from):
+        save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
+    final = finish_outputs(cfg, out, model, state, di, reporter, previews)
+    distributed.barrier()
+    summary = {"lora": str(final), "steps": state.step, "final_loss": meter.avg_loss,
+               "time_to_first_step_s": first_step_s, "elapsed_s": time.time() - t_start}
+    reporter.done(**summary)
+    reporter.info(f"LoRA written to {final}")
+    return summary
+
+
+def _resume_step(path: str) -> int:
+    return int((cache.read_json(Path(path) / "state.json") or {}).get("step", -1))
+
+
+def _public_config(cfg: Config) -> dict:
+    from flux_lora.config import to_dict
+
+    return to_dict(cfg)
+
+
+class Meter:
+    """Running figures for progress events (loss averaged over ranks, samples/s, ETA)."""
+
+    def __init__(self, total: int, start: int, global_batch: int):
+        self.total, self.start, self.global_batch = total, start, global_batch
+        self.t0, self.sum, self.n, self.avg_loss = time.time(), 0.0, 0, float("nan")
+        self.t_last, self.step_last = None, start
+
+    def update(self, step: int, loss: float, lr: float) -> dict:
+        now = time.time()
+        if math.isfinite(loss):
+            self.sum, self.n = self.sum + loss, self.n + 1
+            self.avg_loss = self.sum / self.n
+        # the first step includes compile/warm-up: rates count from the end of it
+        if self.t_last is None:
+            self.t_last, self.step_last, rate = now, step, 0.0
+        done = step - self.step_last
+        rate = done * self.global_batch / (now - self.t_last) if done and now > self.t_last else 0.0
+        steps_s = done / (now - self.t_last) if done and now > self.t_last else 0.0
+        return {"step": step, "total_steps": self.total, "progress": step / self.total, "loss": loss,
+                "avg_loss": self.avg_loss, "learning_rate": lr, "samples_per_s": rate,
+                "eta_s": (self.total - step) / steps_s if steps_s else None, "elapsed_s": now - self.t0}
+
+
+def resume(path: str, model, opt, sched, current_math: dict, reporter) -> RunState:
+    ck = checkpoint.load_checkpoint(Path(path))
+    diffs = checkpoint.config_differences(ck["state"].get("math", {}), current_math)
+    if diffs:
+        raise ConfigError(f"cannot resume from {path}: settings changed ({'; '.join(diffs)}); "
+                          "restore them, or pass --no-resume --overwrite to start over")
+    lora.load_lora_state_dict(model, ck["lora"])
+    opt.load_state_dict(ck["optim"]["optimizer"])
+    sched.load_state_dict(ck["optim"]["scheduler"])
+    st = ck["state"]
+    return RunState(step=st["step"], loss_history=[tuple(x) for x in st.get("loss_history", [])])
+
+
+def save_state(cfg, out, model, opt, sched, state: RunState, current_math, di, reporter) -> None:
+    """A checkpoint of the current step (rank 0 writes; every rank learns if it failed)."""
+    failure = None
+    try:
+        path = checkpoint.save_checkpoint(
+            out, state.step, lora.lora_state_dict(model), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            {"math": current_math, "loss_history": state.loss_history}, cfg.train.keep_checkpoints, di.rank)
+    except CheckpointError as e:
+        failure = str(e)
+        path = None
+    failure = distributed.broadcast_object(failure)
+    if failure:
+        raise CheckpointError(failure)
+    if path:
+        reporter.emit("checkpoint", step=state.step, path=str(path))
+        from flux_lora.plot import write_loss_plot
+
+        write_loss_plot(out / "loss.png", state.loss_history)
+
+
+def periodic_outputs(cfg, out, model, opt, sched, state, current_math, di, reporter, previews) -> None:
+    tc, step = cfg.train, state.step
+    if step == tc.steps:
+        return  # the end of the run writes everything once
+    if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+        save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
+    if tc.save_every and step % tc.save_every == 0:
+        lora.export_lora(out / f"lora-step-{step:06d}.safetensors", model, di.rank, cfg.output.export_format)
+    if previews and tc.sample_every and step % tc.sample_every == 0:
+        previews(step)
+
+
+def finish_outputs(cfg, out, model, state, di, reporter, previews) -> Path:
+    final = out / "lora.safetensors"
+    lora.export_lora(final, model, di.rank, cfg.output.export_format)
+    if previews:
+        previews(state.step)
+    if di.is_main:
+        from flux_lora.plot import write_loss_plot
+
+        write_loss_plot(out / "loss.png", state.loss_history)
+    return final
+
+
+def make_previewer(cfg: Config, di, manifest: dict, model, reporter):
+    """A function step -> None drawing the cached sample prompts, or None when off."""
+    if not cfg.train.sample_every:
+        return None
+    samples = cache.load_sample_prompts(Path(cfg.data.cache_dir))
+    if not samples:
+        reporter.warning("train.sample_every is set but the cache has no sample prompts; "
+                         "pass --sample-prompt to preprocess to get preview images")
+        return None
+    from flux_lora.sampling import Previewer
+
+    return Previewer(cfg, di, manifest, model, samples, reporter)
