@@ -32,7 +32,7 @@ def write_loss_plot(path: Path, history: list) -> None:
     lrs = [h[2] for h in history]
     fig, ax = plt.subplots(figsize=SIZE_IN, dpi=DPI)
     ax.plot(steps, losses, color="0.7", linewidth=0.8, label="loss")
-    ax.plot(steps, moving_average(losses, max(1, len(losses) // 20)), color="C0", label="moving average")
+    ax.plot(steps, moving_average(losses, max(5, len(losses) // 20)), color="C0", label="moving average")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()

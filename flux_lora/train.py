@@ -196,7 +196,9 @@ def run(cfg: Config) -> dict:
         try:
             return _run(cfg, di, out, reporter, stop, resume_from)
         except FluxLoraError as e:
-            if not isinstance(e, StoppedError):
+            if isinstance(e, StoppedError):
+                reporter.emit("stopped", message=str(e))
+            else:
                 reporter.error(str(e), rank=di.rank)
             raise
         except Exception as e:
