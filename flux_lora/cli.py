@@ -240,4 +240,7 @@ def config_reference() -> None:
 
 
 def main() -> None:
+    # before any library import: transformers warns about torchvision at import time
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app(prog_name="flux_lora")

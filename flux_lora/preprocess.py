@@ -19,7 +19,7 @@ import torch
 
 from flux_lora import cache, distributed, models
 from flux_lora.captions import Captioner, apply_trigger
-from flux_lora.config import Config
+from flux_lora.config import Config, to_yaml
 from flux_lora.encode import encode_latents, encode_prompts
 from flux_lora.errors import CacheError, DataError, FluxLoraError
 from flux_lora.images import SourceImage, discover, load_rgb, make_buckets, nearest_bucket, resize_to_bucket, resolve_source
@@ -68,7 +68,7 @@ def cache_settings(cfg: Config, sources: list[SourceImage], world: int) -> dict:
     return {"model": cfg.model.path,
             "fingerprint": models.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision),
             "resolution": cfg.data.resolution, "square": cfg.data.square,
-            "buckets": make_buckets(cfg.data.resolution, cfg.data.square),
+            "buckets": [list(b) for b in make_buckets(cfg.data.resolution, cfg.data.square)],
             "max_sequence_length": cfg.data.max_sequence_length, "dataset": dataset_identity(cfg, sources),
             "num_sources": len(sources), "world_size": world, "chunk_items": cfg.preprocess.chunk_items}
 
@@ -347,6 +347,7 @@ def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
         summary = distributed.main_then_share(lambda: finish(cache_dir, settings, reporter))
     if di.is_main:
         write_samples(cfg, di)
+        (cache_dir / "config.yaml").write_text(to_yaml(cfg))
     distributed.barrier()
     reporter.done(**summary, cache_dir=str(cache_dir))
     reporter.info(f"cache ready: {summary['total_items']} items in {cache_dir}")

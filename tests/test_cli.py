@@ -1,0 +1,57 @@
+"""CLI contract: help, no torch import for --help, one-line errors.   pytest -q tests/test_cli.py"""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, cli_env, run_cli
+from flux_lora.cli import app
+
+COMMANDS = ["make-tiny", "demo-data", "preprocess", "train", "sample", "export", "watch", "config-reference"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from flux_lora.cli import app; "
+            "r = CliRunner().invoke(app, ['train', '--help']); assert r.exit_code == 0; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=cli_env())
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def _one_error_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_missing_model_path_is_one_line(tmp_path, images):
+    proc = run_cli("preprocess", "--model", tmp_path / "nope", "--data", images, "--cache-dir", tmp_path / "c")
+    line = _one_error_line(proc)
+    assert proc.returncode == 2
+    assert "does not exist" in line and "nope" in line
+
+
+def test_unknown_set_key_is_one_line(tmp_path):
+    proc = run_cli("train", "--set", "train.stepz=3")
+    assert "train.stepz" in _one_error_line(proc)
+
+
+def test_bad_config_file(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("train: [1, 2\n")
+    assert "not valid YAML" in _one_error_line(run_cli("train", "--config", y))
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run_cli("train", "--set", "train.stepz=3", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

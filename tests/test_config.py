@@ -1,0 +1,69 @@
+"""Config precedence and strictness.   .venv/bin/python -m pytest -q tests/test_config.py"""
+
+import pytest
+
+from flux_lora.config import build_config, reference_markdown, to_yaml
+from flux_lora.errors import ConfigError
+
+
+def test_precedence_defaults_yaml_flags_set(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  steps: 7\n  lr: 0.5\n  batch_size: 3\nlora:\n  rank: 8\n")
+    cfg = build_config(y, {"train.lr": 0.25, "train.batch_size": None}, ["train.lr=0.125"])
+    assert cfg.train.steps == 7  # YAML over default
+    assert cfg.train.batch_size == 3  # a flag not given (None) leaves YAML alone
+    assert cfg.train.lr == 0.125  # --set over flag over YAML
+    assert cfg.lora.rank == 8 and cfg.lora.alpha == 8.0  # alpha defaults to rank
+    assert cfg.train.grad_accum == 1  # default
+    cfg2 = build_config(y, {"train.lr": 0.25})
+    assert cfg2.train.lr == 0.25
+
+
+def test_unknown_key_in_yaml_names_key_and_valid_ones(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  stepz: 7\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(y)
+    assert "train.stepz" in str(e.value) and "steps" in str(e.value) and "batch_size" in str(e.value)
+
+
+def test_unknown_section_and_set_key():
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        build_config(None, None, ["trian.steps=3"])
+    with pytest.raises(ConfigError, match="lora.rnak"):
+        build_config(None, None, ["lora.rnak=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        build_config(None, None, ["steps"])
+
+
+def test_wrong_types_name_the_key():
+    with pytest.raises(ConfigError, match="train.steps"):
+        build_config(None, None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="data.square"):
+        build_config(None, None, ["data.square=maybe"])
+    assert build_config(None, None, ["data.square=true"]).data.square is True
+    assert build_config(None, None, ["data.sample_prompts=[a cat, a dog]"]).data.sample_prompts == ["a cat", "a dog"]
+
+
+def test_validation_messages():
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        build_config(None, None, ["data.resolution=500"])
+    with pytest.raises(ConfigError, match="constant, cosine"):
+        build_config(None, None, ["train.schedule=linear"])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = build_config(None, {"train.steps": 9, "data.sample_prompts": ["x"]})
+    y = tmp_path / "resolved.yaml"
+    y.write_text(to_yaml(cfg))
+    assert build_config(y) == cfg
+    assert "`train.steps`" in reference_markdown()
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#"), f"{path} must open with its launch command"
+        build_config(path)

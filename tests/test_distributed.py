@@ -1,0 +1,32 @@
+"""Distributed session helpers, under torchrun with gloo.   pytest -q tests/test_distributed.py"""
+
+import json
+
+from conftest import ROOT, torchrun
+from flux_lora.distributed import DistInfo, env_dist_info, shard_indices
+
+
+def test_shard_indices_cover_everything_once():
+    for n in (0, 1, 5, 17):
+        for world in (1, 2, 3, 8):
+            parts = [shard_indices(n, r, world) for r in range(world)]
+            assert sorted(i for p in parts for i in p) == list(range(n))
+            assert all(i % world == r for r, p in enumerate(parts) for i in p)
+
+
+def test_world_size_one_without_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    di = env_dist_info()
+    assert isinstance(di, DistInfo) and di.rank == 0 and di.world_size == 1 and not di.distributed
+
+
+def test_two_ranks_shard_and_agree():
+    proc = torchrun(2, str(ROOT / "tests" / "dist_probe.py"), module=False, timeout=120)
+    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert rows[0]["mine"] == [0, 2, 4] and rows[1]["mine"] == [1, 3]
+    assert all(r["any"] is True for r in rows), "rank 1 raised the flag: every rank must see True"
+    assert all(r["none"] is False for r in rows)
+    assert all(r["sums"] == [2.0, 1.0] for r in rows)
+    assert all(r["shared"] == "from rank 0" for r in rows)

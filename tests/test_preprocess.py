@@ -1,0 +1,209 @@
+"""Preprocess stage end to end on the tiny model.   pytest -q tests/test_preprocess.py"""
+
+import json
+import shutil
+import threading
+import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from conftest import preprocess_args, run_cli, torchrun
+from flux_lora.cache import load_manifest
+
+
+def _shards(cache):
+    m = load_manifest(cache)
+    out = {}
+    for s in m["shards"]:
+        shard = torch.load(cache / "shards" / s["file"], weights_only=True)
+        for pos, idx in enumerate(shard["index"].tolist()):
+            tid = int(shard["text_id"][pos])
+            out[idx] = {"latents": shard["latents"][pos], "caption": shard["caption"][pos], "source": shard["source"][pos],
+                        "bucket": tuple(shard["bucket"][pos]), "t5": shard["t5"][tid], "clip": shard["clip"][tid]}
+    return out
+
+
+def test_latents_match_diffusers_vae(cache_dir, tiny_model, images):
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+
+    from flux_lora.images import load_rgb, resize_to_bucket
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
+    items = _shards(cache_dir)
+    assert len(items) == 8
+    for idx in (0, 1, 3):
+        it = items[idx]
+        im = resize_to_bucket(load_rgb(images / it["source"]), it["bucket"])
+        x = VaeImageProcessor(vae_scale_factor=8).preprocess(im)
+        with torch.no_grad():
+            expect = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        # conv kernels differ slightly with batch size and threads; a missing shift would be off by 0.09
+        torch.testing.assert_close(it["latents"], expect[0], rtol=1e-3, atol=1e-3)
+
+
+def test_embeddings_match_encode_prompt(cache_dir, tiny_model):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_model)
+    items = _shards(cache_dir)
+    for idx in (0, 1):
+        it = items[idx]
+        t5, pooled, _ = pipe.encode_prompt(it["caption"], it["caption"], max_sequence_length=32)
+        torch.testing.assert_close(it["t5"], t5[0])
+        torch.testing.assert_close(it["clip"], pooled[0])
+
+
+def test_captions_trigger_and_sidecars(cache_dir, images):
+    rows = [json.loads(line) for line in (cache_dir / "captions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(8))
+    by_src = {r["source"]: r["caption"] for r in rows}
+    for src, cap in by_src.items():
+        txt = (images / src).with_suffix(".txt")
+        assert cap.startswith("sks")
+        if txt.exists():
+            assert cap == "sks, " + txt.read_text().strip()
+        else:
+            assert len(cap) > len("sks, ")  # auto-captioned
+    # identical captions share one stored embedding
+    m = load_manifest(cache_dir)
+    shard = torch.load(cache_dir / "shards" / m["shards"][0]["file"], weights_only=True)
+    assert shard["t5"].shape[0] == len(set(shard["caption"])) < len(shard["caption"])
+    samples = torch.load(cache_dir / "samples.pt", weights_only=True)
+    assert samples["prompts"] == ["sks, a red circle", "sks, a blue square"] and samples["t5"].shape[0] == 2
+
+
+def test_manifest_contents(cache_dir):
+    m = load_manifest(cache_dir)
+    assert m["total_items"] == 8 and m["world_size"] == 1 and m["resolution"] == 64
+    assert len(m["fingerprint"]) == 32 and m["buckets"]
+    assert all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert (cache_dir / "config.yaml").is_file()
+    events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+
+
+def test_folder_and_zip_give_identical_shards(tmp_path, tiny_model, images, cache_dir):
+    z = tmp_path / "data.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(images.iterdir()):
+            zf.write(f, f"dataset/{f.name}")
+    cache = tmp_path / "zc"
+    run_cli(*preprocess_args(tiny_model, z, cache), check=True)
+    a, b = _shards(cache_dir), _shards(cache)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["caption"] == b[k]["caption"] and a[k]["source"] == b[k]["source"].removeprefix("dataset/")
+        assert torch.equal(a[k]["latents"], b[k]["latents"]) and torch.equal(a[k]["t5"], b[k]["t5"])
+
+
+def test_url_download(tmp_path, tiny_model, images):
+    z = tmp_path / "www" / "data.zip"
+    z.parent.mkdir()
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(images.iterdir())[:4]:
+            zf.write(f, f.name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(z.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.zip"
+        cache = tmp_path / "uc"
+        run_cli(*preprocess_args(tiny_model, url, cache), check=True)
+        assert (cache / "download" / "data.zip").is_file()
+        n_images = sum(f.suffix != ".txt" for f in sorted(images.iterdir())[:4])
+        assert load_manifest(cache)["total_items"] == n_images
+    finally:
+        server.shutdown()
+
+
+def _awkward_dataset(root, images):
+    shutil.copytree(images, root)
+    (root / "zero.png").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not a jpeg")
+    (root / "trunc.png").write_bytes((images / "img_001.png").read_bytes()[:50])
+    return root
+
+
+def test_unreadable_files_skipped_with_warning_or_strict_error(tmp_path, tiny_model, images):
+    data = _awkward_dataset(tmp_path / "data", images)
+    cache = tmp_path / "c"
+    proc = run_cli(*preprocess_args(tiny_model, data, cache), check=True)
+    for name in ("zero.png", "text.jpg", "trunc.png"):
+        assert sum(name in line for line in proc.stderr.splitlines()) == 1, proc.stderr
+    assert load_manifest(cache)["total_items"] == 8
+    warnings = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines()
+                if '"warning"' in line]
+    assert len(warnings) == 3
+    strict = run_cli(*preprocess_args(tiny_model, data, tmp_path / "c2", "--strict"))
+    assert strict.returncode == 2 and "--strict" in strict.stderr
+    assert not (tmp_path / "c2" / "manifest.json").exists()
+
+
+def test_empty_and_all_unreadable_datasets(tmp_path, tiny_model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli(*preprocess_args(tiny_model, empty, tmp_path / "c"))
+    assert proc.returncode == 2 and "no images" in proc.stderr and str(empty) in proc.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"")
+    proc = run_cli(*preprocess_args(tiny_model, bad, tmp_path / "c2"))
+    assert proc.returncode == 2 and "no usable images" in proc.stderr
+
+
+def test_rerun_skips_finished_chunks_and_rebuilds_missing(tmp_path, tiny_model, images):
+    cache = tmp_path / "c"
+    args = preprocess_args(tiny_model, images, cache, "--set", "preprocess.chunk_items=3")
+    run_cli(*args, check=True)
+    parts = sorted((cache / "shards").glob("*.pt"))
+    assert len(parts) == 3
+    mtimes = {p.name: p.stat().st_mtime_ns for p in parts}
+    proc = run_cli(*args, check=True)
+    assert "already complete" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in parts} == mtimes
+    # a crash lost the last chunk and the manifest: only that chunk is rebuilt
+    parts[-1].unlink()
+    (cache / "manifest.json").unlink()
+    run_cli(*args, check=True)
+    assert parts[-1].is_file() and load_manifest(cache)["total_items"] == 8
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in parts[:-1])
+
+
+def test_different_settings_refused_then_overwrite(tmp_path, tiny_model, images):
+    cache = tmp_path / "c"
+    run_cli(*preprocess_args(tiny_model, images, cache), check=True)
+    before = (cache / "manifest.json").read_bytes()
+    proc = run_cli(*preprocess_args(tiny_model, images, cache, "--square"))
+    assert proc.returncode == 2 and "different square" in proc.stderr and "--overwrite" in proc.stderr
+    assert (cache / "manifest.json").read_bytes() == before  # nothing already written is lost
+    run_cli(*preprocess_args(tiny_model, images, cache, "--square", "--overwrite"), check=True)
+    assert load_manifest(cache)["square"] is True
+
+
+def test_two_ranks_match_one_rank(tmp_path, tiny_model, images, cache_dir):
+    cache = tmp_path / "c2"
+    torchrun(2, *preprocess_args(tiny_model, images, cache))
+    m = load_manifest(cache)
+    assert m["world_size"] == 2
+    assert sorted(s["file"] for s in m["shards"]) == ["rank-00000-of-00002-part-0000.pt", "rank-00001-of-00002-part-0000.pt"]
+    a, b = _shards(cache_dir), _shards(cache)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["caption"] == b[k]["caption"]
+        torch.testing.assert_close(a[k]["latents"], b[k]["latents"])
+    shard1 = torch.load(cache / "shards" / "rank-00001-of-00002-part-0000.pt", weights_only=True)
+    assert shard1["index"].tolist() == [1, 3, 5, 7]
+
+
+def test_fewer_images_than_ranks(tmp_path, tiny_model, images):
+    data = tmp_path / "one"
+    data.mkdir()
+    shutil.copy(images / "img_001.png", data)
+    cache = tmp_path / "c"
+    torchrun(2, *preprocess_args(tiny_model, data, cache, "--captioner", "none", "--default-caption", "a thing"))
+    m = load_manifest(cache)
+    assert m["total_items"] == 1 and len(m["shards"]) == 2
+    assert [s["items"] for s in m["shards"]] == [1, 0]
