@@ -55,15 +55,15 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, drop
     LoRA params fp32. The seed makes the initial LoRA identical on every rank. Returns #params."""
     from peft import LoraConfig
 
-    pattern = target_pattern(targets)
-    if not matched_modules(model, pattern):
+    matched = matched_modules(model, target_pattern(targets))
+    if not matched:
         raise ConfigError(f"lora.targets={targets!r} matches no Linear layer of this transformer; "
                           "use attention, attention-mlp, all-linear or names such as attn.to_q")
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                     target_modules=pattern, init_lora_weights=True))
+                                     target_modules=matched, init_lora_weights=True))
     n = 0
     for p in model.parameters():
         if p.requires_grad:
