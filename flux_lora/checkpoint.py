@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from flux_lora import faults
 from flux_lora.cache import atomic_write_bytes, read_json
 from flux_lora.errors import CheckpointError
 
@@ -42,6 +43,7 @@ def save_checkpoint(out_dir: Path, step: int, lora_sd: dict, optim_state: dict, 
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        faults.before_checkpoint_write(step)
         save_file(lora_sd, str(tmp / "lora.safetensors"))
         buf = io.BytesIO()
         torch.save(optim_state, buf)

@@ -43,9 +43,10 @@ def guarded(fn: Callable[[], object], debug: bool) -> None:
     except FluxLoraError as e:
         if debug:
             raise
-        if not (getattr(e, "shared", False) and _rank() != 0):
+        shared = getattr(e, "shared", False)
+        if not (shared and _rank() != 0):
             print(f"{tag}error: {e}", file=sys.stderr, flush=True)
-        raise typer.Exit(e.exit_code) from None
+        _exit(e.exit_code, world > 1 and not shared)
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - a crash still gets one line naming the rank and the cause
@@ -55,7 +56,18 @@ def guarded(fn: Callable[[], object], debug: bool) -> None:
         msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
         print(f"{tag}failed: {type(e).__name__}: {msg}{hint} (rerun with --debug for the traceback)",
               file=sys.stderr, flush=True)
-        raise typer.Exit(1) from None
+        _exit(1, world > 1)
+
+
+def _exit(code: int, hard: bool) -> None:
+    """Leave with `code`. A rank that failed alone exits at once: its peers are blocked in a
+    collective, and a normal interpreter shutdown can wait on them forever. Its exit closes the
+    sockets, so the peers fail fast and torchrun ends the job."""
+    if hard:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code) from None
 
 
 def _build(config: Optional[Path], flags: dict, sets: Optional[list[str]]):

@@ -64,14 +64,25 @@ def session(timeout_s: int = 600) -> Iterator[DistInfo]:
     if di.distributed and not dist.is_initialized():
         backend = "nccl" if di.device.type == "cuda" else "gloo"
         kwargs = {"device_id": di.device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # A restarted worker (torchrun --max-restarts) must not read the addresses its dead
+        # predecessors left in the store: key this attempt's process group by the restart count.
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"flux_lora/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=di.rank, world_size=di.world_size, timeout=timeout, **kwargs)
         created = True
     _INFO = di
+    failed = False
     try:
         yield di
+    except BaseException as e:
+        # a rank-local failure leaves peers mid-collective: tearing the group down politely can
+        # then block forever, so only shared (every-rank) errors take the clean path
+        failed = not getattr(e, "shared", False)
+        raise
     finally:
         _INFO = None
-        if created and dist.is_initialized():
+        if created and dist.is_initialized() and not failed:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flux_lora import cache, checkpoint, distributed, flow, lora, models, speed
+from flux_lora import cache, checkpoint, distributed, faults, flow, lora, models, speed
 from flux_lora.config import Config, to_yaml
 from flux_lora.errors import (CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError,
                               StoppedError)
@@ -236,7 +236,10 @@ def _run(cfg: Config, di, out: Path, reporter, stop, resume_from: str | None) ->
     first_step_s = None
     while state.step < tc.steps:
         slices = sampler.rank_slices(state.step, di.rank, di.world_size, tc.batch_size)
+        faults.during_step(state.step + 1, di.rank)
         loss = train_step(ddp, dataset, slices, state.step, s)
+        if faults.loss_is_nan(state.step + 1, di.rank):
+            loss = _poison(loss, model)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
                                                    tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
         local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
@@ -264,6 +267,7 @@ def _run(cfg: Config, di, out: Path, reporter, stop, resume_from: str | None) ->
             raise DivergedError(f"loss was non-finite {state.nonfinite_in_row} steps in a row at step {state.step}; "
                                 f"checkpoint saved from before the divergence; lower --lr and rerun")
         periodic_outputs(cfg, out, model, opt, sched, state, current_math, di, reporter, previews)
+        faults.after_step(state.step, di.rank)
         if stop_votes > 0:
             save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
             raise StoppedError(f"stopped at step {state.step} ({stop.signal_name or 'signal on another rank'}); "
@@ -277,6 +281,14 @@ def _run(cfg: Config, di, out: Path, reporter, stop, resume_from: str | None) ->
     reporter.done(**summary)
     reporter.info(f"LoRA written to {final}")
     return summary
+
+
+def _poison(loss: torch.Tensor, model) -> torch.Tensor:
+    """Injected fault: what a diverging step looks like (NaN loss and gradients)."""
+    for _, p in lora.lora_parameters(model):
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    return loss * float("nan")
 
 
 def _resume_step(path: str) -> int:

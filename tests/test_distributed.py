@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, cli_env, torchrun
 from flux_lora.distributed import DistInfo, env_dist_info, shard_indices
 
 
@@ -21,9 +21,9 @@ def test_world_size_one_without_torchrun(monkeypatch):
     assert isinstance(di, DistInfo) and di.rank == 0 and di.world_size == 1 and not di.distributed
 
 
-def test_two_ranks_shard_and_agree():
-    proc = torchrun(2, str(ROOT / "tests" / "dist_probe.py"), module=False, timeout=120)
-    rows = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+def test_two_ranks_shard_and_agree(tmp_path):
+    torchrun(2, str(ROOT / "tests" / "dist_probe.py"), module=False, timeout=120, env=cli_env(OUT_DIR=str(tmp_path)))
+    rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in rows] == [0, 1]
     assert rows[0]["mine"] == [0, 2, 4] and rows[1]["mine"] == [1, 3]
     assert all(r["any"] is True for r in rows), "rank 1 raised the flag: every rank must see True"

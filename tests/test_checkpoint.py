@@ -1,0 +1,179 @@
+"""Never lose work: exact resume after SIGKILL, signals, failing ranks, divergence, full disks.
+    pytest -q tests/test_checkpoint.py"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, cli_env, run_cli, torchrun, train_args
+from flux_lora import checkpoint
+
+
+def _lora(out):
+    return load_file(out / "lora.safetensors")
+
+
+def _identical(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _events(out):
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+COMMON = ["--steps", "8", "--batch-size", "1", "--lr", "1e-2", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    torchrun(2, *train_args(tiny_model, cache_dir, out, *COMMON))
+    return out
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model, cache_dir, tmp_path, reference_run):
+    out = tmp_path / "killed"
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, out, *COMMON), check=False,
+                    env=cli_env(FLUX_LORA_FAULT="kill@5"))
+    assert proc.returncode != 0 and not (out / "lora.safetensors").exists()
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3]
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, out, *COMMON))
+    assert "resuming from" in proc.stderr and "at step 3" in proc.stderr
+    assert _identical(_lora(out), _lora(reference_run))
+    starts = [e for e in _events(out) if e["event"] == "start"]
+    assert starts[-1]["start_step"] == 3
+
+
+def test_torchrun_restart_resumes_by_itself(tiny_model, cache_dir, tmp_path, reference_run):
+    out = tmp_path / "restarted"
+    torchrun(2, *train_args(tiny_model, cache_dir, out, *COMMON), extra=["--max-restarts=1"],
+             env=cli_env(FLUX_LORA_FAULT="kill@5:1"))
+    assert _identical(_lora(out), _lora(reference_run))
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _wait_for_progress(out, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "events.jsonl").is_file() and '"progress"' in (out / "events.jsonl").read_text():
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    raise AssertionError("no progress event")
+
+
+def test_sigterm_single_process_checkpoints_and_exits_3(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "flux_lora", *map(str, train_args(tiny_model, cache_dir, out, "--steps", "100000",
+                                                                   "--checkpoint-every", "100000"))]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    _wait_for_progress(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 3, err
+    assert "rerun the same command to resume" in err
+    stopped = [e for e in _events(out) if e["event"] == "stopped"]
+    step = checkpoint.list_checkpoints(out)[-1][0]
+    assert stopped and f"stopped at step {step}" in stopped[0]["message"]
+
+
+def test_sigusr1_to_workers_under_torchrun(tiny_model, cache_dir, tmp_path):
+    """What the SLURM wrapper does before preemption: USR1 to every worker."""
+    out = tmp_path / "usr1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "flux_lora",
+           *map(str, train_args(tiny_model, cache_dir, out, "--steps", "100000", "--checkpoint-every", "100000"))]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    _wait_for_progress(out, proc)
+    os.kill(_children(proc.pid)[0], signal.SIGUSR1)  # one rank only: the decision is shared
+    proc.communicate(timeout=60)
+    ckpts = checkpoint.list_checkpoints(out)
+    assert len(ckpts) == 1
+    assert _events(out)[-1]["event"] == "stopped"
+    # and the run continues from there
+    torchrun(2, *train_args(tiny_model, cache_dir, out, "--steps", str(ckpts[0][0] + 2)))
+    assert _events(out)[-1]["event"] == "done"
+
+
+def test_failing_rank_ends_the_job_fast(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "fail"
+    t0 = time.time()
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, out, "--steps", "50"), check=False,
+                    env=cli_env(FLUX_LORA_FAULT="raise@3:1"))
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    assert "rank 1: failed: RuntimeError: injected failure at step 3" in proc.stderr
+
+
+def test_non_finite_steps_skipped_then_diverged(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "nan"
+    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "4"), env=cli_env(FLUX_LORA_FAULT="nan@2"), check=True)
+    warnings = [e for e in _events(out) if e["event"] == "warning"]
+    assert len(warnings) == 1 and "non-finite" in warnings[0]["message"]
+    assert all(torch.isfinite(v).all() for v in _lora(out).values())
+    out2 = tmp_path / "diverge"
+    proc = run_cli(*train_args(tiny_model, cache_dir, out2, "--steps", "20", "--set", "train.max_nonfinite=3"),
+                   env=cli_env(FLUX_LORA_FAULT="nan@3-20"))
+    assert proc.returncode == 4 and "non-finite 3 steps in a row" in proc.stderr
+    step, path = checkpoint.list_checkpoints(out2)[-1]
+    assert step == 5
+    ck = checkpoint.load_checkpoint(path)
+    assert all(torch.isfinite(v).all() for v in ck["lora"].values())
+
+
+def test_full_disk_keeps_previous_checkpoint(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "disk"
+    proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "10", "--checkpoint-every", "2"),
+                   env=cli_env(FLUX_LORA_FAULT="enospc@4"))
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "No space left on device" in line and "previous checkpoint is intact" in line
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [2]
+    assert checkpoint.latest_valid(out) is not None
+    assert not list((out / "checkpoints").glob(".*tmp"))
+
+
+def test_resume_with_changed_math_is_refused(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "changed"
+    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "2"), check=True)
+    proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "4", "--lr", "5e-4"))
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "0.0001 -> 0.0005" in proc.stderr
+    proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "4", "--no-resume"))
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "3", "--no-resume", "--overwrite"), check=True)
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3]
+
+
+def test_unwritable_output(tiny_model, cache_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_cli(*train_args(tiny_model, cache_dir, tmp_path / "file" / "out", "--steps", "1"))
+    assert proc.returncode == 2 and "not writable" in proc.stderr
+
+
+def test_keep_last_k_and_corrupt_latest_falls_back(tmp_path):
+    sd = {"w": torch.ones(2)}
+    for step in (1, 2, 3, 4):
+        checkpoint.save_checkpoint(tmp_path, step, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2, rank=0)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [3, 4]
+    assert checkpoint.save_checkpoint(tmp_path, 5, sd, {}, {}, keep=2, rank=1) is None
+    (checkpoint.checkpoint_dir(tmp_path, 4) / "optimizer.pt").write_bytes(b"garbage")
+    assert checkpoint.latest_valid(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 3)
+    (tmp_path / "checkpoints" / ".step-000009.tmp").mkdir()  # a crash mid-write
+    assert checkpoint.latest_valid(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 3)
