@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from flux_lora import cache, checkpoint, distributed, faults, flow, lora, models, speed
-from flux_lora.config import Config, to_yaml
+from flux_lora.config import Config, to_dict, to_yaml
+from flux_lora.plot import write_loss_plot
 from flux_lora.errors import (CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError,
                               StoppedError)
 from flux_lora.report import make_reporter
@@ -177,13 +178,59 @@ def train_step(ddp_model, dataset, slices, step: int, s: StepInputs) -> torch.Te
     return total
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the update
+
+@dataclass
+class StepResult:
+    loss: float  # averaged over ranks; nan when the step was skipped
+    stop: bool  # some rank got a stop signal
+    skipped: bool  # non-finite loss or gradients on some rank
+    lr: float
+
+
+def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_norm: float,
+           device: torch.device, world: int) -> StepResult:
+    """Clip, agree across ranks (the loop's one all-reduce and host sync), then step or skip."""
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
+                                               max_grad_norm if max_grad_norm > 0 else float("inf"))
+    local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
+    loss_sum, stop_votes, bad_votes = distributed.all_sum_tensor(
+        torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+                     torch.tensor(float(stop_raised), device=device), local_bad.float()]))
+    lr = sched.get_last_lr()[0]
+    if bad_votes == 0:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()  # the LR is a function of the step, skipped or not
+    return StepResult(loss_sum / world if bad_votes == 0 else float("nan"), stop_votes > 0, bad_votes > 0, lr)
+
+
+# ---------------------------------------------------------------- the run
 
 @dataclass
 class RunState:
     step: int = 0
     nonfinite_in_row: int = 0
     loss_history: list = field(default_factory=list)  # (step, loss, lr)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, so the phases below take one argument."""
+    cfg: Config
+    di: distributed.DistInfo
+    out: Path
+    reporter: object
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    dataset: cache.CachedDataset
+    sampler: GlobalBatchSampler
+    inputs: StepInputs
+    math: dict
+    previews: object
+    state: RunState
 
 
 def run(cfg: Config) -> dict:
@@ -194,7 +241,10 @@ def run(cfg: Config) -> dict:
         reporter = make_reporter(di.is_main, di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)
         stop = checkpoint.StopFlag().install()
         try:
-            return _run(cfg, di, out, reporter, stop, resume_from)
+            t_start = time.time()
+            r = setup(cfg, di, out, reporter, resume_from)
+            first_step_s = loop(r, stop, t_start)
+            return finish(r, t_start, first_step_s, resume_from)
         except FluxLoraError as e:
             if isinstance(e, StoppedError):
                 reporter.emit("stopped", message=str(e))
@@ -209,77 +259,77 @@ def run(cfg: Config) -> dict:
             reporter.close()
 
 
-def _run(cfg: Config, di, out: Path, reporter, stop, resume_from: str | None) -> dict:
-    t_start = time.time()
+def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
     manifest, dataset = load_data(cfg, di)
     model, n_params = build_model(cfg, di, reporter)
     ddp = speed.wrap_ddp(model, di)
     opt, sched = make_optimizer(model, cfg, di.device)
     tc = cfg.train
     current_math = math_config(cfg, di.world_size, manifest)
-    state = RunState()
-    if resume_from:
-        state = resume(resume_from, model, opt, sched, current_math, reporter)
+    state = resume(resume_from, model, opt, sched, current_math) if resume_from else RunState()
     if di.is_main:
         (out / "config.yaml").write_text(to_yaml(cfg))
     sampler = GlobalBatchSampler([it.bucket for it in dataset.items], tc.batch_size * di.world_size * tc.grad_accum, tc.seed)
     has_guidance = bool(getattr(model.config, "guidance_embeds", False))
-    s = StepInputs(tc.seed, tc.guidance if has_guidance else None, tc.timestep_sampling, tc.logit_mean,
-                   tc.logit_std, di.device, models.resolve_dtype(cfg.model.dtype, di.device))
+    inputs = StepInputs(tc.seed, tc.guidance if has_guidance else None, tc.timestep_sampling, tc.logit_mean,
+                        tc.logit_std, di.device, models.resolve_dtype(cfg.model.dtype, di.device))
     previews = make_previewer(cfg, di, manifest, model, reporter)
     reporter.start(tc.steps, "train", world_size=di.world_size, dataset_size=len(dataset), total_steps=tc.steps,
                    start_step=state.step, lora_parameters=n_params, global_batch=sampler.global_batch,
-                   resumed_from=resume_from, config=_public_config(cfg))
-    if di.is_main and resume_from:
+                   resumed_from=resume_from, config=to_dict(cfg))
+    if resume_from:
         reporter.info(f"resuming from {resume_from} at step {state.step}")
-    meter = Meter(tc.steps, state.step, sampler.global_batch)
+    return Run(cfg, di, out, reporter, model, ddp, opt, sched, dataset, sampler, inputs, current_math, previews, state)
+
+
+def loop(r: Run, stop, t_start: float) -> float | None:
+    """Train until the last step; returns the time to the first step (compile included)."""
+    tc, st = r.cfg.train, r.state
+    meter = Meter(tc.steps, st.step, r.sampler.global_batch)
     first_step_s = None
-    while state.step < tc.steps:
-        slices = sampler.rank_slices(state.step, di.rank, di.world_size, tc.batch_size)
-        faults.during_step(state.step + 1, di.rank)
-        loss = train_step(ddp, dataset, slices, state.step, s)
-        if faults.loss_is_nan(state.step + 1, di.rank):
-            loss = _poison(loss, model)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
-                                                   tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
-        local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
-        loss_sum, stop_votes, bad_votes = distributed.all_sum_tensor(
-            torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
-                         torch.tensor(float(stop.raised), device=di.device), local_bad.float()]))
-        lr = sched.get_last_lr()[0]
-        if bad_votes > 0:
-            opt.zero_grad(set_to_none=True)
-            state.nonfinite_in_row += 1
-            reporter.warning(f"non-finite loss at step {state.step + 1}; step skipped "
-                             f"({state.nonfinite_in_row}/{tc.max_nonfinite} in a row)", step=state.step + 1)
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            state.nonfinite_in_row = 0
-        sched.step()
-        state.step += 1
-        step_loss = loss_sum / di.world_size if bad_votes == 0 else float("nan")
-        state.loss_history.append((state.step, step_loss, lr))
+    while st.step < tc.steps:
+        faults.during_step(st.step + 1, r.di.rank)
+        slices = r.sampler.rank_slices(st.step, r.di.rank, r.di.world_size, tc.batch_size)
+        loss = train_step(r.ddp, r.dataset, slices, st.step, r.inputs)
+        if faults.loss_is_nan(st.step + 1, r.di.rank):
+            loss = _poison(loss, r.model)
+        res = update(r.model, r.opt, r.sched, loss, stop.raised, tc.max_grad_norm, r.di.device, r.di.world_size)
+        st.step += 1
+        st.nonfinite_in_row = st.nonfinite_in_row + 1 if res.skipped else 0
+        if res.skipped:
+            r.reporter.warning(f"non-finite loss at step {st.step}; step skipped "
+                               f"({st.nonfinite_in_row}/{tc.max_nonfinite} in a row)", step=st.step)
+        st.loss_history.append((st.step, res.loss, res.lr))
         first_step_s = first_step_s or time.time() - t_start
-        reporter.progress(state.step, **meter.update(state.step, step_loss, lr))
-        if state.nonfinite_in_row >= tc.max_nonfinite:
-            save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
-            raise DivergedError(f"loss was non-finite {state.nonfinite_in_row} steps in a row at step {state.step}; "
-                                f"checkpoint saved from before the divergence; lower --lr and rerun")
-        periodic_outputs(cfg, out, model, opt, sched, state, current_math, di, reporter, previews)
-        faults.after_step(state.step, di.rank)
-        if stop_votes > 0:
-            save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
-            raise StoppedError(f"stopped at step {state.step} ({stop.signal_name or 'signal on another rank'}); "
+        r.reporter.progress(st.step, **meter.update(st.step, res.loss, res.lr))
+        if st.nonfinite_in_row >= tc.max_nonfinite:
+            save_state(r)
+            raise DivergedError(f"loss was non-finite {st.nonfinite_in_row} steps in a row at step {st.step}; "
+                                "checkpoint saved from before the divergence; lower --lr and rerun")
+        periodic_outputs(r)
+        faults.after_step(st.step, r.di.rank)
+        if res.stop:
+            save_state(r)
+            raise StoppedError(f"stopped at step {st.step} ({stop.signal_name or 'signal on another rank'}); "
                                "rerun the same command to resume")
-    if resume_from is None or state.step > _resume_step(resume_from):
-        save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
-    final = finish_outputs(cfg, out, model, state, di, reporter, previews)
+    return first_step_s
+
+
+def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str | None) -> dict:
+    if resume_from is None or r.state.step > _resume_step(resume_from):
+        save_state(r)
+    final = r.out / "lora.safetensors"
+    lora.export_lora(final, r.model, r.di.rank, r.cfg.output.export_format)
+    if r.previews:
+        r.previews(r.state.step)
+    if r.di.is_main:
+        write_loss_plot(r.out / "loss.png", r.state.loss_history)
     distributed.barrier()
-    summary = {"lora": str(final), "steps": state.step, "final_loss": meter.avg_loss,
+    finite = [x[1] for x in r.state.loss_history if math.isfinite(x[1])]
+    summary = {"lora": str(final), "steps": r.state.step, "final_loss": finite[-1] if finite else None,
                "time_to_first_step_s": first_step_s, "elapsed_s": time.time() - t_start}
-    reporter.done(**summary)
-    reporter.info(f"LoRA written to {final}")
+    r.reporter.done(**summary)
+    r.reporter.info(f"LoRA written to {final}")
     return summary
 
 
@@ -295,37 +345,29 @@ def _resume_step(path: str) -> int:
     return int((cache.read_json(Path(path) / "state.json") or {}).get("step", -1))
 
 
-def _public_config(cfg: Config) -> dict:
-    from flux_lora.config import to_dict
-
-    return to_dict(cfg)
-
-
 class Meter:
     """Running figures for progress events (loss averaged over ranks, samples/s, ETA)."""
 
     def __init__(self, total: int, start: int, global_batch: int):
-        self.total, self.start, self.global_batch = total, start, global_batch
+        self.total, self.global_batch = total, global_batch
         self.t0, self.sum, self.n, self.avg_loss = time.time(), 0.0, 0, float("nan")
-        self.t_last, self.step_last = None, start
+        self.t_first, self.step_first = None, start
 
     def update(self, step: int, loss: float, lr: float) -> dict:
         now = time.time()
         if math.isfinite(loss):
             self.sum, self.n = self.sum + loss, self.n + 1
             self.avg_loss = self.sum / self.n
-        # the first step includes compile/warm-up: rates count from the end of it
-        if self.t_last is None:
-            self.t_last, self.step_last, rate = now, step, 0.0
-        done = step - self.step_last
-        rate = done * self.global_batch / (now - self.t_last) if done and now > self.t_last else 0.0
-        steps_s = done / (now - self.t_last) if done and now > self.t_last else 0.0
+        if self.t_first is None:  # the first step includes compile/warm-up: rates count from its end
+            self.t_first, self.step_first = now, step
+        done, dt = step - self.step_first, now - self.t_first
+        steps_s = done / dt if done and dt > 0 else 0.0
         return {"step": step, "total_steps": self.total, "progress": step / self.total, "loss": loss,
-                "avg_loss": self.avg_loss, "learning_rate": lr, "samples_per_s": rate,
+                "avg_loss": self.avg_loss, "learning_rate": lr, "samples_per_s": steps_s * self.global_batch,
                 "eta_s": (self.total - step) / steps_s if steps_s else None, "elapsed_s": now - self.t0}
 
 
-def resume(path: str, model, opt, sched, current_math: dict, reporter) -> RunState:
+def resume(path: str, model, opt, sched, current_math: dict) -> RunState:
     ck = checkpoint.load_checkpoint(Path(path))
     diffs = checkpoint.config_differences(ck["state"].get("math", {}), current_math)
     if diffs:
@@ -338,48 +380,34 @@ def resume(path: str, model, opt, sched, current_math: dict, reporter) -> RunSta
     return RunState(step=st["step"], loss_history=[tuple(x) for x in st.get("loss_history", [])])
 
 
-def save_state(cfg, out, model, opt, sched, state: RunState, current_math, di, reporter) -> None:
+def save_state(r: Run) -> None:
     """A checkpoint of the current step (rank 0 writes; every rank learns if it failed)."""
-    failure = None
+    failure, path = None, None
     try:
         path = checkpoint.save_checkpoint(
-            out, state.step, lora.lora_state_dict(model), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-            {"math": current_math, "loss_history": state.loss_history}, cfg.train.keep_checkpoints, di.rank)
+            r.out, r.state.step, lora.lora_state_dict(r.model),
+            {"optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict()},
+            {"math": r.math, "loss_history": r.state.loss_history}, r.cfg.train.keep_checkpoints, r.di.rank)
     except CheckpointError as e:
         failure = str(e)
-        path = None
     failure = distributed.broadcast_object(failure)
     if failure:
         raise CheckpointError(failure)
     if path:
-        reporter.emit("checkpoint", step=state.step, path=str(path))
-        from flux_lora.plot import write_loss_plot
-
-        write_loss_plot(out / "loss.png", state.loss_history)
+        r.reporter.emit("checkpoint", step=r.state.step, path=str(path))
+        write_loss_plot(r.out / "loss.png", r.state.loss_history)
 
 
-def periodic_outputs(cfg, out, model, opt, sched, state, current_math, di, reporter, previews) -> None:
-    tc, step = cfg.train, state.step
+def periodic_outputs(r: Run) -> None:
+    tc, step = r.cfg.train, r.state.step
     if step == tc.steps:
         return  # the end of the run writes everything once
     if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-        save_state(cfg, out, model, opt, sched, state, current_math, di, reporter)
+        save_state(r)
     if tc.save_every and step % tc.save_every == 0:
-        lora.export_lora(out / f"lora-step-{step:06d}.safetensors", model, di.rank, cfg.output.export_format)
-    if previews and tc.sample_every and step % tc.sample_every == 0:
-        previews(step)
-
-
-def finish_outputs(cfg, out, model, state, di, reporter, previews) -> Path:
-    final = out / "lora.safetensors"
-    lora.export_lora(final, model, di.rank, cfg.output.export_format)
-    if previews:
-        previews(state.step)
-    if di.is_main:
-        from flux_lora.plot import write_loss_plot
-
-        write_loss_plot(out / "loss.png", state.loss_history)
-    return final
+        lora.export_lora(r.out / f"lora-step-{step:06d}.safetensors", r.model, r.di.rank, r.cfg.output.export_format)
+    if r.previews and tc.sample_every and step % tc.sample_every == 0:
+        r.previews(step)
 
 
 def make_previewer(cfg: Config, di, manifest: dict, model, reporter):
