@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from flux_lora import synthetic
 from flux_lora.errors import ModelError
 
 
@@ -52,6 +53,8 @@ def check_model_path(model: str) -> None:
     """Fail early, in one line, for a path that is neither a local pipeline nor a hub id."""
     if not model:
         raise ModelError("no model given; pass --model PATH_OR_HUB_ID (e.g. black-forest-labs/FLUX.1-dev)")
+    if synthetic.is_synthetic(model):
+        return synthetic.check(model)
     p = Path(model).expanduser()
     looks_local = p.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_local:
@@ -77,28 +80,37 @@ def _kw(revision: str) -> dict:
     return {"revision": revision} if revision else {}
 
 
-def load_transformer(model: str, dtype: torch.dtype, revision: str = ""):
+def load_transformer(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
     from diffusers import FluxTransformer2DModel
 
     check_model_path(model)
+    if synthetic.is_synthetic(model):
+        return synthetic.transformer(dtype, device or torch.device("cpu"))
+    # straight onto the GPU: eight ranks each staging 24 GB in host memory would not fit
+    placement = {"device_map": {"": device}} if device is not None and device.type == "cuda" else {}
     with _load_errors(model, "the transformer"):
-        return FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype, **_kw(revision))
+        return FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype,
+                                                      **placement, **_kw(revision))
 
 
-def load_vae(model: str, dtype: torch.dtype, revision: str = ""):
+def load_vae(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
     from diffusers import AutoencoderKL
 
     check_model_path(model)
+    if synthetic.is_synthetic(model):
+        return synthetic.vae(dtype, device or torch.device("cpu"))
     with _load_errors(model, "the VAE"):
         return AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype, **_kw(revision))
 
 
-def load_text_pipeline(model: str, dtype: torch.dtype, revision: str = ""):
+def load_text_pipeline(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
     """A FluxPipeline holding only the text encoders, so prompts are encoded by diffusers' own
     `encode_prompt`, exactly as at inference."""
     from diffusers import FluxPipeline
 
     check_model_path(model)
+    if synthetic.is_synthetic(model):
+        return synthetic.text_pipeline(dtype, device or torch.device("cpu"))
     with _load_errors(model, "the text encoders"):
         return FluxPipeline.from_pretrained(model, transformer=None, vae=None, dtype=dtype, **_kw(revision))
 
@@ -106,6 +118,8 @@ def load_text_pipeline(model: str, dtype: torch.dtype, revision: str = ""):
 def load_scheduler(model: str, revision: str = ""):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    if synthetic.is_synthetic(model):
+        return synthetic.scheduler()
     with _load_errors(model, "the scheduler"):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **_kw(revision))
 
@@ -137,6 +151,8 @@ def _weights_sample(folder: Path) -> list:
 def fingerprint(model: str, max_sequence_length: int, revision: str = "") -> str:
     """Identity of what the cache depends on: VAE (incl. shift/scale) and both text encoders."""
     parts = {"max_sequence_length": max_sequence_length}
+    if synthetic.is_synthetic(model):
+        return hashlib.sha256(f"{model}:{max_sequence_length}".encode()).hexdigest()[:32]
     for sub in ("vae", "text_encoder", "text_encoder_2"):
         parts[sub] = _config_dict(model, sub, revision)
         if Path(model, sub).is_dir():

@@ -171,10 +171,10 @@ class Encoders:
 
     def __init__(self, cfg: Config, device: torch.device):
         dtype = models.resolve_dtype(cfg.model.dtype, device)
-        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision).to(device).eval()
+        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
         if device.type == "cuda":
             self.vae = self.vae.to(memory_format=torch.channels_last)
-        self.text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision).to(device)
+        self.text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device).to(device)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
 
     def latents(self, records: list[dict]) -> dict[int, torch.Tensor]:
@@ -275,7 +275,7 @@ def write_samples(cfg: Config, di) -> None:
     if old is not None and old.get("prompts") == prompts:
         return
     dtype = models.resolve_dtype(cfg.model.dtype, di.device)
-    text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision).to(di.device)
+    text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device)
     clip, t5 = encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
     import io
 

@@ -44,7 +44,7 @@ class Previewer:
 
     def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter):
         dtype = models.resolve_dtype(cfg.model.dtype, di.device)
-        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision).to(di.device).eval()
+        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device).eval()
         self.scheduler = models.load_scheduler(cfg.model.path, cfg.model.revision)
         self.model, self.samples, self.reporter, self.di, self.dtype = model, samples, reporter, di, dtype
         self.size, self.steps, self.seed = manifest["resolution"], cfg.train.sample_steps, cfg.train.seed

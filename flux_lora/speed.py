@@ -13,43 +13,51 @@ def _blocks(model) -> list[torch.nn.Module]:
     return list(model.transformer_blocks) + list(model.single_transformer_blocks)
 
 
-def _block_linear_filter(module: torch.nn.Module, fqn: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and "transformer_blocks." in fqn
+def _is_linear(module: torch.nn.Module, fqn: str = "") -> bool:
+    return isinstance(module, torch.nn.Linear)
 
 
-def quantize_base(model, memory_mode: str) -> None:
-    """Quantize the frozen Linear layers of the blocks in place (before LoRA wraps them)."""
+def quantize_base(model, memory_mode: str, device: torch.device) -> None:
+    """Quantize the frozen Linear layers of the blocks in place, block by block on the GPU (before
+    LoRA wraps them; peft then wraps the quantized layers). Embedders and norms stay bf16."""
     if memory_mode == "fast":
         return
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         raise ConfigError(f"train.memory_mode={memory_mode} needs a CUDA GPU; use memory_mode=fast on CPU")
-    if memory_mode == "fp8":
-        try:
-            from torchao.quantization import Float8WeightOnlyConfig, quantize_
-        except ImportError:
-            raise ConfigError("memory_mode=fp8 needs torchao: pip install torchao") from None
-        model.to("cuda")
-        quantize_(model, Float8WeightOnlyConfig(), filter_fn=_block_linear_filter)
-    elif memory_mode == "nf4":
-        _to_nf4(model)
+    quantize_block = _fp8_quantizer() if memory_mode == "fp8" else _nf4_quantizer()
+    for block in _blocks(model):
+        block.to(device)
+        quantize_block(block, device)
+    model.to(device)
+    torch.cuda.empty_cache()
 
 
-def _to_nf4(model) -> None:
+def _fp8_quantizer():
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ConfigError("memory_mode=fp8 needs torchao: pip install torchao") from None
+    return lambda block, device: quantize_(block, Float8WeightOnlyConfig(), filter_fn=_is_linear)
+
+
+def _nf4_quantizer():
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise ConfigError("memory_mode=nf4 needs bitsandbytes: pip install bitsandbytes") from None
-    for block in _blocks(model):
-        for name, child in list(block.named_modules()):
-            for cname, leaf in list(child.named_children()):
+
+    def quantize_block(block, device):
+        for parent in list(block.modules()):
+            for name, leaf in list(parent.named_children()):
                 if isinstance(leaf, torch.nn.Linear):
                     q = bnb.nn.Linear4bit(leaf.in_features, leaf.out_features, bias=leaf.bias is not None,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4")
-                    q.weight = bnb.nn.Params4bit(leaf.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                                          compute_dtype=leaf.weight.dtype, quant_type="nf4", device="meta")
+                    q.weight = bnb.nn.Params4bit(leaf.weight.data, requires_grad=False, quant_type="nf4")
                     if leaf.bias is not None:
                         q.bias = torch.nn.Parameter(leaf.bias.data, requires_grad=False)
-                    setattr(child, cname, q)
-    model.to("cuda")
+                    setattr(parent, name, q.to(device))  # moving to CUDA quantizes
+
+    return quantize_block
 
 
 def use_checkpointing(train_cfg) -> bool:
@@ -63,10 +71,15 @@ def apply(model, train_cfg, device: torch.device) -> None:
     keeps compile time short and the graphs reusable across the identical blocks)."""
     if use_checkpointing(train_cfg):
         model.enable_gradient_checkpointing()
-    compile_on = train_cfg.compile == "on" or (train_cfg.compile == "auto" and device.type == "cuda")
-    if compile_on:
-        for block in _blocks(model):
-            block.compile(dynamic=False)
+    if train_cfg.compile == "on" or (train_cfg.compile == "auto" and device.type == "cuda"):
+        compile_blocks(model)
+
+
+def compile_blocks(model) -> None:
+    """Regional compile: each block is compiled on its own; the 19 (38) identical blocks share
+    their graphs, so compile takes seconds, not the minutes of a whole-model compile."""
+    for block in _blocks(model):
+        block.compile(dynamic=False)
 
 
 def wrap_ddp(model, di):
@@ -76,5 +89,9 @@ def wrap_ddp(model, di):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     kwargs = {"device_ids": [di.device.index]} if di.device.type == "cuda" else {}
+    # DDP would broadcast and track every parameter; the frozen base is identical on every rank
+    # (same weights, same seed) and has no gradients, so it manages only the LoRA parameters
+    model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad] + \
+        [n for n, _ in model.named_buffers()]
     return DDP(model, find_unused_parameters=False, broadcast_buffers=False, bucket_cap_mb=25,
                gradient_as_bucket_view=True, **kwargs)

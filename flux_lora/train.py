@@ -86,10 +86,14 @@ def build_model(cfg: Config, di, reporter):
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied."""
     dtype = models.resolve_dtype(cfg.model.dtype, di.device)
     models.set_attention_backend(cfg.model.attention)
-    transformer = models.load_transformer(cfg.model.path, dtype, cfg.model.revision)
+    # a quantized base is loaded on the CPU and moved to the GPU block by block as it is quantized,
+    # so a 12-16 GB card never holds the bf16 model (synthetic models are built on the GPU directly)
+    stage = di.device if cfg.train.memory_mode == "fast" or models.synthetic.is_synthetic(cfg.model.path) \
+        else torch.device("cpu")
+    transformer = models.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
-    speed.quantize_base(transformer, cfg.train.memory_mode)
+    speed.quantize_base(transformer, cfg.train.memory_mode, di.device)
     n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, cfg.train.seed)
     transformer.to(di.device)
     speed.apply(transformer, cfg.train, di.device)

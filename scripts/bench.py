@@ -1,0 +1,257 @@
+"""GPU benchmark of flux_lora's own training step and preprocess encoders (not a test).
+
+    python scripts/bench.py train --resolution 512 --batch-size 4            # 1 GPU, + diffusers-script setting
+    python scripts/bench.py train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline
+    torchrun --nproc_per_node=2 scripts/bench.py train --resolution 512 --batch-size 4 --no-baseline
+    python scripts/bench.py preprocess --resolution 1024 --images 128
+    python scripts/bench.py train --tiny                                      # CPU, seconds (tests run it)
+
+`train` drives the functions `flux_lora train` uses (build_model, make_optimizer, train_step,
+update, wrap_ddp) on a full-size random FLUX.1-dev transformer (`random:flux1-dev`) with inputs
+shaped like the cache (latents, T5 512×4096, CLIP pooled), excludes warm-up, and reports samples/s,
+TFLOP/s and MFU against a bf16 matmul peak it measures, peak memory and time to first step. Unless
+--no-baseline, it also runs the setting of diffusers' train_dreambooth_lora_flux.py (batch 1,
+gradient checkpointing, bf16 LoRA weights, unfused AdamW, eager) in the same process, so the
+speed-up is a ratio measured side by side. `preprocess` runs the real preprocess stage with
+full-size random encoders on synthetic images. JSON goes to --out (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flux_lora import distributed, models, speed  # noqa: E402
+from flux_lora import train as T  # noqa: E402
+from flux_lora.config import build_config  # noqa: E402
+from flux_lora.report import NullReporter  # noqa: E402
+from flux_lora.sampler import Slice  # noqa: E402
+
+
+class ShapedData:
+    """Cache-shaped batches (what CachedDataset.collate returns), random, on the host."""
+
+    def __init__(self, batch: int, latent_hw: int, text_len: int, text_dim: int, pooled_dim: int, channels: int):
+        g = torch.Generator().manual_seed(0)
+        self.batch = {"latents": torch.randn(batch, channels, latent_hw, latent_hw, generator=g),
+                      "t5": torch.randn(batch, text_len, text_dim, generator=g).to(torch.bfloat16),
+                      "clip": torch.randn(batch, pooled_dim, generator=g)}
+        if torch.cuda.is_available():
+            self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
+
+    def collate(self, items):
+        return self.batch
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0, iters = time.perf_counter(), 50
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(model, data, slices, inputs) -> float:
+    """FLOPs of one forward+backward (eager; counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        T.train_step(model, data, slices, 0, inputs)
+    for p in model.parameters():
+        p.grad = None
+    return float(counter.get_total_flops())
+
+
+def bench_train(args, di, setting: dict, peak: float | None) -> dict:
+    """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
+    flags = {"model.path": args.model, "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
+             "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16}
+    cfg = build_config(None, flags)
+    if di.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, n_params = T.build_model(cfg, di, NullReporter(di.rank))
+    if setting.get("lora_bf16"):
+        for _, p in T.lora.lora_parameters(model):
+            p.data = p.data.to(torch.bfloat16)
+    conf = model.config
+    hw = setting["resolution"] // 8
+    data = ShapedData(setting["batch"], hw, args.text_len, conf.joint_attention_dim, conf.pooled_projection_dim,
+                      conf.in_channels // 4)
+    inputs = T.StepInputs(0, 1.0 if conf.guidance_embeds else None, "flux-shift", 0.0, 1.0, di.device,
+                          models.resolve_dtype("auto", di.device))
+    slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
+    flops = step_flops(model, data, slices, inputs) if setting.get("count_flops", True) else None
+    compiled = setting["compile"] and di.device.type == "cuda"
+    if compiled:
+        speed.compile_blocks(model)
+    ddp = speed.wrap_ddp(model, di)
+    opt, sched = T.make_optimizer(model, cfg, di.device)
+    if setting.get("unfused_adamw"):
+        opt = torch.optim.AdamW([p for _, p in T.lora.lora_parameters(model)], lr=1e-4, foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def one(step):
+        loss = T.train_step(ddp, data, slices, step, inputs)
+        return T.update(model, opt, sched, loss, False, 1.0, di.device, di.world_size)
+
+    one(0)
+    _sync(di.device)
+    first_step_s = time.perf_counter() - t0
+    for s in range(1, args.warmup):
+        one(s)
+    _sync(di.device)
+    t1 = time.perf_counter()
+    for s in range(args.steps):
+        result = one(args.warmup + s)
+    _sync(di.device)
+    step_s = (time.perf_counter() - t1) / args.steps
+    samples_s = setting["batch"] * di.world_size / step_s
+    out = {**setting, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
+           "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "last_loss": result.loss}
+    if flops:
+        per_sample = flops / setting["batch"]
+        out.update(tflop_per_sample=per_sample / 1e12, tflops_per_gpu=per_sample * samples_s / di.world_size / 1e12)
+        if peak:
+            out["mfu"] = out["tflops_per_gpu"] / peak
+    if di.device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(di.device) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(di.device) / 2**30
+    del model, ddp, opt, data
+    if di.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def train_settings(args) -> list[dict]:
+    ours = {"name": f"flux_lora {args.memory_mode}", "resolution": args.resolution, "batch": args.batch_size,
+            "memory_mode": args.memory_mode, "checkpointing": args.checkpointing, "compile": args.compile != "off"}
+    runs = [ours]
+    if args.baseline:
+        runs.append({"name": "diffusers-script setting", "resolution": args.resolution, "batch": 1,
+                     "memory_mode": "fast", "checkpointing": "on", "compile": False, "lora_bf16": True,
+                     "unfused_adamw": True})
+    return runs
+
+
+def run_train(args) -> dict:
+    with distributed.session(600) as di:
+        models.quiet_libraries()
+        models.set_attention_backend("flash")
+        peak = matmul_peak_tflops(di.device)
+        results = []
+        for setting in train_settings(args):
+            results.append(bench_train(args, di, setting, peak))
+            distributed.print0(json.dumps(results[-1]))
+        report = {"kind": "train", "model": args.model, "text_len": args.text_len, "peak_bf16_tflops": peak,
+                  "results": results}
+        if args.baseline and len(results) == 2:
+            report["speedup_vs_diffusers_setting"] = results[0]["samples_per_s"] / results[1]["samples_per_s"]
+        return report if di.is_main else {}
+
+
+def run_preprocess(args) -> dict:
+    """The real preprocess stage on synthetic images; images/s per GPU from its own events."""
+    from flux_lora import preprocess
+    from flux_lora.demo import make_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = Path(tmp) / "images"
+        if int(os.environ.get("RANK", 0)) == 0:
+            make_images(images, args.images, caption_every=10**9)  # every image has a caption
+            for i, txt in enumerate(sorted(images.glob("*.txt"))):
+                txt.write_text(f"photo number {i} of a unique subject, {i * 7919 % 1000} details")  # unique captions
+        cache_dir = Path(args.cache_dir or Path(tmp) / "cache")
+        flags = {"model.path": args.model, "data.source": str(images), "data.cache_dir": str(cache_dir),
+                 "data.resolution": args.resolution, "data.captioner": "none", "data.max_sequence_length": args.text_len,
+                 "preprocess.batch_size": args.batch_size, "preprocess.num_workers": args.workers,
+                 "preprocess.overwrite": True, "data.square": True}
+        cfg = build_config(None, flags)
+        t0 = time.perf_counter()
+        _wait_for_images(images, args.images)
+        preprocess.run(cfg)
+        wall = time.perf_counter() - t0
+        events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
+        progress = [e for e in events if e["event"] == "progress"]
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        rate = progress[-1]["items_per_s"] if progress else None
+        report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
+                  "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall,
+                  "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None}
+        if torch.cuda.is_available():
+            report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return report if int(os.environ.get("RANK", 0)) == 0 else {}
+
+
+def _wait_for_images(images: Path, n: int) -> None:
+    deadline = time.time() + 120
+    while len(list(images.glob("*.png")) + list(images.glob("*.jpg"))) < n and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kind", choices=["train", "preprocess"])
+    p.add_argument("--model", default="random:flux1-dev")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--memory-mode", default="fast", choices=["fast", "fp8", "nf4"])
+    p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script runs")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.tiny:
+        from flux_lora.tiny import make_tiny
+
+        args.model = str(make_tiny(Path(tempfile.mkdtemp()) / "tiny"))
+        args.resolution, args.text_len, args.steps, args.warmup, args.images = 64, 32, 2, 1, 6
+        args.batch_size = min(args.batch_size, 2)
+        args.workers = 0
+    report = run_train(args) if args.kind == "train" else run_preprocess(args)
+    if not report:
+        return
+    report.update(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  command=" ".join(sys.argv))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

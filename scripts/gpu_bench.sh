@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The single-GPU benchmark set behind bench/results/ (run on the lent H100; see README "Performance").
+#   bash scripts/gpu_bench.sh OUT_DIR [WHEEL_DIR]
+# WHEEL_DIR holds wheels of packages the GPU image lacks (diffusers, torchao, bitsandbytes).
+set -uo pipefail
+out=${1:-bench/tmp}; wheels=${2:-.whl}
+mkdir -p "$out"
+if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl && export PYTHONPATH=$site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+run() { local name=$1; shift; echo "== $name: $*"; timeout "${LIMIT:-300}" python3 scripts/bench.py "$@" --out "$out/$name.json" > "$out/$name.log" 2>&1; echo "rc=$?"; tail -n 3 "$out/$name.log"; }
+for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
+    case $spec in
+        train512) run train512 train --resolution 512 --batch-size 4 ;;
+        train1024) run train1024 train --resolution 1024 --batch-size 1 ;;
+        fp8) run fp8-1024 train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline ;;
+        nf4) run nf4-1024 train --resolution 1024 --batch-size 1 --memory-mode nf4 --no-baseline ;;
+        pre1024) run preprocess-1024 preprocess --resolution 1024 --images 128 --batch-size 8 ;;
+    esac
+done
