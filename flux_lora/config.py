@@ -104,6 +104,7 @@ class TrainConfig:
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (torchao fp8 base + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
     gradient_checkpointing: str = doc("auto", "auto (off in fast mode, on in fp8/nf4), on or off")
     compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")
+    fp8_compute: bool = doc(False, "run the frozen base's block matmuls in fp8 (torchao float8; H100/H200), LoRA stays bf16/fp32")
     save_every: int = doc(0, "write OUTPUT/lora-step-NNNNNN.safetensors every N steps (0 = only at the end)")
     checkpoint_every: int = doc(100, "write a resumable checkpoint every N steps (and on stop)")
     keep_checkpoints: int = doc(2, "how many checkpoints to keep")

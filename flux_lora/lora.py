@@ -140,3 +140,14 @@ def export_lora(path: Path, model: torch.nn.Module, rank: int, export_format: st
 
         export_file(path, path.with_name(path.stem + "-kohya.safetensors"), "kohya")
     return path
+
+
+def digest(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 over the LoRA tensors: equal on every rank if DDP kept them in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].numpy().tobytes())
+    return h.hexdigest()

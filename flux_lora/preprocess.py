@@ -119,7 +119,10 @@ class Progress:
     def __init__(self, cache_dir: Path, di: distributed.DistInfo, total: int, reporter):
         self.dir, self.di, self.total, self.reporter = cache_dir / "progress", di, total, reporter
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.t0, self.done_here = time.time(), 0
+        self.t0, self.done_here, self.base = time.time(), 0, 0
+
+    def restart(self) -> None:
+        self.t0, self.base = time.time(), self.done_here
 
     def add(self, n: int) -> None:
         self.done_here += n
@@ -127,7 +130,7 @@ class Progress:
         if self.di.is_main:
             done = sum((cache.read_json(p) or {}).get("done", 0) for p in self.dir.glob("rank-*.json"))
             elapsed = time.time() - self.t0
-            rate = done / elapsed if elapsed > 0 else 0.0
+            rate = (done - self.base * self.di.world_size) / elapsed if elapsed > 0 else 0.0
             self.reporter.progress(done, done=done, total=self.total, progress=done / max(self.total, 1),
                                    items_per_s=rate, elapsed_s=elapsed,
                                    eta_s=(self.total - done) / rate if rate > 0 else None)
@@ -245,6 +248,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
     entries = [(i, sources[i]) for _, planned in pending for i in planned]
     captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
     enc = Encoders(cfg, di.device) if entries else None
+    progress.restart()  # throughput counts from here, not from loading the encoders
     stream = iter(_decoded(entries, buckets, cfg.preprocess.num_workers))
     for p, planned in pending:
         records, skipped = [], []

@@ -60,6 +60,23 @@ def _nf4_quantizer():
     return quantize_block
 
 
+def fp8_compute(model, device: torch.device) -> None:
+    """Swap the blocks' frozen Linears for torchao Float8Linear (dynamic scaling): forward and the
+    input-gradient matmuls run on fp8 tensor cores. Must run before LoRA wraps the layers."""
+    if device.type != "cuda":
+        raise ConfigError("train.fp8_compute needs an H100/H200-class GPU")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise ConfigError("train.fp8_compute needs torchao: pip install torchao") from None
+
+    def keep(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and "transformer_blocks." in fqn and \
+            module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, module_filter_fn=keep)
+
+
 def use_checkpointing(train_cfg) -> bool:
     if train_cfg.gradient_checkpointing == "auto":
         return train_cfg.memory_mode != "fast"
@@ -71,8 +88,16 @@ def apply(model, train_cfg, device: torch.device) -> None:
     keeps compile time short and the graphs reusable across the identical blocks)."""
     if use_checkpointing(train_cfg):
         model.enable_gradient_checkpointing()
-    if train_cfg.compile == "on" or (train_cfg.compile == "auto" and device.type == "cuda"):
+    if use_compile(train_cfg, device):
         compile_blocks(model)
+
+
+def use_compile(train_cfg, device: torch.device) -> bool:
+    """auto: on for the fast mode on CUDA; the quantized modes trade speed for memory anyway, and
+    compiling through their tensor subclasses costs minutes before the first step."""
+    if train_cfg.compile == "auto":
+        return device.type == "cuda" and train_cfg.memory_mode == "fast"
+    return train_cfg.compile == "on"
 
 
 def compile_blocks(model) -> None:

@@ -94,6 +94,8 @@ def build_model(cfg: Config, di, reporter):
     for name in lora.unmatched_targets(transformer, cfg.lora.targets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
     speed.quantize_base(transformer, cfg.train.memory_mode, di.device)
+    if cfg.train.fp8_compute:
+        speed.fp8_compute(transformer, di.device)
     n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, cfg.train.seed)
     transformer.to(di.device)
     speed.apply(transformer, cfg.train, di.device)
@@ -328,9 +330,13 @@ def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str 
         r.previews(r.state.step)
     if r.di.is_main:
         write_loss_plot(r.out / "loss.png", r.state.loss_history)
-    distributed.barrier()
+    digests = distributed.gather_objects(lora.digest(lora.lora_state_dict(r.model)))
+    if len(set(digests)) > 1:
+        r.reporter.warning(f"LoRA weights differ between ranks at the end ({len(set(digests))} versions); "
+                           "rank 0's were saved")
     finite = [x[1] for x in r.state.loss_history if math.isfinite(x[1])]
-    summary = {"lora": str(final), "steps": r.state.step, "final_loss": finite[-1] if finite else None,
+    summary = {"lora": str(final), "steps": r.state.step, "ranks_agree": len(set(digests)) == 1,
+               "final_loss": finite[-1] if finite else None,
                "time_to_first_step_s": first_step_s, "elapsed_s": time.time() - t_start}
     r.reporter.done(**summary)
     r.reporter.info(f"LoRA written to {final}")

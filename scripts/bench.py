@@ -89,13 +89,17 @@ def step_flops(model, data, slices, inputs) -> float:
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
     flags = {"model.path": args.model, "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
-             "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16}
+             "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
+             "train.fp8_compute": setting.get("fp8_compute", False)}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model, n_params = T.build_model(cfg, di, NullReporter(di.rank))
+    load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
+    if di.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
     if setting.get("lora_bf16"):
         for _, p in T.lora.lora_parameters(model):
             p.data = p.data.to(torch.bfloat16)
@@ -107,7 +111,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
                           models.resolve_dtype("auto", di.device))
     slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
     flops = step_flops(model, data, slices, inputs) if setting.get("count_flops", True) else None
-    compiled = setting["compile"] and di.device.type == "cuda"
+    compiled = setting["compile"] and speed.use_compile(cfg.train, di.device)
     if compiled:
         speed.compile_blocks(model)
     ddp = speed.wrap_ddp(model, di)
@@ -141,6 +145,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
             out["mfu"] = out["tflops_per_gpu"] / peak
     if di.device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(di.device) / 2**30
+        out["weights_gib"] = torch.cuda.memory_allocated(di.device) / 2**30
+        out["load_peak_gib"] = load_peak
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(di.device) / 2**30
     del model, ddp, opt, data
     if di.device.type == "cuda":
@@ -149,8 +155,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
 
 
 def train_settings(args) -> list[dict]:
-    ours = {"name": f"flux_lora {args.memory_mode}", "resolution": args.resolution, "batch": args.batch_size,
-            "memory_mode": args.memory_mode, "checkpointing": args.checkpointing, "compile": args.compile != "off"}
+    ours = {"name": f"flux_lora {args.memory_mode}" + (" fp8-compute" if args.fp8_compute else ""),
+            "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
+            "checkpointing": args.checkpointing, "compile": args.compile != "off", "fp8_compute": args.fp8_compute}
     runs = [ours]
     if args.baseline:
         runs.append({"name": "diffusers-script setting", "resolution": args.resolution, "batch": 1,
@@ -180,32 +187,33 @@ def run_preprocess(args) -> dict:
     from flux_lora import preprocess
     from flux_lora.demo import make_images
 
-    with tempfile.TemporaryDirectory() as tmp:
-        images = Path(tmp) / "images"
-        if int(os.environ.get("RANK", 0)) == 0:
-            make_images(images, args.images, caption_every=10**9)  # every image has a caption
-            for i, txt in enumerate(sorted(images.glob("*.txt"))):
-                txt.write_text(f"photo number {i} of a unique subject, {i * 7919 % 1000} details")  # unique captions
-        cache_dir = Path(args.cache_dir or Path(tmp) / "cache")
-        flags = {"model.path": args.model, "data.source": str(images), "data.cache_dir": str(cache_dir),
-                 "data.resolution": args.resolution, "data.captioner": "none", "data.max_sequence_length": args.text_len,
-                 "preprocess.batch_size": args.batch_size, "preprocess.num_workers": args.workers,
-                 "preprocess.overwrite": True, "data.square": True}
-        cfg = build_config(None, flags)
-        t0 = time.perf_counter()
-        _wait_for_images(images, args.images)
-        preprocess.run(cfg)
-        wall = time.perf_counter() - t0
-        events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
-        progress = [e for e in events if e["event"] == "progress"]
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        rate = progress[-1]["items_per_s"] if progress else None
-        report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
-                  "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall,
-                  "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None}
-        if torch.cuda.is_available():
-            report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return report if int(os.environ.get("RANK", 0)) == 0 else {}
+    # one folder for all ranks of this torchrun (TORCHELASTIC_RUN_ID is shared by them)
+    tmp = Path(tempfile.gettempdir()) / f"flux-lora-bench-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
+    images = tmp / "images"
+    if int(os.environ.get("RANK", 0)) == 0:
+        make_images(images, args.images, caption_every=10**9)  # every image has a caption
+        for i, txt in enumerate(sorted(images.glob("*.txt"))):
+            txt.write_text(f"photo number {i} of a unique subject, {i * 7919 % 1000} details")  # unique captions
+    cache_dir = Path(args.cache_dir or tmp / "cache")
+    flags = {"model.path": args.model, "data.source": str(images), "data.cache_dir": str(cache_dir),
+             "data.resolution": args.resolution, "data.captioner": "none", "data.max_sequence_length": args.text_len,
+             "preprocess.batch_size": args.batch_size, "preprocess.num_workers": args.workers,
+             "preprocess.overwrite": True, "data.square": True, "preprocess.chunk_items": 16}
+    cfg = build_config(None, flags)
+    t0 = time.perf_counter()
+    _wait_for_images(images, args.images)
+    preprocess.run(cfg)
+    wall = time.perf_counter() - t0
+    events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rate = progress[-1]["items_per_s"] if progress else None
+    report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
+              "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall,
+              "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None}
+    if torch.cuda.is_available():
+        report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return report if int(os.environ.get("RANK", 0)) == 0 else {}
 
 
 def _wait_for_images(images: Path, n: int) -> None:
@@ -224,6 +232,7 @@ def main() -> None:
     p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fp8-compute", action="store_true", help="frozen base matmuls in fp8 (torchao float8)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--text-len", type=int, default=512)

@@ -16,6 +16,8 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
     case $spec in
         train512) run train512 train --resolution 512 --batch-size 4 ;;
         train1024) run train1024 train --resolution 1024 --batch-size 1 ;;
+        c512) run fp8compute-512 train --resolution 512 --batch-size 4 --fp8-compute --no-baseline ;;
+        c1024) run fp8compute-1024 train --resolution 1024 --batch-size 1 --fp8-compute --no-baseline ;;
         fp8) run fp8-1024 train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline ;;
         nf4) run nf4-1024 train --resolution 1024 --batch-size 1 --memory-mode nf4 --no-baseline ;;
         pre1024) run preprocess-1024 preprocess --resolution 1024 --images 128 --batch-size 8 ;;

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Multi-GPU scaling of the real commands on the full-size random model (random:flux1-dev):
+# preprocess on all GPUs, then `train` on 1 GPU and on all GPUs of this machine, in one go.
+#   bash scripts/gpu_scaling.sh OUT_DIR [WHEEL_DIR]
+# Writes OUT_DIR/scaling.json (samples/s per GPU count, efficiency, LoRA identical on all ranks).
+set -uo pipefail
+out=${1:-bench/tmp}; wheels=${2:-.whl}
+mkdir -p "$out"
+if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl && export PYTHONPATH=$site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
+steps=${STEPS:-30}; res=${RESOLUTION:-512}; batch=${BATCH:-4}
+work=$(mktemp -d)
+python3 -m flux_lora demo-data "$work/images" --count 64
+echo "== preprocess on $gpus GPU(s)"
+torchrun --nproc_per_node="$gpus" -m flux_lora preprocess --model random:flux1-dev --data "$work/images" \
+    --cache-dir "$work/cache" --resolution "$res" --square --captioner none --default-caption "a photo" --json \
+    > "$out/preprocess-${gpus}gpu.jsonl" 2> "$out/preprocess.log" || tail -n 5 "$out/preprocess.log"
+for n in ${COUNTS:-1 $gpus}; do
+    echo "== train on $n GPU(s)"
+    timeout "${LIMIT:-200}" torchrun --nproc_per_node="$n" -m flux_lora train --model random:flux1-dev \
+        --cache-dir "$work/cache" --output "$work/out-$n" --steps "$steps" --batch-size "$batch" \
+        --checkpoint-every 100000 --json > "$out/train-${n}gpu.jsonl" 2> "$out/train-${n}gpu.log" \
+        || tail -n 5 "$out/train-${n}gpu.log"
+done
+python3 - "$out" "$gpus" <<'PY'
+import json, sys
+from pathlib import Path
+out, gpus = Path(sys.argv[1]), int(sys.argv[2])
+rows = {}
+for f in sorted(out.glob("train-*gpu.jsonl")):
+    ev = [json.loads(l) for l in f.read_text().splitlines() if l.startswith("{")]
+    prog = [e for e in ev if e["event"] == "progress"]
+    done = [e for e in ev if e["event"] == "done"]
+    start = [e for e in ev if e["event"] == "start"]
+    if prog and done:
+        rows[start[0]["world_size"]] = {"samples_per_s": prog[-1]["samples_per_s"], "steps": prog[-1]["step"],
+                                        "global_batch": start[0]["global_batch"], "ranks_agree": done[0].get("ranks_agree"),
+                                        "time_to_first_step_s": done[0].get("time_to_first_step_s"),
+                                        "final_loss": done[0].get("final_loss")}
+base = rows.get(1, {}).get("samples_per_s")
+for n, r in rows.items():
+    if base:
+        r["speedup"] = r["samples_per_s"] / base
+        r["efficiency"] = r["speedup"] / n
+pre = [json.loads(l) for l in (out / f"preprocess-{gpus}gpu.jsonl").read_text().splitlines() if l.startswith("{")]
+prog = [e for e in pre if e["event"] == "progress"]
+report = {"train": rows, "preprocess_512_images_per_s": prog[-1]["items_per_s"] if prog else None, "gpus": gpus}
+print(json.dumps(report, indent=1))
+(out / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
+PY
