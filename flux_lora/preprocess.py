@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -250,6 +251,8 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
     enc = Encoders(cfg, di.device) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
     stream = iter(_decoded(entries, buckets, cfg.preprocess.num_workers))
+    writer = ThreadPoolExecutor(max_workers=1)  # serialising + hashing + fsync overlap the next chunk
+    writing = None
     for p, planned in pending:
         records, skipped = [], []
         for _ in planned:
@@ -262,10 +265,20 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
             else:
                 records.append(rec)
         shard = encode_chunk(enc, records, captions, sources) if records else cache.pack_shard([], torch.zeros(0), torch.zeros(0))
-        cache.write_shard(shards_dir, cache.shard_name(di.rank, world, p), shard, planned, skipped)
-        progress.add(len(planned))
+        if writing is not None:
+            writing.result()  # at most one chunk in flight: memory stays bounded, errors surface
+        writing = writer.submit(_write_chunk, shards_dir, cache.shard_name(di.rank, world, p), shard, planned,
+                                skipped, progress)
+    if writing is not None:
+        writing.result()
+    writer.shutdown()
     if enc is not None:
         enc.close()
+
+
+def _write_chunk(shards_dir: Path, name: str, shard: dict, planned: list[int], skipped: list[dict], progress) -> None:
+    cache.write_shard(shards_dir, name, shard, planned, skipped)
+    progress.add(len(planned))
 
 
 def write_samples(cfg: Config, di) -> None:

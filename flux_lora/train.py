@@ -372,9 +372,12 @@ class Meter:
             self.t_first, self.step_first = now, step
         done, dt = step - self.step_first, now - self.t_first
         steps_s = done / dt if done and dt > 0 else 0.0
-        return {"step": step, "total_steps": self.total, "progress": step / self.total, "loss": loss,
-                "avg_loss": self.avg_loss, "learning_rate": lr, "samples_per_s": steps_s * self.global_batch,
-                "eta_s": (self.total - step) / steps_s if steps_s else None, "elapsed_s": now - self.t0}
+        out = {"step": step, "total_steps": self.total, "progress": step / self.total, "loss": loss,
+               "avg_loss": self.avg_loss, "learning_rate": lr, "samples_per_s": steps_s * self.global_batch,
+               "eta_s": (self.total - step) / steps_s if steps_s else None, "elapsed_s": now - self.t0}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # no sync: a host-side counter
+        return out
 
 
 def resume(path: str, model, opt, sched, current_math: dict) -> RunState:

@@ -111,6 +111,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
                           models.resolve_dtype("auto", di.device))
     slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
     flops = step_flops(model, data, slices, inputs) if setting.get("count_flops", True) else None
+    if di.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
     compiled = setting["compile"] and speed.use_compile(cfg.train, di.device)
     if compiled:
         speed.compile_blocks(model)
