@@ -19,6 +19,7 @@ full-size random encoders on synthetic images. JSON goes to --out (rank 0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -113,7 +114,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     flops = step_flops(model, data, slices, inputs) if setting.get("count_flops", True) else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
-    compiled = setting["compile"] and speed.use_compile(cfg.train, di.device)
+    compiled = setting["compile"] and speed.use_compile(dataclasses.replace(cfg.train, compile="auto"), di.device)
     if compiled:
         speed.compile_blocks(model)
     ddp = speed.wrap_ddp(model, di)
