@@ -114,7 +114,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     flops = step_flops(model, data, slices, inputs) if setting.get("count_flops", True) else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
-    compiled = setting["compile"] and speed.use_compile(dataclasses.replace(cfg.train, compile="auto"), di.device)
+    compiled = speed.use_compile(dataclasses.replace(cfg.train, compile=setting["compile"]), di.device)
     if compiled:
         speed.compile_blocks(model)
     ddp = speed.wrap_ddp(model, di)
@@ -139,7 +139,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     _sync(di.device)
     step_s = (time.perf_counter() - t1) / args.steps
     samples_s = setting["batch"] * di.world_size / step_s
-    out = {**setting, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
+    out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "last_loss": result.loss}
     if flops:
         per_sample = flops / setting["batch"]
@@ -160,11 +160,11 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
 def train_settings(args) -> list[dict]:
     ours = {"name": f"flux_lora {args.memory_mode}" + (" fp8-compute" if args.fp8_compute else ""),
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
-            "checkpointing": args.checkpointing, "compile": args.compile != "off", "fp8_compute": args.fp8_compute}
+            "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute}
     runs = [ours]
     if args.baseline:
         runs.append({"name": "diffusers-script setting", "resolution": args.resolution, "batch": 1,
-                     "memory_mode": "fast", "checkpointing": "on", "compile": False, "lora_bf16": True,
+                     "memory_mode": "fast", "checkpointing": "on", "compile": "off", "lora_bf16": True,
                      "unfused_adamw": True})
     return runs
 
@@ -213,7 +213,8 @@ def run_preprocess(args) -> dict:
     rate = progress[-1]["items_per_s"] if progress else None
     report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
               "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall,
-              "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None}
+              "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None,
+              "timing": [e for e in events if e["event"] == "timing"]}
     if torch.cuda.is_available():
         report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return report if int(os.environ.get("RANK", 0)) == 0 else {}

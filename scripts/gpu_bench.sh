@@ -21,5 +21,7 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         fp8) run fp8-1024 train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline ;;
         nf4) run nf4-1024 train --resolution 1024 --batch-size 1 --memory-mode nf4 --no-baseline ;;
         pre1024) run preprocess-1024 preprocess --resolution 1024 --images 128 --batch-size 8 ;;
+        pre1024b16) run preprocess-1024-b16 preprocess --resolution 1024 --images 128 --batch-size 16 ;;
+        fp8c) run fp8-1024-compiled train --resolution 1024 --batch-size 1 --memory-mode fp8 --compile on --no-baseline ;;
     esac
 done
