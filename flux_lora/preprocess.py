@@ -176,8 +176,6 @@ class Encoders:
     def __init__(self, cfg: Config, device: torch.device):
         dtype = models.resolve_dtype(cfg.model.dtype, device)
         self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
-        if device.type == "cuda":
-            self.vae = self.vae.to(memory_format=torch.channels_last)
         self.text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device).to(device)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
@@ -195,8 +193,6 @@ class Encoders:
                 # uint8 crosses to the GPU (4x fewer bytes than float) and is normalised there
                 pixels = torch.stack([r["pixels"] for r in rows]).to(self.device, non_blocking=True)
                 pixels = pixels.float() / 127.5 - 1.0
-                if self.device.type == "cuda":
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
                 latents = encode_latents(self.vae, pixels)
                 self.seconds["vae"] += time.perf_counter() - t0
                 for r, lat in zip(rows, latents):

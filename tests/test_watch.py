@@ -1,0 +1,167 @@
+"""Events, `watch` (terminal) and `watch --serve` (Server-Sent Events over HTTP), the loss plot,
+preview grids and the `sample` / `export` commands.   pytest -q tests/test_watch.py"""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, cli_env, run_cli, train_args
+from flux_lora.report import Reporter
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "6", "--sample-every", "3", "--checkpoint-every", "3",
+                        "--export-format", "kohya", "--json"), check=True)
+    return out
+
+
+def _events(out):
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def test_events_are_ordered_and_complete(finished_run):
+    events = _events(finished_run)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert all(e["v"] == 1 and e["stage"] == "train" for e in events)
+    times = [e["time"] for e in events]
+    assert times == sorted(times)
+    steps = [e["step"] for e in events if e["event"] == "progress"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3, 6]
+    assert [e["step"] for e in events if e["event"] == "sample"] == [3, 6]
+    start = events[0]
+    assert start["world_size"] == 1 and start["dataset_size"] == 8 and start["config"]["train"]["steps"] == 6
+
+
+def test_event_losses_match_training_history(finished_run):
+    from flux_lora.checkpoint import list_checkpoints, load_checkpoint
+
+    progress = [e for e in _events(finished_run) if e["event"] == "progress"]
+    history = load_checkpoint(list_checkpoints(finished_run)[-1][1])["state"]["loss_history"]
+    assert [round(e["loss"], 6) for e in progress] == [round(h[1], 6) for h in history]
+
+
+def test_loss_plot_and_sample_grids(finished_run):
+    with Image.open(finished_run / "loss.png") as im:
+        assert im.format == "PNG" and im.size == (800, 450)
+    grids = sorted((finished_run / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000003.png", "step-000006.png"]
+    with Image.open(grids[0]) as im:
+        assert im.width == 2 * 64 and im.height > 64  # two prompts side by side, captions below
+    assert (finished_run / "lora-kohya.safetensors").is_file()
+
+
+def test_watch_finished_run_exits_0(finished_run):
+    proc = run_cli("watch", finished_run, "--timeout", "30")
+    assert proc.returncode == 0, proc.stderr
+    assert "done" in proc.stdout + proc.stderr and "step 6/6" in proc.stdout + proc.stderr
+
+
+def test_watch_failed_run_exits_1(tmp_path):
+    rep = Reporter(tmp_path / "events.jsonl", "train")
+    rep.start(10, "train", world_size=2, dataset_size=5, total_steps=10)
+    rep.progress(1, step=1, total_steps=10, loss=0.5, avg_loss=0.5, learning_rate=1e-4, samples_per_s=1.0)
+    rep.error("rank 1: RuntimeError: boom")
+    rep.close()
+    proc = run_cli("watch", tmp_path, "--timeout", "30")
+    assert proc.returncode == 1 and "boom" in proc.stdout + proc.stderr
+
+
+def test_watch_started_before_the_run(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "flux_lora", "watch", str(tmp_path), "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    time.sleep(1.5)
+    rep = Reporter(tmp_path / "events.jsonl", "train")
+    rep.start(2, "train", world_size=1, dataset_size=3, total_steps=2)
+    for s in (1, 2):
+        rep.progress(s, step=s, total_steps=2, loss=1.0, avg_loss=1.0, learning_rate=1e-4, samples_per_s=2.0)
+        time.sleep(0.3)
+    rep.done(steps=2)
+    rep.close()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "waiting for" in err and "step 2/2" in out + err
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sse_stream_of_a_live_run(tmp_path, tiny_model, cache_dir):
+    out = tmp_path / "live"
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "flux_lora", "watch", str(out), "--serve", f"127.0.0.1:{port}"],
+                              stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    received = []
+    try:
+        deadline = time.time() + 30
+        while True:  # wait for the server to listen
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+
+        def read_stream():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/events", timeout=120) as resp:
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                for raw in resp:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("data: "):
+                        received.append(json.loads(line[6:]))
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()  # connected before the run writes anything
+        run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "5"), check=True)
+        reader.join(timeout=60)
+        assert not reader.is_alive(), "the stream must end after the done event"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=10) as resp:
+            state = json.loads(resp.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    kinds = [e["event"] for e in received]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert [e["step"] for e in received if e["event"] == "progress"] == [1, 2, 3, 4, 5]
+    assert state["finished"] is True and state["exit_code"] == 0 and state["progress"]["step"] == 5
+
+
+def test_sample_command_changes_with_lora(finished_run, tiny_model, tmp_path):
+    common = ["sample", "--model", tiny_model, "--prompt", "sks, a red circle", "--size", "32", "--steps", "2",
+              "--max-sequence-length", "32"]
+    run_cli(*common, "--out", tmp_path / "base.png", check=True)
+    run_cli(*common, "--lora", finished_run / "lora.safetensors", "--out", tmp_path / "lora.png", check=True)
+    a, b = Image.open(tmp_path / "base.png"), Image.open(tmp_path / "lora.png")
+    assert a.size == b.size == (32, 32)
+    assert a.tobytes() != b.tobytes()
+    proc = run_cli(*common, "--lora", tmp_path / "missing.safetensors", "--out", tmp_path / "x.png")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_export_command(finished_run, tmp_path):
+    from safetensors.torch import load_file
+
+    run_cli("export", finished_run / "lora.safetensors", "--out", tmp_path / "k.safetensors", check=True)
+    keys = load_file(tmp_path / "k.safetensors").keys()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.alpha" in keys
+
+
+def test_json_flag_keeps_stdout_machine_readable(tiny_model, cache_dir, tmp_path):
+    proc = run_cli(*train_args(tiny_model, cache_dir, tmp_path / "j", "--steps", "2", "--json"), check=True)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["v"] == 1 for line in lines)
+    assert json.loads(lines[-1])["event"] == "done"
