@@ -67,3 +67,10 @@ def test_shipped_configs_load():
         first = path.read_text().splitlines()[0]
         assert first.startswith("#"), f"{path} must open with its launch command"
         build_config(path)
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate with: python -m flux_lora config-reference"
