@@ -350,9 +350,30 @@ def run(cfg: Config) -> dict:
             reporter.close()
 
 
+def _download_display():
+    """Progress of a dataset download (rank 0): a bar on a terminal, a line per 10% in a log."""
+    from flux_lora.report import Display
+
+    state = {"display": None, "last": -1}
+
+    def update(done: int, total: int) -> None:
+        if state["display"] is None:
+            state["display"] = Display(max(total, 1), "download", every=1)
+        pct = int(100 * done / total) if total else 0
+        if pct // 10 != state["last"] // 10 or done == total:
+            state["last"] = pct
+            state["display"].update(done, {"stage": "preprocess", "done": f"{done >> 20} MiB",
+                                           "total": f"{total >> 20} MiB", "items_per_s": 0.0, "eta_s": None})
+        if total and done >= total:
+            state["display"].close()
+
+    return update
+
+
 def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     models.check_model_path(cfg.model.path)
-    root = distributed.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes))
+    root = distributed.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
+                                                              _download_display()))
     sources = discover(Path(root))
     if not sources:
         raise DataError(f"no images (jpg, png, webp, bmp, tiff) found in {root}; check the --data path")

@@ -39,7 +39,8 @@ def format_duration(seconds: float | None) -> str:
 def progress_line(ev: dict) -> str:
     """One human line for a progress event (used by the plain display and by `watch`)."""
     if ev.get("stage") == "preprocess":
-        return f"preprocess {ev.get('done', 0)}/{ev.get('total', '?')} images  {ev.get('items_per_s', 0):.1f} img/s  eta {format_duration(ev.get('eta_s'))}"
+        return (f"preprocess {ev.get('done', 0)}/{ev.get('total', '?')}  {ev.get('items_per_s') or 0:.1f} img/s  "
+                f"eta {format_duration(ev.get('eta_s'))}")
     loss = ev.get("loss")
     loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "nan"
     avg = ev.get("avg_loss")

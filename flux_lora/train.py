@@ -343,6 +343,12 @@ def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str 
     return summary
 
 
+def _rng_state() -> dict:
+    """Global RNG state, for completeness: training draws noise and timesteps from (seed, step,
+    sample position) and the data order from (seed, epoch), so an exact resume does not need it."""
+    return {"cpu": torch.get_rng_state()}
+
+
 def _poison(loss: torch.Tensor, model) -> torch.Tensor:
     """Injected fault: what a diverging step looks like (NaN loss and gradients)."""
     for _, p in lora.lora_parameters(model):
@@ -389,6 +395,8 @@ def resume(path: str, model, opt, sched, current_math: dict) -> RunState:
     lora.load_lora_state_dict(model, ck["lora"])
     opt.load_state_dict(ck["optim"]["optimizer"])
     sched.load_state_dict(ck["optim"]["scheduler"])
+    if "rng" in ck["optim"]:
+        torch.set_rng_state(ck["optim"]["rng"]["cpu"])
     st = ck["state"]
     return RunState(step=st["step"], loss_history=[tuple(x) for x in st.get("loss_history", [])])
 
@@ -399,8 +407,11 @@ def save_state(r: Run) -> None:
     try:
         path = checkpoint.save_checkpoint(
             r.out, r.state.step, lora.lora_state_dict(r.model),
-            {"optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict()},
-            {"math": r.math, "loss_history": r.state.loss_history}, r.cfg.train.keep_checkpoints, r.di.rank)
+            {"optimizer": r.opt.state_dict(), "scheduler": r.sched.state_dict(), "rng": _rng_state()},
+            {"math": r.math, "loss_history": r.state.loss_history,
+             "sampler": {"step": r.state.step, "global_batch": r.sampler.global_batch,
+                         "batches_per_epoch": r.sampler.batches_per_epoch}},
+            r.cfg.train.keep_checkpoints, r.di.rank)
     except CheckpointError as e:
         failure = str(e)
     failure = distributed.broadcast_object(failure)

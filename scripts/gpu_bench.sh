@@ -5,11 +5,7 @@
 set -uo pipefail
 out=${1:-bench/tmp}; wheels=${2:-.whl}
 mkdir -p "$out"
-if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
-    site=$(mktemp -d)
-    python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl && export PYTHONPATH=$site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 run() { local name=$1; shift; echo "== $name: $*"; timeout "${LIMIT:-300}" python3 scripts/bench.py "$@" --out "$out/$name.json" > "$out/$name.log" 2>&1; echo "rc=$?"; tail -n 3 "$out/$name.log"; }
 for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do

@@ -6,11 +6,7 @@
 set -uo pipefail
 out=${1:-bench/tmp}; wheels=${2:-.whl}
 mkdir -p "$out"
-if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
-    site=$(mktemp -d)
-    python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl && export PYTHONPATH=$site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
 steps=${STEPS:-30}; res=${RESOLUTION:-512}; batch=${BATCH:-4}
 work=$(mktemp -d)

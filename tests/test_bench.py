@@ -8,21 +8,20 @@ import sys
 from conftest import ROOT, cli_env
 
 
-def test_bench_train_tiny(tmp_path):
-    out = tmp_path / "b.json"
-    proc = subprocess.run([sys.executable, "scripts/bench.py", "train", "--tiny", "--out", str(out)],
+def _bench(kind, out):
+    proc = subprocess.run([sys.executable, "scripts/bench.py", kind, "--tiny", "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_train_tiny(tmp_path):
+    report = _bench("train", tmp_path / "b.json")
     ours, baseline = report["results"]
     assert ours["samples_per_s"] > 0 and ours["tflop_per_sample"] > 0 and baseline["checkpointing"] == "on"
     assert report["speedup_vs_diffusers_setting"] > 0
 
 
 def test_bench_preprocess_tiny(tmp_path):
-    out = tmp_path / "p.json"
-    proc = subprocess.run([sys.executable, "scripts/bench.py", "preprocess", "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+    report = _bench("preprocess", tmp_path / "p.json")
     assert report["images_per_s"] > 0 and report["timing"][0]["vae_s"] >= 0

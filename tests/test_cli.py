@@ -55,3 +55,10 @@ def test_bad_config_file(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     proc = run_cli("train", "--set", "train.stepz=3", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path, images):
+    (tmp_path / "model").mkdir()
+    proc = run_cli("preprocess", "--model", tmp_path / "model", "--data", images, "--cache-dir", tmp_path / "c")
+    assert "is not a diffusers FLUX pipeline" in _one_error_line(proc)
+    assert not (tmp_path / "c" / "manifest.json").exists()
