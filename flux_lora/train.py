@@ -11,6 +11,7 @@ loss or a failing rank becomes every rank's decision through the one all-reduce 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import shutil
 import time
@@ -246,11 +247,17 @@ def run(cfg: Config) -> dict:
         out = Path(cfg.output.dir)
         reporter = make_reporter(di.is_main, di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)
         stop = checkpoint.StopFlag().install()
+        r = None
         try:
             t_start = time.time()
             r = setup(cfg, di, out, reporter, resume_from)
             first_step_s = loop(r, stop, t_start)
-            return finish(r, t_start, first_step_s, resume_from)
+            summary = finish(r, t_start, first_step_s, resume_from)
+            # DDP must be torn down while the process group lives: its destructor can otherwise
+            # wait forever on a group that session() has already destroyed
+            r = None
+            gc.collect()
+            return summary
         except FluxLoraError as e:
             if isinstance(e, StoppedError):
                 reporter.emit("stopped", message=str(e))
