@@ -43,10 +43,10 @@ def guarded(fn: Callable[[], object], debug: bool) -> None:
     except FluxLoraError as e:
         if debug:
             raise
-        shared = getattr(e, "shared", False)
+        shared = getattr(e, "shared", False)  # raised alike on every rank: rank 0 speaks for all
         if not (shared and _rank() != 0):
             print(f"{tag}error: {e}", file=sys.stderr, flush=True)
-        _exit(e.exit_code, world > 1 and not shared)
+        _exit(e.exit_code, world > 1)
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - a crash still gets one line naming the rank and the cause
@@ -60,9 +60,10 @@ def guarded(fn: Callable[[], object], debug: bool) -> None:
 
 
 def _exit(code: int, hard: bool) -> None:
-    """Leave with `code`. A rank that failed alone exits at once: its peers are blocked in a
-    collective, and a normal interpreter shutdown can wait on them forever. Its exit closes the
-    sockets, so the peers fail fast and torchrun ends the job."""
+    """Leave with `code`. In a multi-rank run every failing rank exits at once: a rank that failed
+    alone has peers blocked in a collective, and a normal interpreter shutdown (DDP and process
+    group destructors) can wait on them forever. Its exit closes the sockets, so the peers fail
+    fast and torchrun ends the job. Everything worth keeping was written before the raise."""
     if hard:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -75,10 +75,10 @@ def session(timeout_s: int = 600) -> Iterator[DistInfo]:
     failed = False
     try:
         yield di
-    except BaseException as e:
-        # a rank-local failure leaves peers mid-collective: tearing the group down politely can
-        # then block forever, so only shared (every-rank) errors take the clean path
-        failed = not getattr(e, "shared", False)
+    except BaseException:
+        # peers may be mid-collective (or DDP still alive): a polite teardown can block forever;
+        # the CLI exits the process at once instead, which closes the group's sockets
+        failed = True
         raise
     finally:
         _INFO = None

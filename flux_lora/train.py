@@ -317,14 +317,15 @@ def loop(r: Run, stop, t_start: float) -> float | None:
         r.reporter.progress(st.step, **meter.update(st.step, res.loss, res.lr))
         if st.nonfinite_in_row >= tc.max_nonfinite:
             save_state(r)
-            raise DivergedError(f"loss was non-finite {st.nonfinite_in_row} steps in a row at step {st.step}; "
-                                "checkpoint saved from before the divergence; lower --lr and rerun")
+            raise _collective(DivergedError(
+                f"loss was non-finite {st.nonfinite_in_row} steps in a row at step {st.step}; "
+                "checkpoint saved from before the divergence; lower --lr and rerun"))
         periodic_outputs(r)
         faults.after_step(st.step, r.di.rank)
         if res.stop:
             save_state(r)
-            raise StoppedError(f"stopped at step {st.step} ({stop.signal_name or 'signal on another rank'}); "
-                               "rerun the same command to resume")
+            raise _collective(StoppedError(f"stopped at step {st.step} ({stop.signal_name or 'a signal'}); "
+                                           "rerun the same command to resume"))
     return first_step_s
 
 
@@ -348,6 +349,12 @@ def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str 
     r.reporter.done(**summary)
     r.reporter.info(f"LoRA written to {final}")
     return summary
+
+
+def _collective(error: FluxLoraError) -> FluxLoraError:
+    """Mark an error that every rank raises together (decided through a collective)."""
+    error.shared = True
+    return error
 
 
 def _rng_state() -> dict:
@@ -423,7 +430,7 @@ def save_state(r: Run) -> None:
         failure = str(e)
     failure = distributed.broadcast_object(failure)
     if failure:
-        raise CheckpointError(failure)
+        raise _collective(CheckpointError(failure))
     if path:
         r.reporter.emit("checkpoint", step=r.state.step, path=str(path))
         write_loss_plot(r.out / "loss.png", r.state.loss_history)

@@ -104,7 +104,8 @@ def test_sigusr1_to_workers_under_torchrun(tiny_model, cache_dir, tmp_path):
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
     _wait_for_progress(out, proc)
     os.kill(_children(proc.pid)[0], signal.SIGUSR1)  # one rank only: the decision is shared
-    proc.communicate(timeout=60)
+    err = proc.communicate(timeout=60)[1]
+    assert err.count("rerun the same command to resume") == 1, err  # rank 0 speaks for all
     ckpts = checkpoint.list_checkpoints(out)
     assert len(ckpts) == 1
     assert _events(out)[-1]["event"] == "stopped"
