@@ -40,15 +40,15 @@ def discover(root: Path) -> list[SourceImage]:
             rel = PurePosixPath(p.relative_to(root).as_posix())
             if _hidden(rel) or p.suffix.lower() not in IMAGE_SUFFIXES or p.is_symlink():
                 continue
-            txt = p.with_suffix(".txt")
-            caption = _read_caption(txt) if txt.is_file() else None
+            txt = next((t for t in (p.with_suffix(".txt"), p.with_suffix(".TXT")) if t.is_file()), None)
+            caption = _read_caption(txt) if txt else None
             items.append(SourceImage(p, str(rel), caption))
     items.sort(key=lambda s: s.name)
     return items
 
 
 def _read_caption(path: Path) -> str | None:
-    text = path.read_bytes().decode("utf-8", errors="replace").strip()
+    text = path.read_bytes().decode("utf-8-sig", errors="replace").strip()  # -sig: Notepad's BOM
     return text or None
 
 
@@ -95,7 +95,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int) -> Path:
     root = tmp.resolve()
     with zipfile.ZipFile(path) as zf:
         for info in members:
-            target = (tmp / info.filename).resolve()
+            target = (tmp / info.filename.replace("\\", "/")).resolve()  # Windows tools write backslashes
             if root not in target.parents:  # belt and braces after check_zip
                 raise DataError(f"{path}: entry '{info.filename}' escapes the extraction folder")
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -148,3 +148,15 @@ def test_buckets():
     assert make_buckets(512, square=True) == [(512, 512)]
     out = resize_to_bucket(Image.new("RGB", (1600, 900)), (w, h))
     assert out.size == (w, h)
+
+
+def test_awkward_names_bom_and_windows_zips(tmp_path):
+    _png(tmp_path / "Ünïcode name (1).PNG")
+    (tmp_path / "Ünïcode name (1).txt").write_bytes("\ufeffa caption with BOM\r\n".encode("utf-8"))
+    _png(tmp_path / "UPPER.JPG".replace(".JPG", ".png"))
+    (tmp_path / "UPPER.TXT").write_text("upper caption")
+    items = {i.name: i.caption for i in discover(tmp_path)}
+    assert items == {"UPPER.png": "upper caption", "Ünïcode name (1).PNG": "a caption with BOM"}
+    z = _zip(tmp_path / "win.zip", [("photos\\a.png", _png_bytes())])
+    dest = extract_zip(z, tmp_path / "x", 2**30)
+    assert [i.name for i in discover(dest)] == ["photos/a.png"]
