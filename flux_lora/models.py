@@ -69,7 +69,7 @@ def check_model_path(model: str) -> None:
 def _load_errors(model: str, part: str):
     try:
         yield
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ModelError(f"cannot load {part} from {model}{hint}: {first[:300]}; "

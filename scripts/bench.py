@@ -151,7 +151,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         out["weights_gib"] = torch.cuda.memory_allocated(di.device) / 2**30
         out["load_peak_gib"] = load_peak
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(di.device) / 2**30
-    del model, ddp, opt, data
+    model = ddp = opt = data = None  # free the GPU before the next setting
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -7,7 +7,6 @@ import zipfile
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 import torch
 
 from conftest import preprocess_args, run_cli, torchrun
