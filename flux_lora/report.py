@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -94,14 +95,16 @@ class Reporter:
         self.path, self.stage, self.json_stdout, self.log_every = events_path, stage, json_stdout, log_every
         self.file = open(events_path, "a", encoding="utf-8")
         self.display: Display | None = None
+        self.lock = threading.RLock()  # preprocess reports from its chunk-writer thread too
 
     def emit(self, kind: str, **fields: Any) -> dict:
         ev = _clean({"v": EVENT_VERSION, "event": kind, "stage": self.stage, "time": round(time.time(), 3), **fields})
         line = json.dumps(ev, separators=(",", ":"))
-        self.file.write(line + "\n")
-        self.file.flush()
-        if self.json_stdout:
-            print(line, flush=True)
+        with self.lock:
+            self.file.write(line + "\n")
+            self.file.flush()
+            if self.json_stdout:
+                print(line, flush=True)
         return ev
 
     def start(self, total: int, description: str, **fields: Any) -> None:
@@ -109,9 +112,10 @@ class Reporter:
         self.display = Display(total, description, self.log_every)
 
     def progress(self, position: int, **fields: Any) -> None:
-        ev = self.emit("progress", **fields)
-        if self.display:
-            self.display.update(position, ev)
+        with self.lock:
+            ev = self.emit("progress", **fields)
+            if self.display:
+                self.display.update(position, ev)
 
     def info(self, text: str) -> None:
         (self.display.message if self.display else lambda t: print(t, file=sys.stderr, flush=True))(text)
