@@ -110,12 +110,7 @@ def any_rank(flag: bool) -> bool:
 
 def all_sum(values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (one collective)."""
-    if not _active():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64 if info().device.type == "cpu" else torch.float32,
-                     device=info().device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=info().device))
 
 
 def gather_objects(obj: object) -> list:

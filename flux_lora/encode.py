@@ -7,14 +7,7 @@ deterministic; the VAE's posterior std is tiny next to the training noise.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-
-
-def pil_to_tensor(im) -> torch.Tensor:
-    """PIL RGB -> float tensor [3, H, W] in [-1, 1], as diffusers' VaeImageProcessor makes it."""
-    a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return a.float() / 127.5 - 1.0
 
 
 @torch.no_grad()

@@ -159,7 +159,3 @@ def fingerprint(model: str, max_sequence_length: int, revision: str = "") -> str
             parts[sub + "_weights"] = _weights_sample(Path(model, sub))
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
-
-
-def transformer_config(model: str, revision: str = "") -> dict:
-    return _config_dict(model, "transformer", revision)

@@ -95,7 +95,7 @@ def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
             raise CacheError(f"{cache_dir} holds a cache built with different {', '.join(diff)}; "
                              "pass --overwrite to rebuild it or choose another --cache-dir")
         manifest = cache.read_json(cache_dir / "manifest.json")
-        if manifest and not cache.check_shard_files(cache_dir, manifest, (0, 10**9)):
+        if manifest and not cache.check_shard_files(cache_dir, manifest, hashes=False):
             return True
         layout = [k for k in _LAYOUT_KEYS if old.get(k) != settings[k]]
         if layout:
@@ -317,7 +317,7 @@ def finish(cache_dir: Path, settings: dict, reporter) -> dict:
         if side is None:
             raise CacheError(f"{side_path} is unreadable; rerun preprocess to rebuild that chunk")
         sidecars.append(side)
-    manifest = cache.build_manifest(cache_dir, settings, sidecars)
+    manifest = cache.build_manifest(settings, sidecars)
     skipped = [s for side in sidecars for s in side.get("skipped", [])]
     if manifest["total_items"] == 0:
         raise DataError(f"no usable images: all {len(skipped)} file(s) in {settings['source_root']} were unreadable; "

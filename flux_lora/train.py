@@ -74,7 +74,7 @@ def load_data(cfg: Config, di) -> tuple[dict, cache.CachedDataset]:
     if fp != manifest["fingerprint"]:
         raise CacheError(f"cache {cache_dir} was built for model {manifest['model']}, not {cfg.model.path} "
                          "(different VAE/text encoders); rerun preprocess with this --model")
-    problems = [p for ps in distributed.gather_objects(cache.check_shard_files(cache_dir, manifest, (di.rank, di.world_size)))
+    problems = [p for ps in distributed.gather_objects(cache.check_shard_files(cache_dir, manifest, di.rank, di.world_size))
                 for p in ps]
     if problems:
         raise CacheError(f"cache {cache_dir}: {problems[0]}"
