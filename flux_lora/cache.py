@@ -191,6 +191,33 @@ class CachedDataset:
         return {k: torch.stack([r[k] for r in rows]) for k in ("latents", "t5", "clip")}
 
 
+class Prefetcher:
+    """load(step) for the next step runs on a background thread while this step trains, so reading
+    the memory-mapped shards, stacking and pinning stay off the GPU's critical path. Errors (a
+    corrupt shard) surface on the step that needs the data."""
+
+    def __init__(self, load, end_step: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.load, self.end_step = load, end_step
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-lora-prefetch")
+        self.pending: dict = {}
+
+    def get(self, step: int):
+        future = self.pending.pop(step, None) or self.pool.submit(self.load, step)
+        if step + 1 < self.end_step:
+            self.pending[step + 1] = self.pool.submit(self.load, step + 1)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def pinned(batch: dict) -> dict:
+    """Page-locked copies, so host-to-GPU copies run asynchronously (non_blocking)."""
+    return {k: v.pin_memory() for k, v in batch.items()}
+
+
 def load_sample_prompts(cache_dir: Path) -> dict | None:
     path = Path(cache_dir) / "samples.pt"
     if not path.is_file():

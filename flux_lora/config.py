@@ -26,7 +26,7 @@ def doc(default: Any, text: str, **choices: Any) -> Any:
 class ModelConfig:
     path: str = doc("", "FLUX.1 pipeline: a local diffusers directory or a hub id (e.g. black-forest-labs/FLUX.1-dev)")
     dtype: str = doc("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
-    attention: str = doc("flash", "SDPA backend on CUDA: flash, efficient, math or default (cuDNN's backward crashes on H100 with torch 2.11)")
+    attention: str = doc("flash", "SDPA backend on CUDA: flash, efficient, math or default (cuDNN's backward crashes in FLUX training on H100 with torch 2.11)")
     revision: str = doc("", "hub revision (branch, tag or commit) when path is a hub id")
 
     def __post_init__(self) -> None:
@@ -101,10 +101,10 @@ class TrainConfig:
     timestep_sampling: str = doc("flux-shift", "uniform, logit-normal, or flux-shift (logit-normal shifted by image size, as FLUX inference)")
     logit_mean: float = doc(0.0, "mean of the logit-normal timestep distribution")
     logit_std: float = doc(1.0, "std of the logit-normal timestep distribution")
-    memory_mode: str = doc("fast", "fast (bf16 base), fp8 (torchao fp8 base + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
-    gradient_checkpointing: str = doc("auto", "auto (off in fast mode, on in fp8/nf4), on or off")
+    memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
+    gradient_checkpointing: str = doc("auto", "auto (on in fp8/nf4; in fast mode only when the largest micro-batch would not fit the GPU without it), on or off")
     compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")
-    fp8_compute: bool = doc(False, "run the frozen base's block matmuls in fp8 (torchao float8; H100/H200), LoRA stays bf16/fp32")
+    fp8_compute: str = doc("auto", "fast mode with an fp8 frozen base (fp8 matmuls, half the weight memory; LoRA stays fp32): auto (on for GPUs with fp8 tensor cores: H100/H200/Ada), on or off")
     save_every: int = doc(0, "write OUTPUT/lora-step-NNNNNN.safetensors every N steps (0 = only at the end)")
     checkpoint_every: int = doc(100, "write a resumable checkpoint every N steps (and on stop)")
     keep_checkpoints: int = doc(2, "how many checkpoints to keep")
@@ -119,6 +119,11 @@ class TrainConfig:
         _choice("train.memory_mode", self.memory_mode, ("fast", "fp8", "nf4"))
         _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
         _choice("train.compile", self.compile, ("auto", "on", "off"))
+        self.fp8_compute = {"true": "on", "false": "off"}.get(self.fp8_compute.lower(), self.fp8_compute)
+        _choice("train.fp8_compute", self.fp8_compute, ("auto", "on", "off"))
+        if self.fp8_compute == "on" and self.memory_mode == "nf4":
+            raise ConfigError("train.fp8_compute does not combine with memory_mode=nf4 (a 4-bit base); "
+                              "use memory_mode=fp8 for an fp8 base with checkpointing")
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive")

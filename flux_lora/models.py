@@ -40,11 +40,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose SDPA kernels deliberately: cuDNN attention's backward crashes on H100 (torch 2.11)."""
+    """Choose SDPA kernels deliberately. cuDNN attention is off: its kernel alone runs ~1.8× faster
+    than flash on H100, but its backward crashes inside FLUX's training step there (illegal memory
+    access, torch 2.11; scripts/attention_check.py vs. bench.py, 2026-11-26)."""
     if not torch.cuda.is_available() or name == "default":
         return
     torch.backends.cuda.enable_cudnn_sdp(False)
-    torch.backends.cuda.enable_flash_sdp(name in ("flash",))
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
     torch.backends.cuda.enable_mem_efficient_sdp(name in ("flash", "efficient"))
     torch.backends.cuda.enable_math_sdp(True)
 

@@ -1,11 +1,12 @@
 """Speed and memory options for the training step: regional (per-block) torch.compile, gradient
-checkpointing, quantized frozen base (fp8 via torchao, NF4 via bitsandbytes) and the DDP wrapper.
+checkpointing, quantized frozen base (fp8 in flux_lora.fp8, NF4 via bitsandbytes) and the DDP wrapper.
 Measured with scripts/bench.py; figures in bench/results/ and the README."""
 
 from __future__ import annotations
 
 import torch
 
+from flux_lora import fp8
 from flux_lora.errors import ConfigError
 
 
@@ -13,40 +14,20 @@ def _blocks(model) -> list[torch.nn.Module]:
     return list(model.transformer_blocks) + list(model.single_transformer_blocks)
 
 
-def _is_linear(module: torch.nn.Module, fqn: str = "") -> bool:
-    return isinstance(module, torch.nn.Linear)
-
-
 def quantize_base(model, memory_mode: str, device: torch.device) -> None:
-    """Quantize the frozen Linear layers of the blocks in place, block by block on the GPU (before
-    LoRA wraps them; peft then wraps the quantized layers). Embedders and norms stay bf16."""
-    if memory_mode == "fast":
+    """memory_mode=nf4: quantize the frozen Linear layers of the blocks in place, block by block on
+    the GPU, before LoRA is added (peft has LoRA layers for bitsandbytes' Linear4bit). Embedders and
+    norms stay bf16. The fp8 base is made after LoRA is added (fp8_base)."""
+    if memory_mode != "nf4":
         return
     if device.type != "cuda":
-        raise ConfigError(f"train.memory_mode={memory_mode} needs a CUDA GPU; use memory_mode=fast on CPU")
-    quantize_block = _fp8_quantizer() if memory_mode == "fp8" else _nf4_quantizer()
-    for block in _blocks(model):
-        block.to(device)
-        quantize_block(block, device)
-    model.to(device)
-    torch.cuda.empty_cache()
-
-
-def _fp8_quantizer():
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, quantize_
-    except ImportError:
-        raise ConfigError("memory_mode=fp8 needs torchao: pip install torchao") from None
-    return lambda block, device: quantize_(block, Float8WeightOnlyConfig(), filter_fn=_is_linear)
-
-
-def _nf4_quantizer():
+        raise ConfigError("train.memory_mode=nf4 needs a CUDA GPU (bitsandbytes); use memory_mode=fast or fp8 on CPU")
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise ConfigError("memory_mode=nf4 needs bitsandbytes: pip install bitsandbytes") from None
-
-    def quantize_block(block, device):
+    for block in _blocks(model):
+        block.to(device)
         for parent in list(block.modules()):
             for name, leaf in list(parent.named_children()):
                 if isinstance(leaf, torch.nn.Linear):
@@ -56,47 +37,101 @@ def _nf4_quantizer():
                     if leaf.bias is not None:
                         q.bias = torch.nn.Parameter(leaf.bias.data, requires_grad=False)
                     setattr(parent, name, q.to(device))  # moving to CUDA quantizes
-
-    return quantize_block
-
-
-def fp8_compute(model, device: torch.device) -> None:
-    """Swap the blocks' frozen Linears for torchao Float8Linear (dynamic scaling): forward and the
-    input-gradient matmuls run on fp8 tensor cores. Must run before LoRA wraps the layers."""
-    if device.type != "cuda":
-        raise ConfigError("train.fp8_compute needs an H100/H200-class GPU")
-    try:
-        from torchao.float8 import convert_to_float8_training
-    except ImportError:
-        raise ConfigError("train.fp8_compute needs torchao: pip install torchao") from None
-
-    def keep(module, fqn: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and "transformer_blocks." in fqn and \
-            module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-    convert_to_float8_training(model, module_filter_fn=keep)
+    model.to(device)
+    torch.cuda.empty_cache()
 
 
-def use_checkpointing(train_cfg) -> bool:
-    if train_cfg.gradient_checkpointing == "auto":
-        return train_cfg.memory_mode != "fast"
-    return train_cfg.gradient_checkpointing == "on"
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def apply(model, train_cfg, device: torch.device) -> None:
+def uses_fp8_base(train_cfg, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """memory_mode=fp8 always; fast mode with fp8_compute on, or auto on a GPU with fp8 tensor
+    cores and a bf16 model (there it measured faster at unchanged loss: README, Performance)."""
+    if train_cfg.memory_mode != "fast":
+        wanted = train_cfg.memory_mode == "fp8"
+    elif train_cfg.fp8_compute == "auto":
+        return has_fp8_tensor_cores(device) and dtype == torch.bfloat16
+    else:
+        wanted = train_cfg.fp8_compute == "on"
+    if wanted and device.type == "cuda" and dtype != torch.bfloat16:
+        raise ConfigError("an fp8 base (memory_mode=fp8 or fp8_compute=on) multiplies into bf16 on GPUs; "
+                          "use model.dtype=bf16 (or auto)")
+    if wanted and not fp8.matmul_works(device.type):
+        raise ConfigError(f"this torch {torch.__version__} cannot run fp8 matmuls on {device.type} "
+                          "(needs an H100/H200/Ada GPU, or torch>=2.13 on the CPU); use memory_mode=fast/nf4")
+    return wanted
+
+
+def fp8_base(model, train_cfg, device: torch.device, dtype: torch.dtype) -> int:
+    """After LoRA is added, every frozen Linear of the blocks (the LoRA layers' base layers
+    included) becomes an fp8 weight with fp8 matmuls (flux_lora.fp8), block by block on the
+    device. Returns how many layers were converted."""
+    if not uses_fp8_base(train_cfg, device, dtype):
+        return 0
+    n = fp8.convert_frozen_linears(_blocks(model), device)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return n
+
+
+# Activations a FLUX block keeps for the backward without checkpointing, per token and per unit
+# of hidden size: 6.1 MiB per token for FLUX.1 (57 blocks × 3072) in bench/results, bf16 or fp8 base.
+ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM = 37
+HEADROOM = 0.9  # of the GPU's memory: the allocator's fragmentation and cuBLAS/compile workspaces
+
+
+def step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blocks: int, hidden: int) -> int:
+    """Estimated peak of a training step without checkpointing: frozen weights, fp32 LoRA with
+    its gradient and two AdamW moments (16 bytes/param), and the activations of `tokens` tokens
+    (a micro-batch's image + text tokens)."""
+    return weight_bytes + 16 * trainable_params + ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM * tokens * blocks * hidden
+
+
+def model_sizes(model) -> tuple[int, int, int, int]:
+    """(frozen weight bytes, trainable params, blocks, hidden size) of a LoRA-wrapped transformer."""
+    frozen = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                 if not t.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    conf = model.config
+    return frozen, trainable, len(_blocks(model)), conf.num_attention_heads * conf.attention_head_dim
+
+
+def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, device: torch.device | None = None) -> tuple[bool, str]:
+    """auto: on for the fp8/nf4 modes (memory first); in the fast mode only when the largest
+    micro-batch would not fit the GPU without it. Returns (on, why)."""
+    if train_cfg.gradient_checkpointing != "auto":
+        return train_cfg.gradient_checkpointing == "on", f"train.gradient_checkpointing={train_cfg.gradient_checkpointing}"
+    if train_cfg.memory_mode != "fast":
+        return True, f"memory_mode={train_cfg.memory_mode}"
+    if model is None or not max_tokens or device is None or device.type != "cuda":
+        return False, "auto"
+    need = step_memory_bytes(*model_sizes(model)[:2], max_tokens, *model_sizes(model)[2:])
+    total = torch.cuda.get_device_properties(device).total_memory
+    if need > HEADROOM * total:
+        return True, (f"auto: a step of {max_tokens} tokens needs ~{need / 2**30:.0f} GiB without it, "
+                      f"the GPU has {total / 2**30:.0f} GiB")
+    return False, "auto"
+
+
+def apply(model, train_cfg, device: torch.device, max_tokens: int = 0) -> str | None:
     """Gradient checkpointing and per-block compile (compiling each block, not the whole model,
-    keeps compile time short and the graphs reusable across the identical blocks)."""
-    if use_checkpointing(train_cfg):
+    keeps compile time short and the graphs reusable across the identical blocks). Returns why
+    checkpointing was turned on, or None."""
+    checkpointing, why = use_checkpointing(train_cfg, model, max_tokens, device)
+    if checkpointing:
         model.enable_gradient_checkpointing()
     if use_compile(train_cfg, device):
         compile_blocks(model)
+    return why if checkpointing else None
 
 
 def use_compile(train_cfg, device: torch.device) -> bool:
-    """auto: on for the fast mode on CUDA; the quantized modes trade speed for memory anyway, and
-    compiling through their tensor subclasses costs minutes before the first step."""
+    """auto: on CUDA, except for nf4: compiling through bitsandbytes' 4-bit tensors costs minutes
+    before the first step. The fp8 base is plain tensors and compiles like bf16."""
     if train_cfg.compile == "auto":
-        return device.type == "cuda" and train_cfg.memory_mode == "fast"
+        return device.type == "cuda" and train_cfg.memory_mode != "nf4"
     return train_cfg.compile == "on"
 
 

@@ -83,8 +83,15 @@ def load_data(cfg: Config, di) -> tuple[dict, cache.CachedDataset]:
     return manifest, cache.CachedDataset(cache_dir, manifest)
 
 
-def build_model(cfg: Config, di, reporter):
-    """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied."""
+def max_tokens(dataset: cache.CachedDataset, text_len: int, batch_size: int) -> int:
+    """Tokens of the largest micro-batch: image tokens (one per 16×16 pixels) + text tokens."""
+    largest = max((w // 16) * (h // 16) for w, h in {it.bucket for it in dataset.items})
+    return batch_size * (largest + text_len)
+
+
+def build_model(cfg: Config, di, reporter, tokens: int = 0):
+    """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
+    `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory."""
     dtype = models.resolve_dtype(cfg.model.dtype, di.device)
     models.set_attention_backend(cfg.model.attention)
     # a quantized base is loaded on the CPU and moved to the GPU block by block as it is quantized,
@@ -95,11 +102,14 @@ def build_model(cfg: Config, di, reporter):
     for name in lora.unmatched_targets(transformer, cfg.lora.targets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
     speed.quantize_base(transformer, cfg.train.memory_mode, di.device)
-    if cfg.train.fp8_compute:
-        speed.fp8_compute(transformer, di.device)
     n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, cfg.train.seed)
+    if n_fp8 := speed.fp8_base(transformer, cfg.train, di.device, dtype):
+        reporter.info(f"frozen base in fp8: {n_fp8} Linear layers multiply on fp8 tensor cores"
+                      + (" (train.fp8_compute=off keeps bf16)" if cfg.train.memory_mode == "fast" else ""))
     transformer.to(di.device)
-    speed.apply(transformer, cfg.train, di.device)
+    why = speed.apply(transformer, cfg.train, di.device, tokens)
+    if why:
+        reporter.info(f"gradient checkpointing on ({why})")
     return transformer, n_params
 
 
@@ -172,14 +182,15 @@ def micro_loss(model, batch: dict, positions: list[int], step: int, s: StepInput
     return flow.flow_loss(pred, flow.pack_latents(flow.velocity_target(x0, noise)))
 
 
-def train_step(ddp_model, dataset, slices, step: int, s: StepInputs) -> torch.Tensor:
-    """Forward/backward over this rank's micro-batches; gradients sync only on the last one."""
+def train_step(ddp_model, batches: list[dict], slices, step: int, s: StepInputs) -> torch.Tensor:
+    """Forward/backward over this rank's micro-batches (batches[k] holds slices[k]'s items);
+    gradients sync only on the last one."""
     total = torch.zeros((), device=s.device)
-    for k, sl in enumerate(slices):
+    for k, (sl, batch) in enumerate(zip(slices, batches)):
         last = k == len(slices) - 1
         sync = contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()
         with sync:
-            loss = micro_loss(ddp_model, dataset.collate(sl.items), sl.positions, step, s) / len(slices)
+            loss = micro_loss(ddp_model, batch, sl.positions, step, s) / len(slices)
             loss.backward()
         total += loss.detach()
     return total
@@ -274,7 +285,7 @@ def run(cfg: Config) -> dict:
 
 def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
     manifest, dataset = load_data(cfg, di)
-    model, n_params = build_model(cfg, di, reporter)
+    model, n_params = build_model(cfg, di, reporter, max_tokens(dataset, manifest["max_sequence_length"], cfg.train.batch_size))
     ddp = speed.wrap_ddp(model, di)
     opt, sched = make_optimizer(model, cfg, di.device)
     tc = cfg.train
@@ -297,13 +308,29 @@ def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
 
 def loop(r: Run, stop, t_start: float) -> float | None:
     """Train until the last step; returns the time to the first step (compile included)."""
+    tc = r.cfg.train
+    meter = Meter(tc.steps, r.state.step, r.sampler.global_batch)
+    pin = r.di.device.type == "cuda"
+
+    def load(step: int):
+        slices = r.sampler.rank_slices(step, r.di.rank, r.di.world_size, tc.batch_size)
+        batches = [r.dataset.collate(sl.items) for sl in slices]
+        return slices, [cache.pinned(b) for b in batches] if pin else batches
+
+    prefetch = cache.Prefetcher(load, tc.steps)
+    try:
+        return _steps(r, stop, t_start, meter, prefetch)
+    finally:
+        prefetch.close()
+
+
+def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
     tc, st = r.cfg.train, r.state
-    meter = Meter(tc.steps, st.step, r.sampler.global_batch)
     first_step_s = None
     while st.step < tc.steps:
         faults.during_step(st.step + 1, r.di.rank)
-        slices = r.sampler.rank_slices(st.step, r.di.rank, r.di.world_size, tc.batch_size)
-        loss = train_step(r.ddp, r.dataset, slices, st.step, r.inputs)
+        slices, batches = prefetch.get(st.step)
+        loss = train_step(r.ddp, batches, slices, st.step, r.inputs)
         if faults.loss_is_nan(st.step + 1, r.di.rank):
             loss = _poison(loss, r.model)
         res = update(r.model, r.opt, r.sched, loss, stop.raised, tc.max_grad_norm, r.di.device, r.di.world_size)

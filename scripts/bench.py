@@ -81,23 +81,60 @@ def step_flops(model, data, slices, inputs) -> float:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        T.train_step(model, data, slices, 0, inputs)
+        T.train_step(model, [data.collate(sl.items) for sl in slices], slices, 0, inputs)
     for p in model.parameters():
         p.grad = None
     return float(counter.get_total_flops())
 
 
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "cudnn")),
+                ("matmul", ("gemm", "sm90", "sm100", "cutlass", "nvjet", "cublas", "scaled_mm", "matmul", "xmma")),
+                ("fused (triton)", ("triton",)),
+                ("optimizer", ("adam", "multi_tensor")),
+                ("nccl", ("nccl",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other elementwise/copy")
+
+
+def profile_breakdown(one_step, first_step: int, device: torch.device, steps: int = 2) -> dict | None:
+    """GPU time per step by kernel kind and the top kernels (torch.profiler): where the step goes."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for s in range(steps):
+            one_step(first_step + s)
+        torch.cuda.synchronize()
+    kinds, kernels = {}, []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us <= 0 or getattr(e, "is_user_annotation", False):
+            continue
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3 / steps
+        kernels.append((us / 1e3 / steps, e.count // steps, e.key[:120]))
+    kernels.sort(reverse=True)
+    return {"ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms_calls": kernels[:30]}
+
+
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
-    flags = {"model.path": args.model, "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
+    flags = {"model.path": args.model, "model.attention": args.attention, "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
-             "train.fp8_compute": setting.get("fp8_compute", False)}
+             "train.fp8_compute": setting.get("fp8_compute", "off")}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model, n_params = T.build_model(cfg, di, NullReporter(di.rank))
+    hw = setting["resolution"] // 8
+    tokens = setting["batch"] * ((hw // 2) ** 2 + args.text_len)
+    model, n_params = T.build_model(cfg, di, NullReporter(di.rank), tokens)
+    checkpointing, _ = speed.use_checkpointing(cfg.train, model, tokens, di.device)
     load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
@@ -105,15 +142,19 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         for _, p in T.lora.lora_parameters(model):
             p.data = p.data.to(torch.bfloat16)
     conf = model.config
-    hw = setting["resolution"] // 8
     data = ShapedData(setting["batch"], hw, args.text_len, conf.joint_attention_dim, conf.pooled_projection_dim,
                       conf.in_channels // 4)
     inputs = T.StepInputs(0, 1.0 if conf.guidance_embeds else None, "flux-shift", 0.0, 1.0, di.device,
                           models.resolve_dtype("auto", di.device))
     slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
-    flops = step_flops(model, data, slices, inputs) if setting.get("count_flops", True) else None
+    # counted on one sample (FLOPs grow linearly with the batch): the counting pass runs eagerly
+    # through Python dispatch and needs far more memory than a compiled step
+    one_sample = ShapedData(1, hw, args.text_len, conf.joint_attention_dim, conf.pooled_projection_dim, conf.in_channels // 4)
+    flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"] \
+        if setting.get("count_flops", True) else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
+    fp8_base = speed.uses_fp8_base(cfg.train, di.device, models.resolve_dtype("auto", di.device))
     compiled = speed.use_compile(dataclasses.replace(cfg.train, compile=setting["compile"]), di.device)
     if compiled:
         speed.compile_blocks(model)
@@ -124,23 +165,25 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
     def one(step):
-        loss = T.train_step(ddp, data, slices, step, inputs)
+        loss = T.train_step(ddp, [data.collate(sl.items) for sl in slices], slices, step, inputs)
         return T.update(model, opt, sched, loss, False, 1.0, di.device, di.world_size)
 
     one(0)
     _sync(di.device)
     first_step_s = time.perf_counter() - t0
-    for s in range(1, args.warmup):
-        one(s)
+    losses = [one(s).loss for s in range(1, args.warmup)]
     _sync(di.device)
     t1 = time.perf_counter()
-    for s in range(args.steps):
-        result = one(args.warmup + s)
+    results = [one(args.warmup + s) for s in range(args.steps)]
     _sync(di.device)
+    losses += [r.loss for r in results]  # host floats only after the timed loop
     step_s = (time.perf_counter() - t1) / args.steps
+    breakdown = profile_breakdown(one, args.warmup + args.steps, di.device) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
-           "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "last_loss": result.loss}
+           "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "fp8_base": fp8_base, "checkpointing_on": checkpointing, "losses": losses}
+    if breakdown:
+        out["gpu_time_breakdown"] = breakdown
     if flops:
         per_sample = flops / setting["batch"]
         out.update(tflop_per_sample=per_sample / 1e12, tflops_per_gpu=per_sample * samples_s / di.world_size / 1e12)
@@ -157,11 +200,24 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     return out
 
 
+def loss_comparison(test: list[float], reference: list[float]) -> dict:
+    """Same seeds, data and steps: how far the losses move against how much they vary from step to
+    step (the noise a single loss reading has anyway)."""
+    import statistics
+
+    diffs = [abs(a - b) for a, b in zip(test, reference)]
+    return {"mean_abs_diff": statistics.fmean(diffs), "max_abs_diff": max(diffs),
+            "mean_rel_diff": statistics.fmean(d / abs(b) for d, b in zip(diffs, reference)),
+            "reference_step_to_step_std": statistics.stdev(reference) if len(reference) > 1 else None}
+
+
 def train_settings(args) -> list[dict]:
-    ours = {"name": f"flux_lora {args.memory_mode}" + (" fp8-compute" if args.fp8_compute else ""),
+    ours = {"name": f"flux_lora {args.memory_mode} fp8_compute={args.fp8_compute}",
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute}
     runs = [ours]
+    if args.compare_bf16:
+        runs.append({**ours, "name": f"flux_lora {args.memory_mode} bf16 base (loss reference)", "fp8_compute": "off"})
     if args.baseline:
         runs.append({"name": "diffusers-script setting", "resolution": args.resolution, "batch": 1,
                      "memory_mode": "fast", "checkpointing": "on", "compile": "off", "lora_bf16": True,
@@ -172,7 +228,7 @@ def train_settings(args) -> list[dict]:
 def run_train(args) -> dict:
     with distributed.session(600) as di:
         models.quiet_libraries()
-        models.set_attention_backend("flash")
+        models.set_attention_backend(args.attention)
         peak = matmul_peak_tflops(di.device)
         results = []
         for setting in train_settings(args):
@@ -180,8 +236,10 @@ def run_train(args) -> dict:
             distributed.print0(json.dumps(results[-1]))
         report = {"kind": "train", "model": args.model, "text_len": args.text_len, "peak_bf16_tflops": peak,
                   "results": results}
-        if args.baseline and len(results) == 2:
-            report["speedup_vs_diffusers_setting"] = results[0]["samples_per_s"] / results[1]["samples_per_s"]
+        if args.baseline:
+            report["speedup_vs_diffusers_setting"] = results[0]["samples_per_s"] / results[-1]["samples_per_s"]
+        if args.compare_bf16:
+            report["loss_vs_bf16_base"] = loss_comparison(results[0]["losses"], results[1]["losses"])
         return report if di.is_main else {}
 
 
@@ -236,7 +294,10 @@ def main() -> None:
     p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--fp8-compute", action="store_true", help="frozen base matmuls in fp8 (torchao float8)")
+    p.add_argument("--fp8-compute", default="auto", choices=["auto", "on", "off"], help="fast mode: fp8 frozen base")
+    p.add_argument("--compare-bf16", action="store_true", help="also run with a bf16 base; compare the losses step by step")
+    p.add_argument("--attention", default="flash", choices=["flash", "efficient"])
+    p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--text-len", type=int, default=512)

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # The single-GPU benchmark set behind bench/results/ (run on the lent H100; see README "Performance").
 #   bash scripts/gpu_bench.sh OUT_DIR [WHEEL_DIR]
-# WHEEL_DIR holds wheels of packages the GPU image lacks (diffusers, torchao, bitsandbytes).
+# EXTRA is appended to every bench.py call (e.g. EXTRA=--profile). WHEEL_DIR holds wheels of packages the GPU image lacks (diffusers, bitsandbytes).
 set -uo pipefail
 out=${1:-bench/tmp}; wheels=${2:-.whl}
 mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-run() { local name=$1; shift; echo "== $name: $*"; timeout "${LIMIT:-300}" python3 scripts/bench.py "$@" --out "$out/$name.json" > "$out/$name.log" 2>&1; echo "rc=$?"; tail -n 3 "$out/$name.log"; }
+run() { local name=$1; shift; echo "== $name: $*"; timeout "${LIMIT:-300}" python3 scripts/bench.py "$@" ${EXTRA:-} --out "$out/$name.json" > "$out/$name.log" 2>&1; echo "rc=$?"; tail -n 3 "$out/$name.log"; }
 for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
     case $spec in
-        train512) run train512 train --resolution 512 --batch-size 4 ;;
-        train1024) run train1024 train --resolution 1024 --batch-size 1 ;;
-        c512) run fp8compute-512 train --resolution 512 --batch-size 4 --fp8-compute --no-baseline ;;
-        c1024) run fp8compute-1024 train --resolution 1024 --batch-size 1 --fp8-compute --no-baseline ;;
+        # default settings (fp8 base on H100/H200) + the bf16 base for the loss check + diffusers' setting
+        train512) run train-512 train --resolution 512 --batch-size 4 --compare-bf16 ;;
+        train1024) run train-1024 train --resolution 1024 --batch-size 1 --compare-bf16 ;;
+        bf16-512) run bf16-512 train --resolution 512 --batch-size 4 --fp8-compute off --no-baseline ;;
+        b6-512) run b6-512 train --resolution 512 --batch-size 6 --no-baseline ;;
+        b2-1024) run b2-1024 train --resolution 1024 --batch-size 2 --no-baseline ;;
+        b4-1024) run b4-1024 train --resolution 1024 --batch-size 4 --no-baseline --steps 5 ;;
         fp8) run fp8-1024 train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline ;;
         nf4) run nf4-1024 train --resolution 1024 --batch-size 1 --memory-mode nf4 --no-baseline ;;
         pre1024) run preprocess-1024 preprocess --resolution 1024 --images 128 --batch-size 8 ;;
         pre1024b16) run preprocess-1024-b16 preprocess --resolution 1024 --images 128 --batch-size 16 ;;
-        fp8c) run fp8-1024-compiled train --resolution 1024 --batch-size 1 --memory-mode fp8 --compile on --no-baseline ;;
     esac
 done

@@ -1,5 +1,5 @@
 # Sourced by gpu_bench.sh and gpu_scaling.sh: install the wheels the GPU image lacks (diffusers,
-# torchao, bitsandbytes) from WHEEL_DIR into a temp site dir, and put flux_lora on the path.
+# bitsandbytes) from WHEEL_DIR into a temp site dir, and put flux_lora on the path.
 wheels=${wheels:-.whl}
 if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     site=$(mktemp -d)

@@ -1,0 +1,141 @@
+"""Frozen base Linears in fp8 (e4m3) that also multiply in fp8.
+
+The base of a LoRA run never changes, so its weight is quantized once, with one scale per tensor,
+and kept at 1 byte per parameter (half of bf16). Each forward scales the activation per row
+(per token) on the fly and multiplies on the fp8 tensor cores (`torch._scaled_mm`); the backward
+does the same for the incoming gradient against the transposed weight. No gradient is computed
+for the weight and no activation is saved for it: the LoRA branch beside it keeps its own input.
+
+One scale per weight tensor (not per row) is what lets the backward reuse the same bytes: the
+input gradient contracts over the output channels, where per-row weight scales cannot factor out.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+_TINY = 1e-12  # an all-zero row gets this amax (and quantizes to zeros), not a division by zero
+
+
+def quantize_tensorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w -> (fp8 w / s, s) with s = amax(|w|) / 448, a 0-dim fp32 scale."""
+    scale = w.detach().abs().amax().float().clamp(min=_TINY) / E4M3_MAX
+    return (w.detach().float() / scale).to(E4M3), scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 x / s, s [M, 1] fp32), one scale per row: |x / s| <= 448 by construction."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=_TINY) / E4M3_MAX
+    return (x.float() / scale).to(E4M3), scale
+
+
+@functools.cache
+def matmul_works(device_type: str) -> bool:
+    """Whether this torch build runs the row-scaled fp8 matmul (with bias) on this device type:
+    CUDA needs fp8 tensor cores (H100/H200/Ada); the CPU kernel is complete from torch 2.13."""
+    try:
+        a = torch.ones(16, 16, device=device_type).to(E4M3)
+        s = torch.ones(16, 1, device=device_type)
+        torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t().contiguous(), bias=torch.zeros(16, device=device_type,
+                         dtype=torch.bfloat16), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def fp8_supported_shape(linear: torch.nn.Linear) -> bool:
+    """fp8 tensor-core matmuls need both dimensions to be multiples of 16."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def _base_forward(x2, weight, scale_out, bias, out_dtype):
+    """x2 [M, K] -> x2 Wᵀ + b [M, N]: x scaled per row; fast accumulation in the forward only (as
+    the float8 training recipe does); the bias is added in the matmul's epilogue."""
+    xq, xs = quantize_rows(x2)
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_out, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=True)
+
+
+def _base_input_grad(dy2, weight, scale_in):
+    """dy2 [M, N] -> dy W [M, K]; the second operand must be column-major: W as the transpose of a
+    contiguous Wᵀ (1 byte/param, made per call: cheaper than keeping a second copy)."""
+    dyq, dys = quantize_rows(dy2)
+    return torch._scaled_mm(dyq, weight.t().contiguous().t(), scale_a=dys, scale_b=scale_in, out_dtype=dy2.dtype)
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """y = x Wᵀ + b with the frozen fp8 W; only dx is computed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale_out, scale_in, bias, out_dtype):
+        shape = x.shape
+        y = _base_forward(x.reshape(-1, shape[-1]), weight, scale_out, bias, out_dtype)
+        ctx.save_for_backward(weight, scale_in)
+        ctx.x_shape, ctx.x_dtype = shape, x.dtype
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, scale_in = ctx.saved_tensors
+        dx = _base_input_grad(dy.reshape(-1, dy.shape[-1]), weight, scale_in)
+        return dx.view(ctx.x_shape).to(ctx.x_dtype), None, None, None, None, None
+
+
+class Fp8Linear(torch.nn.Module):
+    """Drop-in for a frozen nn.Linear: fp8 weight (1 byte/param), fp8 matmuls, output in the
+    original weight's dtype. Not trainable (the weight is a buffer)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.out_dtype = weight.dtype  # bf16 on GPUs (_scaled_mm's row-wise scaling writes bf16 there)
+        w8, scale = quantize_tensorwise(weight)
+        self.register_buffer("weight", w8)
+        # the same tensor scale, laid out as _scaled_mm's row-wise scales want it (fp32 [1, N])
+        self.register_buffer("scale_out", scale.expand(1, self.out_features).contiguous())
+        self.register_buffer("scale_in", scale.expand(1, self.in_features).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(self.out_dtype))
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "Fp8Linear":
+        return cls(linear.weight.data, linear.bias.data if linear.bias is not None else None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.scale_out[0, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Fp8Matmul.apply(x, self.weight, self.scale_out, self.scale_in, self.bias, self.out_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every float tensor; these keep their dtypes and only change device
+        kept = {k: t for k, t in self._buffers.items() if t is not None}
+        super()._apply(fn, recurse)
+        for k, old in kept.items():
+            if self._buffers[k].dtype != old.dtype:
+                self._buffers[k] = old.to(self._buffers[k].device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3, bias={self.bias is not None}"
+
+
+def convert_frozen_linears(blocks: list[torch.nn.Module], device: torch.device) -> int:
+    """Replace every frozen nn.Linear inside the blocks (a peft LoRA layer's `base_layer`
+    included; its lora_A/lora_B stay) by an Fp8Linear, one block at a time on `device`, so a
+    base loaded on the CPU never sits on the GPU in bf16 all at once. Returns how many.
+
+    (Fusing the LoRA branch into the same op, with its add in the matmul epilogue, measured
+    slower under torch.compile: inductor copies the addmm input first. peft's forward stays.)"""
+    n = 0
+    for block in blocks:
+        block.to(device)
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear and not child.weight.requires_grad and fp8_supported_shape(child):
+                    setattr(parent, name, Fp8Linear.from_linear(child))
+                    n += 1
+    return n

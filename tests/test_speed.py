@@ -1,0 +1,50 @@
+"""Speed/memory choices that must hold without a GPU: the step-memory estimate behind
+gradient_checkpointing=auto (checked against the peaks measured on H100 in bench/results), and
+which base each mode and device gets."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from flux_lora import speed
+from flux_lora.config import TrainConfig
+from flux_lora.errors import ConfigError
+
+GIB = 2**30
+FLUX_BLOCKS, FLUX_HIDDEN, LORA_PARAMS = 57, 3072, 65_372_160
+
+
+@pytest.mark.parametrize("weights_gib, tokens, measured_gib", [
+    (22.2, 4 * (1024 + 512), 59.1),  # 512 px, batch 4, bf16 base
+    (11.2, 4 * (1024 + 512), 48.3),  # 512 px, batch 4, fp8 base
+    (11.2, 4096 + 512, 39.3),  # 1024 px, batch 1, fp8 base
+])
+def test_step_memory_estimate_matches_measured_peaks(weights_gib, tokens, measured_gib):
+    est = speed.step_memory_bytes(int(weights_gib * GIB), LORA_PARAMS, tokens, FLUX_BLOCKS, FLUX_HIDDEN) / GIB
+    assert abs(est - measured_gib) / measured_gib < 0.06
+
+
+def test_checkpointing_auto_follows_mode_and_explicit_choices():
+    cpu = torch.device("cpu")
+    assert speed.use_checkpointing(TrainConfig(), device=cpu)[0] is False
+    assert speed.use_checkpointing(TrainConfig(memory_mode="fp8"), device=cpu)[0] is True
+    assert speed.use_checkpointing(TrainConfig(memory_mode="nf4", gradient_checkpointing="off"), device=cpu)[0] is False
+    assert speed.use_checkpointing(TrainConfig(gradient_checkpointing="on"), device=cpu)[0] is True
+
+
+def test_fp8_base_choice_by_mode_and_device():
+    cpu = torch.device("cpu")
+    assert not speed.uses_fp8_base(TrainConfig(), cpu, torch.float32)  # auto: only on fp8 tensor cores
+    assert speed.uses_fp8_base(TrainConfig(memory_mode="fp8"), cpu, torch.float32) == speed.fp8.matmul_works("cpu")
+    assert not speed.uses_fp8_base(TrainConfig(memory_mode="nf4"), cpu)
+    assert not speed.uses_fp8_base(TrainConfig(fp8_compute="off"), cpu)
+
+
+def test_fp8_compute_accepts_booleans_and_rejects_nf4():
+    assert TrainConfig(fp8_compute="true").fp8_compute == "on"
+    assert TrainConfig(fp8_compute="False").fp8_compute == "off"
+    with pytest.raises(ConfigError, match="nf4"):
+        TrainConfig(fp8_compute="on", memory_mode="nf4")
+    with pytest.raises(ConfigError, match="fp8_compute"):
+        dataclasses.replace(TrainConfig(), fp8_compute="maybe")
