@@ -98,28 +98,32 @@ def model_sizes(model) -> tuple[int, int, int, int]:
     return frozen, trainable, len(_blocks(model)), conf.num_attention_heads * conf.attention_head_dim
 
 
-def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, device: torch.device | None = None) -> tuple[bool, str]:
+def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int = 0) -> tuple[bool, str]:
     """auto: on for the fp8/nf4 modes (memory first); in the fast mode only when the largest
-    micro-batch would not fit the GPU without it. Returns (on, why)."""
+    micro-batch (max_tokens) would not fit a GPU of gpu_bytes without it. Returns (on, why)."""
     if train_cfg.gradient_checkpointing != "auto":
         return train_cfg.gradient_checkpointing == "on", f"train.gradient_checkpointing={train_cfg.gradient_checkpointing}"
     if train_cfg.memory_mode != "fast":
         return True, f"memory_mode={train_cfg.memory_mode}"
-    if model is None or not max_tokens or device is None or device.type != "cuda":
+    if model is None or not max_tokens or not gpu_bytes:
         return False, "auto"
-    need = step_memory_bytes(*model_sizes(model)[:2], max_tokens, *model_sizes(model)[2:])
-    total = torch.cuda.get_device_properties(device).total_memory
-    if need > HEADROOM * total:
+    weights, trainable, blocks, hidden = model_sizes(model)
+    need = step_memory_bytes(weights, trainable, max_tokens, blocks, hidden)
+    if need > HEADROOM * gpu_bytes:
         return True, (f"auto: a step of {max_tokens} tokens needs ~{need / 2**30:.0f} GiB without it, "
-                      f"the GPU has {total / 2**30:.0f} GiB")
+                      f"the GPU has {gpu_bytes / 2**30:.0f} GiB")
     return False, "auto"
+
+
+def gpu_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
 
 
 def apply(model, train_cfg, device: torch.device, max_tokens: int = 0) -> str | None:
     """Gradient checkpointing and per-block compile (compiling each block, not the whole model,
     keeps compile time short and the graphs reusable across the identical blocks). Returns why
     checkpointing was turned on, or None."""
-    checkpointing, why = use_checkpointing(train_cfg, model, max_tokens, device)
+    checkpointing, why = use_checkpointing(train_cfg, model, max_tokens, gpu_bytes(device))
     if checkpointing:
         model.enable_gradient_checkpointing()
     if use_compile(train_cfg, device):

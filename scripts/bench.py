@@ -134,7 +134,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     hw = setting["resolution"] // 8
     tokens = setting["batch"] * ((hw // 2) ** 2 + args.text_len)
     model, n_params = T.build_model(cfg, di, NullReporter(di.rank), tokens)
-    checkpointing, _ = speed.use_checkpointing(cfg.train, model, tokens, di.device)
+    checkpointing, _ = speed.use_checkpointing(cfg.train, model, tokens, speed.gpu_bytes(di.device))
     load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing

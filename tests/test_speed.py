@@ -26,11 +26,10 @@ def test_step_memory_estimate_matches_measured_peaks(weights_gib, tokens, measur
 
 
 def test_checkpointing_auto_follows_mode_and_explicit_choices():
-    cpu = torch.device("cpu")
-    assert speed.use_checkpointing(TrainConfig(), device=cpu)[0] is False
-    assert speed.use_checkpointing(TrainConfig(memory_mode="fp8"), device=cpu)[0] is True
-    assert speed.use_checkpointing(TrainConfig(memory_mode="nf4", gradient_checkpointing="off"), device=cpu)[0] is False
-    assert speed.use_checkpointing(TrainConfig(gradient_checkpointing="on"), device=cpu)[0] is True
+    assert speed.use_checkpointing(TrainConfig())[0] is False
+    assert speed.use_checkpointing(TrainConfig(memory_mode="fp8"))[0] is True
+    assert speed.use_checkpointing(TrainConfig(memory_mode="nf4", gradient_checkpointing="off"))[0] is False
+    assert speed.use_checkpointing(TrainConfig(gradient_checkpointing="on"))[0] is True
 
 
 def test_fp8_base_choice_by_mode_and_device():
@@ -48,3 +47,48 @@ def test_fp8_compute_accepts_booleans_and_rejects_nf4():
         TrainConfig(fp8_compute="on", memory_mode="nf4")
     with pytest.raises(ConfigError, match="fp8_compute"):
         dataclasses.replace(TrainConfig(), fp8_compute="maybe")
+
+
+def test_checkpointing_auto_turns_on_when_the_step_would_not_fit(tiny_model):
+    from flux_lora import lora, models
+
+    model = models.load_transformer(str(tiny_model), torch.float32, "", torch.device("cpu"))
+    lora.add_lora(model, 4, 4, "attention-mlp", 0.0, 0)
+    weights, trainable, blocks, hidden = speed.model_sizes(model)
+    assert trainable > 0 and blocks == 2 and hidden == 32 and weights > 0
+    tokens = 4096
+    need = speed.step_memory_bytes(weights, trainable, tokens, blocks, hidden)
+    on, why = speed.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=int(need / speed.HEADROOM) - 1)
+    assert on and "GiB" in why
+    assert speed.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=2 * need)[0] is False
+    assert speed.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=0)[0] is False  # CPU: no limit known
+
+
+def test_max_tokens_counts_the_largest_bucket_and_the_text(cache_dir):
+    from flux_lora import cache, train
+
+    manifest = cache.load_manifest(cache_dir)
+    dataset = cache.CachedDataset(cache_dir, manifest)
+    largest = max((w // 16) * (h // 16) for w, h in {it.bucket for it in dataset.items})
+    assert train.max_tokens(dataset, 77, 3) == 3 * (largest + 77)
+
+
+def test_prefetcher_returns_each_step_in_order_and_surfaces_errors():
+    from flux_lora.cache import Prefetcher
+
+    calls = []
+
+    def load(step):
+        calls.append(step)
+        if step == 3:
+            raise ValueError("corrupt shard")
+        return step * 10
+
+    p = Prefetcher(load, end_step=4)
+    try:
+        assert [p.get(s) for s in range(3)] == [0, 10, 20]
+        with pytest.raises(ValueError, match="corrupt"):
+            p.get(3)
+    finally:
+        p.close()
+    assert sorted(calls) == [0, 1, 2, 3]  # each step loaded once, the next one ahead of time
