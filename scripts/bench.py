@@ -1,6 +1,7 @@
 """GPU benchmark of flux_lora's own training step and preprocess encoders (not a test).
 
     python scripts/bench.py train --resolution 512 --batch-size 4            # 1 GPU, + diffusers-script setting
+    python scripts/bench.py train --resolution 512 --batch-size 4 --compare-bf16 --profile
     python scripts/bench.py train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline
     torchrun --nproc_per_node=2 scripts/bench.py train --resolution 512 --batch-size 4 --no-baseline
     python scripts/bench.py preprocess --resolution 1024 --images 128
@@ -12,7 +13,8 @@ shaped like the cache (latents, T5 512×4096, CLIP pooled), excludes warm-up, an
 TFLOP/s and MFU against a bf16 matmul peak it measures, peak memory and time to first step. Unless
 --no-baseline, it also runs the setting of diffusers' train_dreambooth_lora_flux.py (batch 1,
 gradient checkpointing, bf16 LoRA weights, unfused AdamW, eager) in the same process, so the
-speed-up is a ratio measured side by side. `preprocess` runs the real preprocess stage with
+speed-up is a ratio measured side by side. --compare-bf16 also runs the bf16 base and compares the
+losses step by step (same seeds and data); --profile adds GPU time per kernel kind. `preprocess` runs the real preprocess stage with
 full-size random encoders on synthetic images. JSON goes to --out (rank 0).
 """
 
