@@ -94,10 +94,7 @@ def build_model(cfg: Config, di, reporter, tokens: int = 0):
     `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory."""
     dtype = models.resolve_dtype(cfg.model.dtype, di.device)
     models.set_attention_backend(cfg.model.attention)
-    # a quantized base is loaded on the CPU and moved to the GPU block by block as it is quantized,
-    # so a 12-16 GB card never holds the bf16 model (synthetic models are built on the GPU directly)
-    stage = di.device if cfg.train.memory_mode == "fast" or models.synthetic.is_synthetic(cfg.model.path) \
-        else torch.device("cpu")
+    stage = speed.load_device(cfg.train, di.device, dtype, models.synthetic.is_synthetic(cfg.model.path))
     transformer = models.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")

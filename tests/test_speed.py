@@ -92,3 +92,14 @@ def test_prefetcher_returns_each_step_in_order_and_surfaces_errors():
     finally:
         p.close()
     assert sorted(calls) == [0, 1, 2, 3]  # each step loaded once, the next one ahead of time
+
+
+def test_quantized_base_is_staged_on_the_cpu_for_small_gpus(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    nf4 = TrainConfig(memory_mode="nf4")
+    monkeypatch.setattr(speed, "gpu_bytes", lambda device: 16 * GIB)
+    assert speed.load_device(nf4, cuda, torch.bfloat16, synthetic=False).type == "cpu"
+    assert speed.load_device(nf4, cuda, torch.bfloat16, synthetic=True) == cuda  # built on the GPU in any case
+    assert speed.load_device(TrainConfig(fp8_compute="off"), cuda, torch.bfloat16, synthetic=False) == cuda
+    monkeypatch.setattr(speed, "gpu_bytes", lambda device: 80 * GIB)
+    assert speed.load_device(nf4, cuda, torch.bfloat16, synthetic=False) == cuda
