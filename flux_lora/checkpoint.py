@@ -79,21 +79,34 @@ def prune(out_dir: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+_validated: dict[str, tuple] = {}  # what latest_valid loaded (with a stamp), for the resume that follows
+
+
 def latest_valid(out_dir: Path) -> Path | None:
-    """The newest checkpoint whose files all load (a corrupt newest one falls back to the one before)."""
+    """The newest checkpoint whose files all load (a corrupt newest one falls back to the one before).
+    The loaded state is kept for the next load_checkpoint of that path, so resuming reads it once."""
     for _, d in reversed(list_checkpoints(out_dir)):
         try:
-            load_checkpoint(d)
+            _validated.clear()
+            _validated[str(d)] = (_stamp(d), load_checkpoint(d))
             return d
         except CheckpointError:
             continue
     return None
 
 
+def _stamp(path: Path) -> tuple:
+    """Changes whenever the checkpoint's files are rewritten."""
+    return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(Path(path).glob("*")) if p.is_file())
+
+
 def load_checkpoint(path: Path) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
+    kept = _validated.pop(str(path), None)
+    if kept is not None and kept[0] == _stamp(path):
+        return kept[1]
     state = read_json(path / "state.json")
     if state is None or not (path / "lora.safetensors").is_file() or not (path / "optimizer.pt").is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (state.json, lora.safetensors, optimizer.pt)")

@@ -178,3 +178,19 @@ def test_keep_last_k_and_corrupt_latest_falls_back(tmp_path):
     assert checkpoint.latest_valid(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 3)
     (tmp_path / "checkpoints" / ".step-000009.tmp").mkdir()  # a crash mid-write
     assert checkpoint.latest_valid(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 3)
+
+
+def test_resume_reads_the_validated_checkpoint_once(tmp_path, monkeypatch):
+    sd = {"w": torch.ones(2)}
+    checkpoint.save_checkpoint(tmp_path, 1, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2, rank=0)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    d = checkpoint.latest_valid(tmp_path)
+    assert torch.equal(checkpoint.load_checkpoint(d)["lora"]["w"], sd["w"])
+    assert len(loads) == 1  # validated once, handed to the resume
+    checkpoint.load_checkpoint(d)
+    assert len(loads) == 2  # a later load reads the files again
+    checkpoint.latest_valid(tmp_path)
+    checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"optimizer": {}, "scheduler": {}}, {}, keep=2, rank=0)
+    assert torch.equal(checkpoint.load_checkpoint(d)["lora"]["w"], torch.zeros(2))  # rewritten: not the kept copy
