@@ -14,8 +14,9 @@ TFLOP/s and MFU against a bf16 matmul peak it measures, peak memory and time to 
 --no-baseline, it also runs the setting of diffusers' train_dreambooth_lora_flux.py (batch 1,
 gradient checkpointing, bf16 LoRA weights, unfused AdamW, eager) in the same process, so the
 speed-up is a ratio measured side by side. --compare-bf16 also runs the bf16 base and compares the
-losses step by step (same seeds and data); --profile adds GPU time per kernel kind. `preprocess` runs the real preprocess stage with
-full-size random encoders on synthetic images. JSON goes to --out (rank 0).
+losses step by step (same seeds and data); --profile adds GPU time per kernel kind. `preprocess`
+runs the real preprocess stage with full-size random encoders on synthetic images. JSON goes to
+--out (rank 0).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux_lora import distributed, models, speed  # noqa: E402
 from flux_lora import train as T  # noqa: E402
 from flux_lora.config import build_config  # noqa: E402
+from flux_lora.fp8 import Fp8Linear  # noqa: E402
 from flux_lora.report import NullReporter  # noqa: E402
 from flux_lora.sampler import Slice  # noqa: E402
 
@@ -116,8 +118,10 @@ def profile_breakdown(one_step, first_step: int, device: torch.device, steps: in
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if us <= 0 or getattr(e, "is_user_annotation", False):
             continue
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3 / steps
-        kernels.append((us / 1e3 / steps, e.count // steps, e.key[:120]))
+        ms = us / 1e3 / steps
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        kernels.append((ms, e.count // steps, e.key[:120]))
     kernels.sort(reverse=True)
     return {"ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms_calls": kernels[:30]}
@@ -136,7 +140,6 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     hw = setting["resolution"] // 8
     tokens = setting["batch"] * ((hw // 2) ** 2 + args.text_len)
     model, n_params = T.build_model(cfg, di, NullReporter(di.rank), tokens)
-    checkpointing, _ = speed.use_checkpointing(cfg.train, model, tokens, speed.gpu_bytes(di.device))
     load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
@@ -156,7 +159,6 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         if setting.get("count_flops", True) else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
-    fp8_base = speed.uses_fp8_base(cfg.train, di.device, models.resolve_dtype("auto", di.device))
     compiled = speed.use_compile(dataclasses.replace(cfg.train, compile=setting["compile"]), di.device)
     if compiled:
         speed.compile_blocks(model)
@@ -183,7 +185,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     breakdown = profile_breakdown(one, args.warmup + args.steps, di.device) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
-           "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "fp8_base": fp8_base, "checkpointing_on": checkpointing, "losses": losses}
+           "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
+           "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
+           "checkpointing_on": model.is_gradient_checkpointing}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     if flops:
