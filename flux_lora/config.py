@@ -26,12 +26,12 @@ def doc(default: Any, text: str, **choices: Any) -> Any:
 class ModelConfig:
     path: str = doc("", "FLUX.1 pipeline: a local diffusers directory or a hub id (e.g. black-forest-labs/FLUX.1-dev)")
     dtype: str = doc("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
-    attention: str = doc("flash", "SDPA backend on CUDA: flash, efficient, math or default (cuDNN's backward crashes in FLUX training on H100 with torch 2.11)")
+    attention: str = doc("auto", "attention kernels: auto (cuDNN's fused attention through flux_lora's own op on Hopper GPUs, else flash), cudnn, flash, efficient, math, or default (torch's choice)")
     revision: str = doc("", "hub revision (branch, tag or commit) when path is a hub id")
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
-        _choice("model.attention", self.attention, ("flash", "efficient", "math", "default"))
+        _choice("model.attention", self.attention, ("auto", "cudnn", "flash", "efficient", "math", "default"))
 
 
 @dataclass

@@ -93,9 +93,11 @@ def build_model(cfg: Config, di, reporter, tokens: int = 0):
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
     `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory."""
     dtype = models.resolve_dtype(cfg.model.dtype, di.device)
-    models.set_attention_backend(cfg.model.attention)
     stage = speed.load_device(cfg.train, di.device, dtype, models.synthetic.is_synthetic(cfg.model.path))
     transformer = models.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
+    if models.set_attention_backend(cfg.model.attention, transformer, dtype, di.device) != cfg.model.attention \
+            and cfg.model.attention != "auto":
+        reporter.warning(f"model.attention={cfg.model.attention} is not supported here; using flash")
     for name in lora.unmatched_targets(transformer, cfg.lora.targets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
     speed.quantize_base(transformer, cfg.train.memory_mode, di.device)

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux_lora import distributed, models, speed  # noqa: E402
+from flux_lora import attention, distributed, models, speed  # noqa: E402
 from flux_lora import train as T  # noqa: E402
 from flux_lora.config import build_config  # noqa: E402
 from flux_lora.fp8 import Fp8Linear  # noqa: E402
@@ -129,7 +129,7 @@ def profile_breakdown(one_step, first_step: int, device: torch.device, steps: in
 
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
-    flags = {"model.path": args.model, "model.attention": args.attention, "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
+    flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off")}
     cfg = build_config(None, flags)
@@ -187,7 +187,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
-           "checkpointing_on": model.is_gradient_checkpointing}
+           "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model)}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     if flops:
@@ -224,17 +224,18 @@ def train_settings(args) -> list[dict]:
     runs = [ours]
     if args.compare_bf16:
         runs.append({**ours, "name": f"flux_lora {args.memory_mode} bf16 base (loss reference)", "fp8_compute": "off"})
-    if args.baseline:
+    if args.compare_attention:
+        runs.append({**ours, "name": f"flux_lora {args.memory_mode} flash attention (loss reference)", "attention": "flash"})
+    if args.baseline:  # the script on these machines: SDPA with cuDNN off, i.e. flash
         runs.append({"name": "diffusers-script setting", "resolution": args.resolution, "batch": 1,
                      "memory_mode": "fast", "checkpointing": "on", "compile": "off", "lora_bf16": True,
-                     "unfused_adamw": True})
+                     "unfused_adamw": True, "attention": "flash"})
     return runs
 
 
 def run_train(args) -> dict:
     with distributed.session(600) as di:
         models.quiet_libraries()
-        models.set_attention_backend(args.attention)
         peak = matmul_peak_tflops(di.device)
         results = []
         for setting in train_settings(args):
@@ -246,6 +247,8 @@ def run_train(args) -> dict:
             report["speedup_vs_diffusers_setting"] = results[0]["samples_per_s"] / results[-1]["samples_per_s"]
         if args.compare_bf16:
             report["loss_vs_bf16_base"] = loss_comparison(results[0]["losses"], results[1]["losses"])
+        if args.compare_attention:
+            report["loss_vs_flash_attention"] = loss_comparison(results[0]["losses"], results[1 + args.compare_bf16]["losses"])
         return report if di.is_main else {}
 
 
@@ -302,7 +305,8 @@ def main() -> None:
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fp8-compute", default="auto", choices=["auto", "on", "off"], help="fast mode: fp8 frozen base")
     p.add_argument("--compare-bf16", action="store_true", help="also run with a bf16 base; compare the losses step by step")
-    p.add_argument("--attention", default="flash", choices=["flash", "efficient"])
+    p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
+    p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -10,9 +10,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 run() { local name=$1; shift; echo "== $name: $*"; timeout "${LIMIT:-300}" python3 scripts/bench.py "$@" ${EXTRA:-} --out "$out/$name.json" > "$out/$name.log" 2>&1; echo "rc=$?"; tail -n 3 "$out/$name.log"; }
 for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
     case $spec in
-        # default settings (fp8 base on H100/H200) + the bf16 base for the loss check + diffusers' setting
-        train512) run train-512 train --resolution 512 --batch-size 4 --compare-bf16 ;;
-        train1024) run train-1024 train --resolution 1024 --batch-size 1 --compare-bf16 ;;
+        # default settings + flash attention for the loss check + diffusers' setting
+        train512) run train-512 train --resolution 512 --batch-size 4 --compare-attention ;;
+        train1024) run train-1024 train --resolution 1024 --batch-size 1 --compare-attention ;;
+        # default settings (fp8 base on H100/H200) against the bf16 base, for the loss check
+        fp8check512) run fp8check-512 train --resolution 512 --batch-size 4 --compare-bf16 --no-baseline ;;
         bf16-512) run bf16-512 train --resolution 512 --batch-size 4 --fp8-compute off --no-baseline ;;
         b6-512) run b6-512 train --resolution 512 --batch-size 6 --no-baseline ;;
         b2-1024) run b2-1024 train --resolution 1024 --batch-size 2 --no-baseline ;;

@@ -1,0 +1,110 @@
+"""Fused attention behind one opaque custom op, so torch.compile cannot change what the kernel sees.
+
+On CUDA the op runs cuDNN's fused attention; on the CPU, ATen's flash kernel (so the op, its
+backward and its fake implementation are tested without a GPU). cuDNN attention runs FLUX's
+shapes ~1.8× faster than flash on H100, but reached through SDPA inside a compiled block its first
+backward died with an illegal memory access (torch 2.11, 2026-11-26). Here inductor sees a black
+box whose inputs and outputs are contiguous [B, H, S, D]: the kernels get exactly the layout
+scripts/attention_check.py tested, and the log-sum-exp the backward needs comes back unchanged.
+
+`use(transformer)` routes diffusers' attention dispatch to the op for calls it supports (no mask,
+no dropout, not causal); anything else falls back to SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("flux_lora::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(q kᵀ/√d) v for [B, H, S, D] inputs; returns (out [B, H, S, D], lse [B, H, S] fp32)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out.contiguous(), lse.reshape(q.shape[:3]).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("flux_lora::attention_backward", mutates_args=())
+def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                       lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grad = grad.contiguous()
+    if q.device.type == "cuda":
+        # no dropout: cuDNN reads neither the seed nor the offset, but the signature wants tensors
+        unused = torch.zeros(1, dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, out, lse.unsqueeze(-1), unused, unused, None, None, None,
+            q.shape[2], k.shape[2], 0.0, False)
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_backward.register_fake
+def _(grad, q, k, v, out, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = (t.contiguous() for t in inputs)
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return attention_backward(grad_out, q, k, v, out, lse)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the op's CUDA kernel takes this model: cuDNN's fused attention on Hopper or newer,
+    bf16/fp16, head dims it has kernels for."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and dtype in (torch.bfloat16, torch.float16) and head_dim in (64, 128))
+
+
+def _diffusers_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       enable_gqa=False, return_lse=False, _parallel_config=None):
+    """diffusers' dispatch signature ([B, S, H, D] in and out)."""
+    if attn_mask is not None or dropout_p or is_causal or scale is not None or enable_gqa or return_lse \
+            or _parallel_config is not None or query.shape[2] != key.shape[2]:
+        from diffusers.models.attention_dispatch import _native_attention
+
+        return _native_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 return_lse, _parallel_config)
+    out, _ = attention(*(t.transpose(1, 2) for t in (query, key, value)))
+    return out.transpose(1, 2)
+
+
+# diffusers names its cuDNN backend "_native_cudnn"; the op takes that name's place in its registry
+BACKEND = "_native_cudnn"
+
+
+def use(transformer) -> int:
+    """Make every attention layer of this transformer call the op (other models keep theirs);
+    returns how many layers now do."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    name = AttentionBackendName(BACKEND)
+    _AttentionBackendRegistry.register(name)(_diffusers_backend)
+    processors = [m.processor for m in transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    for p in processors:
+        p._attention_backend = name
+    return len(processors)
+
+
+def in_use(transformer) -> bool:
+    """Whether some attention layer of the transformer calls the op."""
+    backends = (getattr(getattr(m, "processor", None), "_attention_backend", None) for m in transformer.modules())
+    return any(getattr(b, "value", b) == BACKEND for b in backends)

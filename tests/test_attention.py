@@ -1,0 +1,93 @@
+"""The fused attention op (flux_lora.attention): values and gradients against SDPA, its fake
+implementation under torch.compile, and routing a FLUX transformer's attention through it.
+On the CPU the op runs ATen's flash kernel; on CUDA (when present) the same tests reach cuDNN."""
+
+import pytest
+import torch
+
+from flux_lora import attention, models
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and
+                     attention.supported(128, torch.bfloat16, torch.device("cuda")) else [])
+
+
+def _qkv(device, shape=(2, 3, 40, 16), dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_matches_sdpa_values_and_gradients(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    shape = (2, 3, 40, 16) if device == "cpu" else (2, 4, 320, 128)
+    q, k, v = _qkv(device, shape, dtype)
+    out, lse = attention.attention(q, k, v)
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in (q, k, v)))
+    tol = 1e-5 if device == "cpu" else 2e-2
+    assert (out.float() - ref).abs().max() < tol
+    scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    assert (lse - torch.logsumexp(scores, -1)).abs().max() < 1e-3 * max(1.0, lse.abs().max().item())
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g.float())
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (a.float() - b).abs().max() < tol * 10
+
+
+def test_op_registration_is_consistent():
+    # real and fake implementations agree on shapes, strides and dtypes, and autograd is wired
+    torch.library.opcheck(attention.attention, tuple(_qkv("cpu")))
+
+
+def test_op_compiles_without_graph_breaks_and_backpropagates():
+    q, k, v = _qkv("cpu", (2, 40, 3, 16))  # diffusers' [B, S, H, D]
+    fn = torch.compile(lambda q, k, v: attention._diffusers_backend(q, k, v), backend="aot_eager", fullgraph=True)
+    out = fn(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_unsupported_calls_fall_back_to_sdpa():
+    q, k, v = (t.detach().transpose(1, 2) for t in _qkv("cpu"))
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[:, :20] = True
+    out = attention._diffusers_backend(q, k, v, attn_mask=mask)  # the op has no mask: SDPA takes it
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                           attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_transformer_attention_runs_through_the_op(tiny_model):
+    torch.manual_seed(0)
+    model = models.load_transformer(str(tiny_model), torch.float32)
+    conf = model.config
+    inputs = dict(hidden_states=torch.randn(1, 16, conf.in_channels), encoder_hidden_states=torch.randn(1, 8, conf.joint_attention_dim),
+                  pooled_projections=torch.randn(1, conf.pooled_projection_dim), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    if conf.guidance_embeds:
+        inputs["guidance"] = torch.tensor([1.0])
+    before = model(**inputs)[0]
+    assert not attention.in_use(model)
+    # auto never picks the op on the CPU; cudnn asks for it (the op's CPU kernel here)
+    assert models.set_attention_backend("auto", model, torch.float32, torch.device("cpu")) == "flash"
+    assert models.set_attention_backend("cudnn", model, torch.float32, torch.device("cpu")) == "cudnn"
+    assert attention.in_use(model)
+    calls = []
+    original = attention.attention
+
+    def counting(*a):
+        calls.append(1)
+        return original(*a)
+
+    attention.attention = counting
+    try:
+        after = model(**inputs)[0]
+    finally:
+        attention.attention = original
+    assert len(calls) == conf.num_layers + conf.num_single_layers
+    assert torch.allclose(before, after, atol=1e-5)
+    other = models.load_transformer(str(tiny_model), torch.float32)
+    assert not attention.in_use(other)  # the choice is per model, not global
