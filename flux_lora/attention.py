@@ -36,7 +36,7 @@ def _(q, k, v):
 @torch.library.custom_op("flux_lora::attention_backward", mutates_args=())
 def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    grad = grad.contiguous()
+    grad, q, k, v, out = (t.contiguous() for t in (grad, q, k, v, out))
     if q.device.type == "cuda":
         # no dropout: cuDNN reads neither the seed nor the offset, but the signature wants tensors
         unused = torch.zeros(1, dtype=torch.int64, device=q.device)
@@ -55,13 +55,13 @@ def _(grad, q, k, v, out, lse):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v = (t.contiguous() for t in inputs)
-    ctx.save_for_backward(q, k, v, *output)
+    ctx.save_for_backward(*inputs, *output)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    return attention_backward(grad_out, q, k, v, out, lse)
+    # made contiguous here, in the traced graph, the copy fuses into the kernel that makes grad_out
+    return attention_backward(grad_out.contiguous(), q, k, v, out, lse)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -83,7 +83,9 @@ def _diffusers_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
 
         return _native_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                  return_lse, _parallel_config)
-    out, _ = attention(*(t.transpose(1, 2) for t in (query, key, value)))
+    # the layout change happens here, in the compiled graph, so inductor folds it into the
+    # kernel that produces q/k/v (RoPE) instead of a separate copy inside the op
+    out, _ = attention(*(t.transpose(1, 2).contiguous() for t in (query, key, value)))
     return out.transpose(1, 2)
 
 

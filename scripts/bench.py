@@ -104,27 +104,35 @@ def kernel_kind(name: str) -> str:
 
 
 def profile_breakdown(one_step, first_step: int, device: torch.device, steps: int = 2) -> dict | None:
-    """GPU time per step by kernel kind and the top kernels (torch.profiler): where the step goes."""
+    """GPU time per step by kernel kind and the top kernels, and the host side (torch.profiler):
+    where the step goes, and what keeps the GPU waiting (syncs, allocations, slow launches)."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for s in range(steps):
             one_step(first_step + s)
         torch.cuda.synchronize()
-    kinds, kernels = {}, []
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    kinds, kernels, host = {}, [], []
     for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us <= 0 or getattr(e, "is_user_annotation", False):
+        if getattr(e, "is_user_annotation", False):
             continue
-        ms = us / 1e3 / steps
-        kind = kernel_kind(e.key)
-        kinds[kind] = kinds.get(kind, 0.0) + ms
-        kernels.append((ms, e.count // steps, e.key[:120]))
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and getattr(e, "self_cpu_time_total", 0) <= 0:  # a kernel
+            ms = us / 1e3 / steps
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + ms
+            kernels.append((ms, e.count // steps, e.key[:120]))
+        elif e.self_cpu_time_total > 0:
+            host.append((e.self_cpu_time_total / 1e3 / steps, e.count // steps, e.key[:80]))
     kernels.sort(reverse=True)
+    host.sort(reverse=True)
     return {"ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms_calls": kernels[:30]}
+            "gpu_busy_ms_per_step": sum(kinds.values()), "wall_ms_per_step_profiled": wall_ms,
+            "top_kernels_ms_calls": kernels[:30], "top_host_ops_self_ms_calls": host[:25]}
 
 
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
