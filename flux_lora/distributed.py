@@ -162,8 +162,13 @@ def main_then_share(fn):
 
 
 def all_sum_tensor(t: torch.Tensor) -> list[float]:
-    """Sum a small device tensor over ranks and read it on the host: the loop's one sync per step."""
+    """Sum a small device tensor over ranks and read it on the host."""
+    return all_sum_on_device(t).tolist()
+
+
+def all_sum_on_device(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks, leaving the result where it is (no host sync on CUDA)."""
+    t = t.float() if t.device.type == "cuda" else t.double()
     if _active():
-        t = t.float() if t.device.type == "cuda" else t.double()
         dist.all_reduce(t)
-    return t.tolist()
+    return t

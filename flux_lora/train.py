@@ -205,21 +205,44 @@ class StepResult:
     lr: float
 
 
+@dataclass
+class PendingStep:
+    """A step whose update is queued on the device; `result()` reads its votes on the host.
+    The loop reads it one step late, after the next forward/backward is queued, so the GPU never
+    waits for the host between steps."""
+    votes: torch.Tensor  # [loss, stop, bad] summed over ranks
+    lr: float
+    world: int
+
+    def result(self) -> StepResult:
+        loss_sum, stop_votes, bad_votes = self.votes.tolist()
+        return StepResult(loss_sum / self.world if bad_votes == 0 else float("nan"), stop_votes > 0, bad_votes > 0, self.lr)
+
+
+def skips_on_device(opt) -> bool:
+    """Fused AdamW skips a step from a flag tensor (found_inf) it reads on the device: no host read."""
+    return all(g.get("fused") for g in opt.param_groups)
+
+
 def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_norm: float,
-           device: torch.device, world: int) -> StepResult:
-    """Clip, agree across ranks (the loop's one all-reduce and host sync), then step or skip."""
+           device: torch.device, world: int) -> PendingStep:
+    """Clip, agree across ranks (the loop's one all-reduce), then step or skip: on the device
+    where the optimizer can (no host sync), else after reading the votes."""
     grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
                                                max_grad_norm if max_grad_norm > 0 else float("inf"))
     local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
-    loss_sum, stop_votes, bad_votes = distributed.all_sum_tensor(
+    votes = distributed.all_sum_on_device(
         torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
                      torch.tensor(float(stop_raised), device=device), local_bad.float()]))
     lr = sched.get_last_lr()[0]
-    if bad_votes == 0:
+    if skips_on_device(opt):
+        opt.found_inf = (votes[2] > 0).float()  # 1: every rank skips this update, on the device
+        opt.step()
+    elif votes[2].item() == 0:
         opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()  # the LR is a function of the step, skipped or not
-    return StepResult(loss_sum / world if bad_votes == 0 else float("nan"), stop_votes > 0, bad_votes > 0, lr)
+    return PendingStep(votes, lr, world)
 
 
 # ---------------------------------------------------------------- the run
@@ -324,35 +347,54 @@ def loop(r: Run, stop, t_start: float) -> float | None:
 
 
 def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
+    """Step k+1's forward/backward is queued before step k's result is read: the host reads the
+    votes of a step that has finished while the GPU already works on the next one. Step k's
+    outputs (checkpoint, stop, divergence) see exactly the state after k: k+1's update is queued
+    only after them, and dropped when the run ends at k."""
     tc, st = r.cfg.train, r.state
-    first_step_s = None
-    while st.step < tc.steps:
-        faults.during_step(st.step + 1, r.di.rank)
-        slices, batches = prefetch.get(st.step)
-        loss = train_step(r.ddp, batches, slices, st.step, r.inputs)
-        if faults.loss_is_nan(st.step + 1, r.di.rank):
-            loss = _poison(loss, r.model)
-        res = update(r.model, r.opt, r.sched, loss, stop.raised, tc.max_grad_norm, r.di.device, r.di.world_size)
-        st.step += 1
-        st.nonfinite_in_row = st.nonfinite_in_row + 1 if res.skipped else 0
-        if res.skipped:
-            r.reporter.warning(f"non-finite loss at step {st.step}; step skipped "
-                               f"({st.nonfinite_in_row}/{tc.max_nonfinite} in a row)", step=st.step)
-        st.loss_history.append((st.step, res.loss, res.lr))
-        first_step_s = first_step_s or time.time() - t_start
-        r.reporter.progress(st.step, **meter.update(st.step, res.loss, res.lr))
-        if st.nonfinite_in_row >= tc.max_nonfinite:
-            save_state(r)
-            raise _collective(DivergedError(
-                f"loss was non-finite {st.nonfinite_in_row} steps in a row at step {st.step}; "
-                "checkpoint saved from before the divergence; lower --lr and rerun"))
-        periodic_outputs(r)
-        faults.after_step(st.step, r.di.rank)
-        if res.stop:
-            save_state(r)
-            raise _collective(StoppedError(f"stopped at step {st.step} ({stop.signal_name or 'a signal'}); "
-                                           "rerun the same command to resume"))
-    return first_step_s
+    timing = {"first_step_s": None}
+    pending = None
+    while st.step < tc.steps or pending:
+        queued = st.step + (1 if pending else 0)  # steps whose update is queued
+        loss = None
+        if queued < tc.steps:
+            faults.during_step(queued + 1, r.di.rank)
+            slices, batches = prefetch.get(queued)
+            loss = train_step(r.ddp, batches, slices, queued, r.inputs)
+            if faults.loss_is_nan(queued + 1, r.di.rank):
+                loss = _poison(loss, r.model)
+        if pending:
+            ending = _step_done(r, pending.result(), stop, t_start, meter, timing)
+            if ending:
+                r.opt.zero_grad(set_to_none=True)  # the next step's gradients: not applied
+                save_state(r)
+                raise _collective(ending)
+        if loss is None:
+            break
+        pending = update(r.model, r.opt, r.sched, loss, stop.raised, tc.max_grad_norm, r.di.device, r.di.world_size)
+    return timing["first_step_s"]
+
+
+def _step_done(r: Run, res: StepResult, stop, t_start: float, meter, timing: dict) -> FluxLoraError | None:
+    """Book one finished step; returns the error that ends the run after it, if any."""
+    tc, st = r.cfg.train, r.state
+    st.step += 1
+    st.nonfinite_in_row = st.nonfinite_in_row + 1 if res.skipped else 0
+    if res.skipped:
+        r.reporter.warning(f"non-finite loss at step {st.step}; step skipped "
+                           f"({st.nonfinite_in_row}/{tc.max_nonfinite} in a row)", step=st.step)
+    st.loss_history.append((st.step, res.loss, res.lr))
+    timing["first_step_s"] = timing["first_step_s"] or time.time() - t_start
+    r.reporter.progress(st.step, **meter.update(st.step, res.loss, res.lr))
+    if st.nonfinite_in_row >= tc.max_nonfinite:
+        return DivergedError(f"loss was non-finite {st.nonfinite_in_row} steps in a row at step {st.step}; "
+                             "checkpoint saved from before the divergence; lower --lr and rerun")
+    periodic_outputs(r)
+    faults.after_step(st.step, r.di.rank)
+    if res.stop:
+        return StoppedError(f"stopped at step {st.step} ({stop.signal_name or 'a signal'}); "
+                            "rerun the same command to resume")
+    return None
 
 
 def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str | None) -> dict:

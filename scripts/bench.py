@@ -103,7 +103,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other elementwise/copy")
 
 
-def profile_breakdown(one_step, first_step: int, device: torch.device, steps: int = 2) -> dict | None:
+def profile_breakdown(run_steps, first_step: int, device: torch.device, steps: int = 2) -> dict | None:
     """GPU time per step by kernel kind and the top kernels, and the host side (torch.profiler):
     where the step goes, and what keeps the GPU waiting (syncs, allocations, slow launches)."""
     if device.type != "cuda":
@@ -112,8 +112,7 @@ def profile_breakdown(one_step, first_step: int, device: torch.device, steps: in
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for s in range(steps):
-            one_step(first_step + s)
+        run_steps(first_step, steps)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     kinds, kernels, host = {}, [], []
@@ -132,7 +131,22 @@ def profile_breakdown(one_step, first_step: int, device: torch.device, steps: in
     host.sort(reverse=True)
     return {"ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "gpu_busy_ms_per_step": sum(kinds.values()), "wall_ms_per_step_profiled": wall_ms,
-            "top_kernels_ms_calls": kernels[:30], "top_host_ops_self_ms_calls": host[:25]}
+            "top_kernels_ms_calls": kernels[:30], "top_host_ops_self_ms_calls": host[:25],
+            "largest_gpu_idle_gaps": idle_gaps(prof)}
+
+
+def idle_gaps(prof, top: int = 12) -> list:
+    """The longest stretches with no kernel running, with the kernels around them: where the GPU
+    waits for the host."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    gaps, end, before = [], None, None
+    for start, stop, name in spans:
+        if end is not None and start - end > 20:
+            gaps.append((round((start - end) / 1e3, 3), before[:60], name[:60]))
+        if end is None or stop > end:
+            end, before = stop, name
+    return sorted(gaps, reverse=True)[:top] + [("total_ms_over_20us", round(sum(g[0] for g in gaps), 2))]
 
 
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
@@ -176,21 +190,24 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         opt = torch.optim.AdamW([p for _, p in T.lora.lora_parameters(model)], lr=1e-4, foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
-    def one(step):
-        loss = T.train_step(ddp, [data.collate(sl.items) for sl in slices], slices, step, inputs)
-        return T.update(model, opt, sched, loss, False, 1.0, di.device, di.world_size)
+    def steps(first: int, n: int) -> list[float]:
+        """n steps as `train` runs them: a step's result is read after the next one is queued."""
+        losses, pending = [], None
+        for step in range(first, first + n):
+            loss = T.train_step(ddp, [data.collate(sl.items) for sl in slices], slices, step, inputs)
+            if pending:
+                losses.append(pending.result().loss)
+            pending = T.update(model, opt, sched, loss, False, 1.0, di.device, di.world_size)
+        return losses + ([pending.result().loss] if pending else [])
 
-    one(0)
-    _sync(di.device)
+    losses = steps(0, 1)
     first_step_s = time.perf_counter() - t0
-    losses = [one(s).loss for s in range(1, args.warmup)]
+    losses += steps(1, args.warmup - 1)
     _sync(di.device)
     t1 = time.perf_counter()
-    results = [one(args.warmup + s) for s in range(args.steps)]
-    _sync(di.device)
-    losses += [r.loss for r in results]  # host floats only after the timed loop
+    losses += steps(args.warmup, args.steps)
     step_s = (time.perf_counter() - t1) / args.steps
-    breakdown = profile_breakdown(one, args.warmup + args.steps, di.device) if args.profile else None
+    breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,

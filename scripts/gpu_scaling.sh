@@ -33,8 +33,15 @@ for f in sorted(out.glob("train-*gpu.jsonl")):
     done = [e for e in ev if e["event"] == "done"]
     start = [e for e in ev if e["event"] == "start"]
     if prog and done:
-        rows[start[0]["world_size"]] = {"samples_per_s": prog[-1]["samples_per_s"], "steps": prog[-1]["step"],
-                                        "global_batch": start[0]["global_batch"], "ranks_agree": done[0].get("ranks_agree"),
+        # steady state: from a quarter of the run on (compile, DDP's bucket rebuild and the first
+        # allocations are over by then), from the events' own clocks
+        first = prog[max(4, len(prog) // 4)]
+        steps, secs = prog[-1]["step"] - first["step"], prog[-1]["elapsed_s"] - first["elapsed_s"]
+        dts = sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(prog, prog[1:]))
+        gb = start[0]["global_batch"]
+        rows[start[0]["world_size"]] = {"samples_per_s": steps * gb / secs, "samples_per_s_from_step_1": prog[-1]["samples_per_s"],
+                                        "median_step_s": dts[len(dts) // 2], "steps": prog[-1]["step"],
+                                        "global_batch": gb, "ranks_agree": done[0].get("ranks_agree"),
                                         "time_to_first_step_s": done[0].get("time_to_first_step_s"),
                                         "final_loss": done[0].get("final_loss")}
 base = rows.get(1, {}).get("samples_per_s")

@@ -113,3 +113,34 @@ def test_corrupt_and_missing_shards_refused(tiny_model, cache_dir, tmp_path):
     assert proc.returncode == 2 and "missing" in proc.stderr
     proc = run_cli(*train_args(tiny_model, tmp_path / "nothing", tmp_path / "o", "--steps", "1"))
     assert proc.returncode == 2 and "run `flux_lora preprocess" in proc.stderr
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_update_skips_non_finite_steps_on_either_path(fused):
+    """update() skips a NaN step without touching the weights or Adam's state: from a device flag
+    with fused AdamW (no host sync), after reading the votes otherwise; the result reads the same."""
+    from flux_lora import train as T
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert T.skips_on_device(opt) is fused
+
+    def step(poison: bool):
+        loss = model(torch.randn(2, 4)).square().mean()
+        loss.backward()
+        if poison:
+            loss = loss * float("nan")
+        return T.update(model, opt, sched, loss.detach(), False, 1.0, torch.device("cpu"), 1).result()
+
+    res = step(False)
+    assert not res.skipped and res.loss > 0
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [opt.state[p]["step"].item() for p in model.parameters()]
+    res = step(True)
+    assert res.skipped and res.loss != res.loss  # nan
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert [opt.state[p]["step"].item() for p in model.parameters()] == steps
+    assert not step(False).skipped
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
