@@ -205,16 +205,25 @@ class StepResult:
     lr: float
 
 
-@dataclass
 class PendingStep:
     """A step whose update is queued on the device; `result()` reads its votes on the host.
     The loop reads it one step late, after the next forward/backward is queued, so the GPU never
-    waits for the host between steps."""
-    votes: torch.Tensor  # [loss, stop, bad] summed over ranks
-    lr: float
-    world: int
+    waits for the host between steps. The votes are copied out right behind the all-reduce: a
+    plain read later would queue behind the next step's work and wait for all of it."""
+
+    def __init__(self, votes: torch.Tensor, lr: float, world: int):
+        self.lr, self.world, self.ready = lr, world, None
+        if votes.device.type == "cuda":
+            self.votes = torch.empty(votes.shape, dtype=votes.dtype, pin_memory=True)
+            self.votes.copy_(votes, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.votes = votes
 
     def result(self) -> StepResult:
+        if self.ready is not None:
+            self.ready.synchronize()
         loss_sum, stop_votes, bad_votes = self.votes.tolist()
         return StepResult(loss_sum / self.world if bad_votes == 0 else float("nan"), stop_votes > 0, bad_votes > 0, self.lr)
 
