@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 
 @torch.library.custom_op("flux_lora::attention", mutates_args=())
@@ -65,6 +66,17 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FlopCounterMode (bench.py's MFU) sees an opaque op: give it SDPA's own counts
+@register_flop_formula(torch.ops.flux_lora.attention)
+def _attention_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.flux_lora.attention_backward)
+def _attention_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
 
 
 def supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:

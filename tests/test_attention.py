@@ -91,3 +91,21 @@ def test_transformer_attention_runs_through_the_op(tiny_model):
     assert torch.allclose(before, after, atol=1e-5)
     other = models.load_transformer(str(tiny_model), torch.float32)
     assert not attention.in_use(other)  # the choice is per model, not global
+
+
+def test_flop_counter_counts_the_op_like_sdpa():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn):
+        q, k, v = _qkv("cpu")
+        with FlopCounterMode(display=False) as counter:
+            fn(q, k, v).sum().backward()
+        return counter.get_total_flops()
+
+    def explicit(q, k, v):  # the same maths as batched matmuls: 2 forward, 4 backward
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+
+    b, h, s, d = _qkv("cpu")[0].shape
+    ours = count(lambda q, k, v: attention.attention(q, k, v)[0])
+    # what FlopCounterMode counts for CUDA SDPA: the backward also recomputes q·kᵀ (a 5th matmul)
+    assert ours == count(explicit) + 2 * b * h * s * s * d
