@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora import fp8
+from flux_lora import fp8, fused
 from flux_lora.errors import ConfigError
 
 
@@ -137,6 +137,8 @@ def apply(model, train_cfg, device: torch.device, max_tokens: int = 0) -> str | 
     """Gradient checkpointing and per-block compile (compiling each block, not the whole model,
     keeps compile time short and the graphs reusable across the identical blocks). Returns why
     checkpointing was turned on, or None."""
+    if train_cfg.fuse_qkv:
+        fused.fuse_attention(model)
     checkpointing, why = use_checkpointing(train_cfg, model, max_tokens, gpu_bytes(device))
     if checkpointing:
         model.enable_gradient_checkpointing()

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux_lora import attention, distributed, models, speed  # noqa: E402
+from flux_lora import attention, distributed, fused, models, speed  # noqa: E402
 from flux_lora import train as T  # noqa: E402
 from flux_lora.config import build_config  # noqa: E402
 from flux_lora.fp8 import Fp8Linear  # noqa: E402
@@ -153,7 +153,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
-             "train.fp8_compute": setting.get("fp8_compute", "off")}
+             "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True)}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -212,7 +212,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
-           "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model)}
+           "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
+           "qkv_groups": sum(isinstance(m, fused.FusedProjection) for m in model.modules())}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     if flops:
@@ -245,10 +246,13 @@ def loss_comparison(test: list[float], reference: list[float]) -> dict:
 def train_settings(args) -> list[dict]:
     ours = {"name": f"flux_lora {args.memory_mode} fp8_compute={args.fp8_compute}",
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
-            "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute}
+            "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
+            "fuse_qkv": args.fuse_qkv == "on"}
     runs = [ours]
     if args.compare_bf16:
         runs.append({**ours, "name": f"flux_lora {args.memory_mode} bf16 base (loss reference)", "fp8_compute": "off"})
+    if args.compare_unfused:
+        runs.append({**ours, "name": f"flux_lora {args.memory_mode} q/k/v unfused", "fuse_qkv": False})
     if args.compare_attention:
         runs.append({**ours, "name": f"flux_lora {args.memory_mode} flash attention (loss reference)", "attention": "flash"})
     if args.baseline:  # the script on these machines: SDPA with cuDNN off, i.e. flash
@@ -273,7 +277,10 @@ def run_train(args) -> dict:
         if args.compare_bf16:
             report["loss_vs_bf16_base"] = loss_comparison(results[0]["losses"], results[1]["losses"])
         if args.compare_attention:
-            report["loss_vs_flash_attention"] = loss_comparison(results[0]["losses"], results[1 + args.compare_bf16]["losses"])
+            report["loss_vs_flash_attention"] = loss_comparison(
+                results[0]["losses"], results[1 + args.compare_bf16 + args.compare_unfused]["losses"])
+        if args.compare_unfused:
+            report["loss_vs_unfused"] = loss_comparison(results[0]["losses"], results[1 + args.compare_bf16]["losses"])
         return report if di.is_main else {}
 
 
@@ -331,6 +338,8 @@ def main() -> None:
     p.add_argument("--fp8-compute", default="auto", choices=["auto", "on", "off"], help="fast mode: fp8 frozen base")
     p.add_argument("--compare-bf16", action="store_true", help="also run with a bf16 base; compare the losses step by step")
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
+    p.add_argument("--fuse-qkv", default="on", choices=["on", "off"])
+    p.add_argument("--compare-unfused", action="store_true", help="also run with q/k/v as separate layers")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)

@@ -1,0 +1,91 @@
+"""q/k/v groups (flux_lora.fused): same outputs and LoRA gradients as peft's separate layers, the
+same parameters and keys, no second copy of the base, and the fallbacks."""
+
+import copy
+
+import pytest
+import torch
+
+from flux_lora import fp8, fused, lora, models
+
+
+def _inputs(conf, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x = dict(hidden_states=torch.randn(2, 16, conf.in_channels, generator=g),
+             encoder_hidden_states=torch.randn(2, 8, conf.joint_attention_dim, generator=g),
+             pooled_projections=torch.randn(2, conf.pooled_projection_dim, generator=g), timestep=torch.tensor([0.5, 0.7]))
+    x = {k: v.to(dtype) for k, v in x.items()}
+    x.update(img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    if conf.guidance_embeds:
+        x["guidance"] = torch.tensor([1.0, 1.0], dtype=dtype)
+    return x
+
+
+def _model(tiny_model, dtype=torch.float32, dropout=0.0):
+    torch.manual_seed(0)
+    model = models.load_transformer(str(tiny_model), dtype)
+    lora.add_lora(model, 4, 4, "attention-mlp", dropout, 0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # B starts at zero: make the LoRA branch count
+    return model
+
+
+def _run(model, inputs):
+    out = model(**inputs)[0]
+    out.float().square().sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_groups_match_separate_layers(tiny_model):
+    ref = _model(tiny_model)
+    model = copy.deepcopy(ref)
+    assert fused.fuse_attention(model) == 3  # double block: image and text q/k/v; single block: q/k/v
+    attn = model.transformer_blocks[0].attn
+    assert attn.fused_projections and isinstance(attn.to_qkv, fused.FusedProjection)
+    assert attn.to_k.base_layer.weight.data_ptr() == attn.to_qkv.weight[attn.to_q.base_layer.out_features:].data_ptr()
+    assert sorted(model.state_dict()) == sorted(ref.state_dict())  # no new keys, no duplicates
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    inputs = _inputs(model.config)
+    want_out, want_grads = _run(ref, inputs)
+    got_out, got_grads = _run(model, inputs)
+    assert torch.allclose(got_out, want_out, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-4), name
+
+
+@pytest.mark.skipif(not fp8.matmul_works("cpu"), reason="this torch has no CPU fp8 matmul")
+def test_fp8_group_matches_separate_fp8_layers(tiny_model):
+    ref = _model(tiny_model, torch.bfloat16)
+    fp8.convert_frozen_linears(list(ref.transformer_blocks) + list(ref.single_transformer_blocks), torch.device("cpu"))
+    model = copy.deepcopy(ref)
+    assert fused.fuse_attention(model) == 3 and model.transformer_blocks[0].attn.to_qkv.use_fp8
+    cast = copy.deepcopy(model).to(torch.float32)  # a dtype cast keeps the fp8 weights and their scales
+    assert cast.transformer_blocks[0].attn.to_qkv.weight.dtype == fp8.E4M3
+    assert cast.transformer_blocks[0].attn.to_qkv.scale_out.dtype == torch.float32
+    inputs = _inputs(model.config, torch.bfloat16)
+    want_out, want_grads = _run(ref, inputs)
+    got_out, got_grads = _run(model, inputs)
+    assert torch.equal(got_out, want_out)  # the forward is the same maths
+    for name, want in want_grads.items():
+        # the backward quantizes q/k/v's incoming gradients with one scale per row for all three
+        rel = ((got_grads[name].float() - want.float()).norm() / want.float().norm()).item()
+        assert rel < 0.1, (name, rel)
+
+
+def test_unusual_lora_falls_back_to_the_layers_own_forward(tiny_model):
+    ref = _model(tiny_model, dropout=0.1)  # dropout: peft draws a mask per layer
+    model = copy.deepcopy(ref)
+    assert fused.fuse_attention(model) == 3
+    ref.eval(), model.eval()
+    inputs = _inputs(model.config)
+    assert torch.allclose(model(**inputs)[0], ref(**inputs)[0], atol=1e-5)
+
+
+def test_mixed_lora_targets_are_left_alone(tiny_model):
+    torch.manual_seed(0)
+    model = models.load_transformer(str(tiny_model), torch.float32)
+    lora.add_lora(model, 4, 4, "to_q", 0.0, 0)  # LoRA on q only: k and v have none
+    assert fused.fuse_attention(model) == 0
+    assert not model.transformer_blocks[0].attn.fused_projections
