@@ -67,6 +67,17 @@ def _base_input_grad(dy2, weight, scale_in):
     return torch._scaled_mm(dyq, weight.t().contiguous().t(), scale_a=dys, scale_b=scale_in, out_dtype=dy2.dtype)
 
 
+def apply_keeping_dtypes(module: torch.nn.Module, apply, fn, recurse: bool) -> torch.nn.Module:
+    """Module._apply for modules holding fp8 weights and fp32 scales as buffers: Module.to(dtype)
+    would cast every float tensor; these keep their dtypes and only change device."""
+    kept = {k: t for k, t in module._buffers.items() if t is not None}
+    apply(fn, recurse)
+    for k, old in kept.items():
+        if module._buffers[k].dtype != old.dtype:
+            module._buffers[k] = old.to(module._buffers[k].device)
+    return module
+
+
 class _Fp8Matmul(torch.autograd.Function):
     """y = x Wᵀ + b with the frozen fp8 W; only dx is computed."""
 
@@ -111,13 +122,7 @@ class Fp8Linear(torch.nn.Module):
         return _Fp8Matmul.apply(x, self.weight, self.scale_out, self.scale_in, self.bias, self.out_dtype)
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts every float tensor; these keep their dtypes and only change device
-        kept = {k: t for k, t in self._buffers.items() if t is not None}
-        super()._apply(fn, recurse)
-        for k, old in kept.items():
-            if self._buffers[k].dtype != old.dtype:
-                self._buffers[k] = old.to(self._buffers[k].device)
-        return self
+        return apply_keeping_dtypes(self, super()._apply, fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3, bias={self.bias is not None}"

@@ -93,12 +93,7 @@ class FusedProjection(torch.nn.Module):
         # like Fp8Linear: a dtype cast of the model must not touch the fp8 weight and its scales
         if not self.use_fp8:
             return super()._apply(fn, recurse)
-        kept = {k: t for k, t in self._buffers.items() if t is not None}
-        super()._apply(fn, recurse)
-        for k, old in kept.items():
-            if self._buffers[k].dtype != old.dtype:
-                self._buffers[k] = old.to(self._buffers[k].device)
-        return self
+        return fp8.apply_keeping_dtypes(self, super()._apply, fn, recurse)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fp8:
