@@ -39,24 +39,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def set_attention_backend(name: str, transformer=None, dtype: torch.dtype = torch.float32,
-                          device: torch.device | None = None) -> str:
+def set_attention_backend(name: str, transformer, dtype: torch.dtype, device: torch.device) -> str:
     """Choose attention kernels deliberately; returns what the transformer's attention runs on.
     auto: the fused cuDNN op (flux_lora.attention) where supported (Hopper, bf16, head dim 64/128),
-    else flash. SDPA's own cuDNN path stays off: its backward crashes inside the compiled FLUX step
-    on H100 with torch 2.11 (2026-11-26); the op calls the same kernels without that failure."""
-    chosen = name
-    if name in ("auto", "cudnn") and transformer is not None:
-        from flux_lora import attention
+    else flash; cudnn: the op regardless. SDPA's own cuDNN path stays off: its backward crashes
+    inside the compiled FLUX step on H100 with torch 2.11 (2026-11-26); the op calls the same
+    kernels without that failure."""
+    from flux_lora import attention
 
+    chosen = name
+    if name in ("auto", "cudnn"):
         head_dim = getattr(transformer.config, "attention_head_dim", 0)
-        if name == "cudnn" or attention.supported(head_dim, dtype, device or torch.device("cpu")):
+        chosen = "cudnn" if name == "cudnn" or attention.supported(head_dim, dtype, device) else "flash"
+        if chosen == "cudnn":
             attention.use(transformer)
-            chosen = "cudnn"
-        else:
-            chosen = "flash"
-    elif name in ("auto", "cudnn"):
-        chosen = "flash"
     if torch.cuda.is_available() and name != "default":
         sdpa = "flash" if chosen == "cudnn" else chosen  # what the op's fallbacks and other models use
         torch.backends.cuda.enable_cudnn_sdp(False)

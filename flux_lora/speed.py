@@ -105,8 +105,10 @@ def step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blo
 
 def model_sizes(model) -> tuple[int, int, int, int]:
     """(frozen weight bytes, trainable params, blocks, hidden size) of a LoRA-wrapped transformer."""
-    frozen = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-                 if not t.requires_grad)
+    # by storage: a q/k/v group's concatenated weight and its members' views are one allocation
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in list(model.parameters()) + list(model.buffers()) if not t.requires_grad}
+    frozen = sum(storages.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     conf = model.config
     return frozen, trainable, len(_blocks(model)), conf.num_attention_heads * conf.attention_head_dim

@@ -95,9 +95,7 @@ def build_model(cfg: Config, di, reporter, tokens: int = 0):
     dtype = models.resolve_dtype(cfg.model.dtype, di.device)
     stage = speed.load_device(cfg.train, di.device, dtype, models.synthetic.is_synthetic(cfg.model.path))
     transformer = models.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
-    if models.set_attention_backend(cfg.model.attention, transformer, dtype, di.device) != cfg.model.attention \
-            and cfg.model.attention != "auto":
-        reporter.warning(f"model.attention={cfg.model.attention} is not supported here; using flash")
+    models.set_attention_backend(cfg.model.attention, transformer, dtype, di.device)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
     speed.quantize_base(transformer, cfg.train.memory_mode, di.device)
@@ -361,7 +359,6 @@ def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
     outputs (checkpoint, stop, divergence) see exactly the state after k: k+1's update is queued
     only after them, and dropped when the run ends at k."""
     tc, st = r.cfg.train, r.state
-    timing = {"first_step_s": None}
     pending = None
     while st.step < tc.steps or pending:
         queued = st.step + (1 if pending else 0)  # steps whose update is queued
@@ -373,7 +370,7 @@ def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
             if faults.loss_is_nan(queued + 1, r.di.rank):
                 loss = _poison(loss, r.model)
         if pending:
-            ending = _step_done(r, pending.result(), stop, t_start, meter, timing)
+            ending = _step_done(r, pending.result(), stop, meter)
             if ending:
                 r.opt.zero_grad(set_to_none=True)  # the next step's gradients: not applied
                 save_state(r)
@@ -381,10 +378,10 @@ def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
         if loss is None:
             break
         pending = update(r.model, r.opt, r.sched, loss, stop.raised, tc.max_grad_norm, r.di.device, r.di.world_size)
-    return timing["first_step_s"]
+    return meter.t_first - t_start if meter.t_first else None
 
 
-def _step_done(r: Run, res: StepResult, stop, t_start: float, meter, timing: dict) -> FluxLoraError | None:
+def _step_done(r: Run, res: StepResult, stop, meter) -> FluxLoraError | None:
     """Book one finished step; returns the error that ends the run after it, if any."""
     tc, st = r.cfg.train, r.state
     st.step += 1
@@ -393,7 +390,6 @@ def _step_done(r: Run, res: StepResult, stop, t_start: float, meter, timing: dic
         r.reporter.warning(f"non-finite loss at step {st.step}; step skipped "
                            f"({st.nonfinite_in_row}/{tc.max_nonfinite} in a row)", step=st.step)
     st.loss_history.append((st.step, res.loss, res.lr))
-    timing["first_step_s"] = timing["first_step_s"] or time.time() - t_start
     r.reporter.progress(st.step, **meter.update(st.step, res.loss, res.lr))
     if st.nonfinite_in_row >= tc.max_nonfinite:
         return DivergedError(f"loss was non-finite {st.nonfinite_in_row} steps in a row at step {st.step}; "
