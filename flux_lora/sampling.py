@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from flux_lora import distributed, models
+from flux_lora import distributed, models, speed
 
 PREVIEW_GUIDANCE = 3.5
 
@@ -58,12 +58,13 @@ class Previewer:
         self.model.eval()
         pipe = _pipeline(self.model, self.vae, self.scheduler)
         images = {}
-        for i in mine:
-            gen = torch.Generator(device=self.di.device).manual_seed(self.seed + i)
-            images[i] = pipe(prompt_embeds=self.samples["t5"][i:i + 1].to(self.di.device, self.dtype),
-                             pooled_prompt_embeds=self.samples["clip"][i:i + 1].to(self.di.device, self.dtype),
-                             height=self.size, width=self.size, num_inference_steps=self.steps,
-                             guidance_scale=PREVIEW_GUIDANCE, generator=gen).images[0]
+        with speed.eager_stance(self.model):
+            for i in mine:
+                gen = torch.Generator(device=self.di.device).manual_seed(self.seed + i)
+                images[i] = pipe(prompt_embeds=self.samples["t5"][i:i + 1].to(self.di.device, self.dtype),
+                                 pooled_prompt_embeds=self.samples["clip"][i:i + 1].to(self.di.device, self.dtype),
+                                 height=self.size, width=self.size, num_inference_steps=self.steps,
+                                 guidance_scale=PREVIEW_GUIDANCE, generator=gen).images[0]
         self.model.train(was_training)
         gathered = {k: v for part in distributed.gather_objects(images) for k, v in part.items()}
         if self.di.is_main:

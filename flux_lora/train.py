@@ -247,7 +247,7 @@ def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_no
         opt.step()
     elif votes[2].item() == 0:
         opt.step()
-    opt.zero_grad(set_to_none=True)
+    speed.zero_grad(model, opt)
     sched.step()  # the LR is a function of the step, skipped or not
     return PendingStep(votes, lr, world)
 
@@ -372,7 +372,7 @@ def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
         if pending:
             ending = _step_done(r, pending.result(), stop, meter)
             if ending:
-                r.opt.zero_grad(set_to_none=True)  # the next step's gradients: not applied
+                speed.zero_grad(r.model, r.opt)  # the next step's gradients: not applied
                 save_state(r)
                 raise _collective(ending)
         if loss is None:

@@ -153,7 +153,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
-             "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True)}
+             "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
+             "train.cuda_graphs": setting.get("cuda_graphs", "off")}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -181,9 +182,10 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         if setting.get("count_flops", True) else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
-    compiled = speed.use_compile(dataclasses.replace(cfg.train, compile=setting["compile"]), di.device)
+    train_cfg = dataclasses.replace(cfg.train, compile=setting["compile"])
+    compiled = speed.use_compile(train_cfg, di.device)
     if compiled:
-        speed.compile_blocks(model)
+        speed.compile_blocks(model, speed.use_cuda_graphs(train_cfg, di.device, model.is_gradient_checkpointing))
     ddp = speed.wrap_ddp(model, di)
     opt, sched = T.make_optimizer(model, cfg, di.device)
     if setting.get("unfused_adamw"):
@@ -213,6 +215,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
            "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
+           "cuda_graphs_on": speed.uses_cuda_graphs(model),
            "qkv_groups": sum(isinstance(m, fused.FusedProjection) for m in model.modules())}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
@@ -228,6 +231,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(di.device) / 2**30
     model = ddp = opt = data = None  # free the GPU before the next setting
     if di.device.type == "cuda":
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()  # their memory pool, too
         torch.cuda.empty_cache()
     return out
 
@@ -247,12 +253,14 @@ def train_settings(args) -> list[dict]:
     ours = {"name": f"flux_lora {args.memory_mode} fp8_compute={args.fp8_compute}",
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
-            "fuse_qkv": args.fuse_qkv == "on"}
+            "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs}
     runs = [ours]
     if args.compare_bf16:
         runs.append({**ours, "name": f"flux_lora {args.memory_mode} bf16 base (loss reference)", "fp8_compute": "off"})
     if args.compare_unfused:
         runs.append({**ours, "name": f"flux_lora {args.memory_mode} q/k/v unfused", "fuse_qkv": False})
+    if args.compare_graphs:
+        runs.append({**ours, "name": f"flux_lora {args.memory_mode} without CUDA graphs", "cuda_graphs": "off"})
     if args.compare_attention:
         runs.append({**ours, "name": f"flux_lora {args.memory_mode} flash attention (loss reference)", "attention": "flash"})
     if args.baseline:  # the script on these machines: SDPA with cuDNN off, i.e. flash
@@ -278,9 +286,12 @@ def run_train(args) -> dict:
             report["loss_vs_bf16_base"] = loss_comparison(results[0]["losses"], results[1]["losses"])
         if args.compare_attention:
             report["loss_vs_flash_attention"] = loss_comparison(
-                results[0]["losses"], results[1 + args.compare_bf16 + args.compare_unfused]["losses"])
+                results[0]["losses"], results[1 + args.compare_bf16 + args.compare_unfused + args.compare_graphs]["losses"])
         if args.compare_unfused:
             report["loss_vs_unfused"] = loss_comparison(results[0]["losses"], results[1 + args.compare_bf16]["losses"])
+        if args.compare_graphs:
+            report["loss_vs_no_graphs"] = loss_comparison(
+                results[0]["losses"], results[1 + args.compare_bf16 + args.compare_unfused]["losses"])
         return report if di.is_main else {}
 
 
@@ -340,6 +351,8 @@ def main() -> None:
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
     p.add_argument("--fuse-qkv", default="on", choices=["on", "off"])
     p.add_argument("--compare-unfused", action="store_true", help="also run with q/k/v as separate layers")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--compare-graphs", action="store_true", help="also run without CUDA graphs; compare the losses")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)

@@ -16,6 +16,9 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         # q/k/v grouping against three layers, and the bf16 base, for speed and the loss check
         fused512) run fused-512 train --resolution 512 --batch-size 4 --compare-unfused --compare-bf16 --no-baseline --steps 20 ;;
         fused1024) run fused-1024 train --resolution 1024 --batch-size 1 --compare-unfused --no-baseline --steps 20 ;;
+        # CUDA graphs per block against plain launches, for speed and the loss check
+        graphs512) run graphs-512 train --resolution 512 --batch-size 4 --compare-graphs --no-baseline --steps 20 ;;
+        graphs1024) run graphs-1024 train --resolution 1024 --batch-size 1 --compare-graphs --no-baseline --steps 20 ;;
         # default settings (fp8 base on H100/H200) against the bf16 base, for the loss check
         fp8check512) run fp8check-512 train --resolution 512 --batch-size 4 --compare-bf16 --no-baseline ;;
         bf16-512) run bf16-512 train --resolution 512 --batch-size 4 --fp8-compute off --no-baseline ;;

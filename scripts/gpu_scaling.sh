@@ -3,6 +3,8 @@
 # preprocess on all GPUs, then `train` on 1 GPU and on all GPUs of this machine, in one go.
 #   bash scripts/gpu_scaling.sh OUT_DIR [WHEEL_DIR]
 # Writes OUT_DIR/scaling.json (samples/s per GPU count, efficiency, LoRA identical on all ranks).
+# VARIANTS="name:--set k=v ..." (space-separated, ',' between a variant's flags) repeats train per
+# variant, e.g. VARIANTS="graphs: nographs:--set,train.cuda_graphs=off"; rows are keyed "name/N".
 set -uo pipefail
 out=${1:-bench/tmp}; wheels=${2:-.whl}
 mkdir -p "$out"
@@ -15,12 +17,15 @@ echo "== preprocess on $gpus GPU(s)"
 torchrun --nproc_per_node="$gpus" -m flux_lora preprocess --model random:flux1-dev --data "$work/images" \
     --cache-dir "$work/cache" --resolution "$res" --square --captioner none --default-caption "a photo" --json \
     > "$out/preprocess-${gpus}gpu.jsonl" 2> "$out/preprocess.log" || tail -n 5 "$out/preprocess.log"
-for n in ${COUNTS:-1 $gpus}; do
-    echo "== train on $n GPU(s)"
+for variant in ${VARIANTS:-default:}; do
+  name=${variant%%:*}; flags=${variant#*:}; flags=${flags//,/ }
+  for n in ${COUNTS:-1 $gpus}; do
+    echo "== train $name on $n GPU(s) $flags"
     timeout "${LIMIT:-200}" torchrun --nproc_per_node="$n" -m flux_lora train --model random:flux1-dev \
-        --cache-dir "$work/cache" --output "$work/out-$n" --steps "$steps" --batch-size "$batch" \
-        --checkpoint-every 100000 --json > "$out/train-${n}gpu.jsonl" 2> "$out/train-${n}gpu.log" \
-        || tail -n 5 "$out/train-${n}gpu.log"
+        --cache-dir "$work/cache" --output "$work/out-$name-$n" --steps "$steps" --batch-size "$batch" \
+        --checkpoint-every 100000 --json $flags > "$out/train-$name-${n}gpu.jsonl" 2> "$out/train-$name-${n}gpu.log" \
+        || tail -n 5 "$out/train-$name-${n}gpu.log"
+  done
 done
 python3 - "$out" "$gpus" <<'PY'
 import json, sys
@@ -28,6 +33,7 @@ from pathlib import Path
 out, gpus = Path(sys.argv[1]), int(sys.argv[2])
 rows = {}
 for f in sorted(out.glob("train-*gpu.jsonl")):
+    name = f.name[len("train-"):].rsplit("-", 1)[0]
     ev = [json.loads(l) for l in f.read_text().splitlines() if l.startswith("{")]
     prog = [e for e in ev if e["event"] == "progress"]
     done = [e for e in ev if e["event"] == "done"]
@@ -39,16 +45,17 @@ for f in sorted(out.glob("train-*gpu.jsonl")):
         steps, secs = prog[-1]["step"] - first["step"], prog[-1]["elapsed_s"] - first["elapsed_s"]
         dts = sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(prog, prog[1:]))
         gb = start[0]["global_batch"]
-        rows[start[0]["world_size"]] = {"samples_per_s": steps * gb / secs, "samples_per_s_from_step_1": prog[-1]["samples_per_s"],
+        rows[f"{name}/{start[0]['world_size']}"] = {"samples_per_s": steps * gb / secs, "samples_per_s_from_step_1": prog[-1]["samples_per_s"],
                                         "median_step_s": dts[len(dts) // 2], "steps": prog[-1]["step"],
                                         "global_batch": gb, "ranks_agree": done[0].get("ranks_agree"),
                                         "time_to_first_step_s": done[0].get("time_to_first_step_s"),
                                         "final_loss": done[0].get("final_loss")}
-base = rows.get(1, {}).get("samples_per_s")
-for n, r in rows.items():
+for key, r in rows.items():
+    name, n = key.rsplit("/", 1)
+    base = rows.get(f"{name}/1", {}).get("samples_per_s")
     if base:
         r["speedup"] = r["samples_per_s"] / base
-        r["efficiency"] = r["speedup"] / n
+        r["efficiency"] = r["speedup"] / int(n)
 pre = [json.loads(l) for l in (out / f"preprocess-{gpus}gpu.jsonl").read_text().splitlines() if l.startswith("{")]
 prog = [e for e in pre if e["event"] == "progress"]
 report = {"train": rows, "preprocess_512_images_per_s": prog[-1]["items_per_s"] if prog else None, "gpus": gpus}

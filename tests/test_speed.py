@@ -103,3 +103,56 @@ def test_quantized_base_is_staged_on_the_cpu_for_small_gpus(monkeypatch):
     assert speed.load_device(TrainConfig(fp8_compute="off"), cuda, torch.bfloat16, synthetic=False) == cuda
     monkeypatch.setattr(speed, "gpu_bytes", lambda device: 80 * GIB)
     assert speed.load_device(nf4, cuda, torch.bfloat16, synthetic=False) == cuda
+
+
+def test_cuda_graphs_auto_only_for_compiled_uncheckpointed_cuda_steps():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert speed.use_cuda_graphs(TrainConfig(), cuda, checkpointing=False)
+    assert not speed.use_cuda_graphs(TrainConfig(), cuda, checkpointing=True)
+    assert not speed.use_cuda_graphs(TrainConfig(compile="off"), cuda, checkpointing=False)
+    assert not speed.use_cuda_graphs(TrainConfig(memory_mode="nf4"), cuda, checkpointing=True)
+    assert not speed.use_cuda_graphs(TrainConfig(), cpu, checkpointing=False)
+    assert not speed.use_cuda_graphs(TrainConfig(cuda_graphs="off"), cuda, checkpointing=False)
+    with pytest.raises(ConfigError, match="cuda_graphs=on needs"):
+        speed.use_cuda_graphs(TrainConfig(cuda_graphs="on"), cuda, checkpointing=True)
+    with pytest.raises(ConfigError, match="train.cuda_graphs"):
+        TrainConfig(cuda_graphs="sometimes")
+
+
+class _ReplayedLinear(torch.autograd.Function):
+    """y = x wᵀ, whose backward writes dw into one reused buffer, as a CUDA graph replay does
+    (a fresh tensor over the same storage each time: the pool keeps no tensor alive)."""
+    storage = None
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        out = torch.empty(0).set_(_ReplayedLinear.storage, 0, (dy.shape[1], x.shape[1]))
+        return None, out.copy_(dy.t() @ x)
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_kept_gradients_accumulate_replayed_outputs_correctly(kept):
+    """Two micro-batches whose backward reuses one output buffer: with the gradient kept
+    allocated, autograd adds into it and the sum is right; adopted (set_to_none) it is the buffer,
+    and the second replay overwrites the first micro-batch's gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2, bias=False)
+    w = model.weight
+    _ReplayedLinear.storage = torch.empty(2, 3).untyped_storage()
+    xs = [torch.randn(4, 3) for _ in range(2)]
+    expected = sum(torch.ones(4, 2).t() @ x for x in xs)
+    if kept:
+        speed.keep_grads(model)
+    for x in xs:
+        _ReplayedLinear.apply(x, w).sum().backward()
+    assert torch.allclose(w.grad, expected) is kept
+    model.flux_lora_cuda_graphs = kept
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    speed.zero_grad(model, opt)
+    assert (w.grad is not None and not w.grad.any()) if kept else w.grad is None
