@@ -5,13 +5,15 @@
 # Writes OUT_DIR/scaling.json (samples/s per GPU count, efficiency, LoRA identical on all ranks).
 # VARIANTS="name:--set k=v ..." (space-separated, ',' between a variant's flags) repeats train per
 # variant, e.g. VARIANTS="graphs: nographs:--set,train.cuda_graphs=off"; rows are keyed "name/N".
+# EACH_GPU=1 also runs the 1-GPU train on every other GPU alone (rows "name.gpuI/1"): a multi-GPU
+# step goes at the pace of the slowest card, so speedups are also given against their mean.
 set -uo pipefail
 out=${1:-bench/tmp}; wheels=${2:-.whl}
 mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
 steps=${STEPS:-30}; res=${RESOLUTION:-512}; batch=${BATCH:-4}
-work=$(mktemp -d)
+work=${WORK:-$(mktemp -d)}
 python3 -m flux_lora demo-data "$work/images" --count 64
 echo "== preprocess on $gpus GPU(s)"
 torchrun --nproc_per_node="$gpus" -m flux_lora preprocess --model random:flux1-dev --data "$work/images" \
@@ -26,6 +28,15 @@ for variant in ${VARIANTS:-default:}; do
         --checkpoint-every 100000 --json $flags > "$out/train-$name-${n}gpu.jsonl" 2> "$out/train-$name-${n}gpu.log" \
         || tail -n 5 "$out/train-$name-${n}gpu.log"
   done
+  if [ "${EACH_GPU:-0}" = 1 ]; then
+    for ((i = 1; i < gpus; i++)); do
+      echo "== train $name on GPU $i alone"
+      CUDA_VISIBLE_DEVICES=$i timeout "${LIMIT:-200}" torchrun --nproc_per_node=1 -m flux_lora train --model random:flux1-dev \
+          --cache-dir "$work/cache" --output "$work/out-$name-gpu$i" --steps "$steps" --batch-size "$batch" \
+          --checkpoint-every 100000 --json $flags > "$out/train-$name.gpu$i-1gpu.jsonl" 2> "$out/train-$name.gpu$i-1gpu.log" \
+          || tail -n 5 "$out/train-$name.gpu$i-1gpu.log"
+    done
+  fi
 done
 python3 - "$out" "$gpus" <<'PY'
 import json, sys
@@ -56,6 +67,9 @@ for key, r in rows.items():
     if base:
         r["speedup"] = r["samples_per_s"] / base
         r["efficiency"] = r["speedup"] / int(n)
+    singles = [v["samples_per_s"] for k, v in rows.items() if k.rsplit("/", 1)[0].split(".gpu")[0] == name and k.endswith("/1")]
+    if int(n) > 1 and len(singles) > 1:
+        r["speedup_vs_mean_single_gpu"] = r["samples_per_s"] * len(singles) / sum(singles)
 pre = [json.loads(l) for l in (out / f"preprocess-{gpus}gpu.jsonl").read_text().splitlines() if l.startswith("{")]
 prog = [e for e in pre if e["event"] == "progress"]
 report = {"train": rows, "preprocess_512_images_per_s": prog[-1]["items_per_s"] if prog else None, "gpus": gpus}
