@@ -210,7 +210,7 @@ def eager_stance(model):
     return torch.compiler.set_stance("force_eager") if uses_cuda_graphs(model) else contextlib.nullcontext()
 
 
-def wrap_ddp(model, di):
+def wrap_ddp(model, di, bucket_mb: int = 25):
     """DDP over the LoRA parameters only (the frozen base has no grads to sync)."""
     if not di.distributed:
         return model
@@ -221,5 +221,5 @@ def wrap_ddp(model, di):
     # (same weights, same seed) and has no gradients, so it manages only the LoRA parameters
     model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad] + \
         [n for n, _ in model.named_buffers()]
-    return DDP(model, find_unused_parameters=False, broadcast_buffers=False, bucket_cap_mb=25,
+    return DDP(model, find_unused_parameters=False, broadcast_buffers=False, bucket_cap_mb=bucket_mb,
                gradient_as_bucket_view=True, **kwargs)

@@ -315,7 +315,7 @@ def run(cfg: Config) -> dict:
 def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
     manifest, dataset = load_data(cfg, di)
     model, n_params = build_model(cfg, di, reporter, max_tokens(dataset, manifest["max_sequence_length"], cfg.train.batch_size))
-    ddp = speed.wrap_ddp(model, di)
+    ddp = speed.wrap_ddp(model, di, cfg.dist.bucket_mb)
     opt, sched = make_optimizer(model, cfg, di.device)
     tc = cfg.train
     current_math = math_config(cfg, di.world_size, manifest)
