@@ -150,11 +150,11 @@ class OutputConfig:
 @dataclass
 class DistConfig:
     timeout_s: int = doc(600, "collective timeout: a dead rank ends the job after this long, not after 30 minutes")
-    bucket_mb: int = doc(25, "DDP gradient bucket size in MiB: each bucket's all-reduce starts as soon as its gradients are ready, overlapping the rest of the backward; one bucket larger than the LoRA (e.g. 1000) reduces everything once, after the backward")
+    bucket_mb: int = doc(0, "DDP gradient bucket size in MiB. 0 (auto): one bucket for all LoRA gradients when every rank is on one host (one all-reduce after the backward), 25 across hosts (each bucket's all-reduce overlaps the rest of the backward)")
 
     def __post_init__(self) -> None:
-        if self.bucket_mb <= 0:
-            raise ConfigError("dist.bucket_mb must be positive, e.g. 25")
+        if self.bucket_mb < 0:
+            raise ConfigError("dist.bucket_mb must be 0 (auto) or a size in MiB, e.g. 25")
 
 
 @dataclass

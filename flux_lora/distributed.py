@@ -24,6 +24,11 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this host
+
+    @property
+    def one_host(self) -> bool:
+        return self.local_world_size >= self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +48,7 @@ def env_dist_info() -> DistInfo:
         device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     else:
         device = torch.device("cpu")
-    return DistInfo(rank, world, local_rank, device)
+    return DistInfo(rank, world, local_rank, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 _INFO: DistInfo | None = None

@@ -156,3 +156,13 @@ def test_kept_gradients_accumulate_replayed_outputs_correctly(kept):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     speed.zero_grad(model, opt)
     assert (w.grad is not None and not w.grad.any()) if kept else w.grad is None
+
+
+def test_ddp_bucket_auto_is_one_bucket_on_one_host_and_overlapping_across_hosts():
+    lora_bytes = 65_372_160 * 4
+    assert speed.ddp_bucket_mb(0, lora_bytes, one_host=True) * 2**20 > lora_bytes  # everything in one bucket
+    assert speed.ddp_bucket_mb(0, lora_bytes, one_host=False) == speed.OVERLAP_BUCKET_MB
+    assert speed.ddp_bucket_mb(100, lora_bytes, one_host=True) == 100
+    with pytest.raises(ConfigError, match="bucket_mb"):
+        from flux_lora.config import DistConfig
+        DistConfig(bucket_mb=-1)
