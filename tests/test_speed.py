@@ -166,3 +166,56 @@ def test_ddp_bucket_auto_is_one_bucket_on_one_host_and_overlapping_across_hosts(
     with pytest.raises(ConfigError, match="bucket_mb"):
         from flux_lora.config import DistConfig
         DistConfig(bucket_mb=-1)
+
+
+def _small_flux(single_layers: int = 3):
+    from diffusers import FluxTransformer2DModel
+
+    from flux_lora import lora
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=single_layers,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    lora.add_lora(model, 4, 4, "attention-mlp", 0.0, 0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a LoRA that changes the output, so its gradients are checked
+    return model
+
+
+def _loss_and_grads(model):
+    from flux_lora import flow, lora
+
+    g = torch.Generator().manual_seed(1)
+    cpu = torch.device("cpu")
+    pred = model(hidden_states=torch.randn(2, 16, 16, generator=g), timestep=torch.rand(2, generator=g),
+                 guidance=torch.ones(2), pooled_projections=torch.randn(2, 32, generator=g),
+                 encoder_hidden_states=torch.randn(2, 8, 32, generator=g), txt_ids=flow.text_ids(8, cpu),
+                 img_ids=flow.image_ids(8, 8, cpu), return_dict=False)[0]
+    loss = pred.square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in lora.lora_parameters(model)}
+
+
+def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatch):
+    """The first single block gets its inputs in the layout the later ones get, so the single
+    block compiles once (the first double block still compiles apart: its inputs need no grad)."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=kw.get("dynamic")))
+    eager_loss, eager_grads = _loss_and_grads(_small_flux())
+    torch._dynamo.reset()
+    counters.clear()
+    model = _small_flux()
+    speed.compile_blocks(model)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        loss, grads = _loss_and_grads(model)
+    assert counters["stats"]["unique_graphs"] == 3  # double (no-grad inputs), double, single
+    assert torch._functorch.config.autograd_cache_allow_custom_autograd_functions  # fp8 graphs cached too
+    assert torch.allclose(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+    torch._dynamo.reset()
