@@ -174,6 +174,11 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
     their graphs, so compile takes seconds, not the minutes of a whole-model compile. The forward
     is compiled, not the module call, so hooks stay outside the graphs.
 
+    Shapes are static until a second one arrives (aspect-ratio buckets have different token
+    counts: 22 distinct ones at 512 px); then the dimension that changed becomes symbolic, so a
+    mixed dataset costs one more compile, not one per bucket (past dynamo's recompile limit of 8,
+    blocks would silently run eager).
+
     With cuda_graphs, inductor records each block's forward and backward once per shape and then
     replays them (CUDA graph trees, one memory pool): a step costs the host ~120 replays instead
     of ~3,500 kernel launches. A replay writes its outputs, the LoRA gradients included, into the
@@ -181,7 +186,7 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
     freed) and autograd adds each replay's output into them, under DDP and no_sync alike."""
     allow_compile_cache_of_fp8_functions()
     for block in _blocks(model):
-        block.forward = torch.compile(block.forward, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+        block.forward = torch.compile(block.forward, dynamic=None, mode="reduce-overhead" if cuda_graphs else None)
     if len(model.single_transformer_blocks):
         model.single_transformer_blocks[0].register_forward_pre_hook(_strided_like_later_single_blocks, with_kwargs=True)
     model.flux_lora_cuda_graphs = cuda_graphs

@@ -184,18 +184,25 @@ def _small_flux(single_layers: int = 3):
     return model
 
 
-def _loss_and_grads(model):
+def _loss_and_grads(model, h: int = 8, w: int = 8):
     from flux_lora import flow, lora
 
     g = torch.Generator().manual_seed(1)
     cpu = torch.device("cpu")
-    pred = model(hidden_states=torch.randn(2, 16, 16, generator=g), timestep=torch.rand(2, generator=g),
+    pred = model(hidden_states=torch.randn(2, (h // 2) * (w // 2), 16, generator=g), timestep=torch.rand(2, generator=g),
                  guidance=torch.ones(2), pooled_projections=torch.randn(2, 32, generator=g),
                  encoder_hidden_states=torch.randn(2, 8, 32, generator=g), txt_ids=flow.text_ids(8, cpu),
-                 img_ids=flow.image_ids(8, 8, cpu), return_dict=False)[0]
+                 img_ids=flow.image_ids(h, w, cpu), return_dict=False)[0]
     loss = pred.square().mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in lora.lora_parameters(model)}
+
+
+def _compile_on_cpu_quickly(monkeypatch):
+    """compile_blocks' own dynamic setting, with aot_eager (dynamo's guards and graphs are what
+    is tested; inductor's C++ codegen would take a minute on the CPU)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=kw["dynamic"]))
 
 
 def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatch):
@@ -203,8 +210,7 @@ def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatc
     block compiles once (the first double block still compiles apart: its inputs need no grad)."""
     from torch._dynamo.utils import counters
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=kw.get("dynamic")))
+    _compile_on_cpu_quickly(monkeypatch)
     eager_loss, eager_grads = _loss_and_grads(_small_flux())
     torch._dynamo.reset()
     counters.clear()
@@ -215,6 +221,28 @@ def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatc
         loss, grads = _loss_and_grads(model)
     assert counters["stats"]["unique_graphs"] == 3  # double (no-grad inputs), double, single
     assert torch._functorch.config.autograd_cache_allow_custom_autograd_functions  # fp8 graphs cached too
+    assert torch.allclose(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+    torch._dynamo.reset()
+
+
+def test_buckets_of_many_token_counts_compile_a_bounded_number_of_graphs(monkeypatch):
+    """Aspect-ratio buckets differ in token count; after the second, the blocks compile with that
+    dimension symbolic instead of once per bucket (past the recompile limit they would run eager)."""
+    from torch._dynamo.utils import counters
+
+    _compile_on_cpu_quickly(monkeypatch)
+    sizes = [(8, 8), (8, 12), (4, 16), (12, 12), (16, 8)]  # 16, 24, 16, 36, 32 image tokens
+    eager_loss, eager_grads = _loss_and_grads(_small_flux(), *sizes[-1])
+    torch._dynamo.reset()
+    counters.clear()
+    model = _small_flux()
+    speed.compile_blocks(model)
+    for h, w in sizes:
+        model.zero_grad(set_to_none=True)
+        loss, grads = _loss_and_grads(model, h, w)
+    assert counters["stats"]["unique_graphs"] <= 6  # static + symbolic, per block kind and input grads
     assert torch.allclose(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():
         assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
