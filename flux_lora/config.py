@@ -104,7 +104,7 @@ class TrainConfig:
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
     gradient_checkpointing: str = doc("auto", "auto (on in fp8/nf4; in fast mode only when the largest micro-batch would not fit the GPU without it), on or off")
     compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")
-    cuda_graphs: str = doc("auto", "replay each compiled block's forward and backward as CUDA graphs (no per-kernel launch cost on the host): auto (on when the blocks are compiled on CUDA without gradient checkpointing), on or off")
+    cuda_graphs: str = doc("auto", "replay each compiled block's forward and backward as CUDA graphs (no per-kernel launch cost on the host): auto (on when the blocks are compiled on CUDA without gradient checkpointing and all buckets have one token count: each new shape records every block again), on or off")
     fuse_qkv: bool = doc(True, "compute each attention's q, k and v (base and LoRA) as one projection: fewer, larger matmuls; same LoRA keys")
     fp8_compute: str = doc("auto", "fast mode with an fp8 frozen base (fp8 matmuls, half the weight memory; LoRA stays fp32): auto (on for GPUs with fp8 tensor cores: H100/H200/Ada), on or off")
     save_every: int = doc(0, "write OUTPUT/lora-step-NNNNNN.safetensors every N steps (0 = only at the end)")

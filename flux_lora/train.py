@@ -89,9 +89,15 @@ def max_tokens(dataset: cache.CachedDataset, text_len: int, batch_size: int) -> 
     return batch_size * (largest + text_len)
 
 
-def build_model(cfg: Config, di, reporter, tokens: int = 0):
+def token_counts(dataset: cache.CachedDataset) -> int:
+    """How many micro-batch shapes the run will see: distinct image token counts of the buckets."""
+    return len({(w // 16) * (h // 16) for w, h in {it.bucket for it in dataset.items}})
+
+
+def build_model(cfg: Config, di, reporter, tokens: int = 0, shapes: int = 1):
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
-    `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory."""
+    `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory, `shapes`
+    (distinct micro-batch shapes) lets cuda_graphs=auto decide."""
     dtype = models.resolve_dtype(cfg.model.dtype, di.device)
     stage = speed.load_device(cfg.train, di.device, dtype, models.synthetic.is_synthetic(cfg.model.path))
     transformer = models.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
@@ -104,7 +110,7 @@ def build_model(cfg: Config, di, reporter, tokens: int = 0):
         reporter.info(f"frozen base in fp8: {n_fp8} Linear layers multiply on fp8 tensor cores"
                       + (" (train.fp8_compute=off keeps bf16)" if cfg.train.memory_mode == "fast" else ""))
     transformer.to(di.device)
-    why = speed.apply(transformer, cfg.train, di.device, tokens)
+    why = speed.apply(transformer, cfg.train, di.device, tokens, shapes)
     if why:
         reporter.info(f"gradient checkpointing on ({why})")
     return transformer, n_params
@@ -314,7 +320,8 @@ def run(cfg: Config) -> dict:
 
 def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
     manifest, dataset = load_data(cfg, di)
-    model, n_params = build_model(cfg, di, reporter, max_tokens(dataset, manifest["max_sequence_length"], cfg.train.batch_size))
+    model, n_params = build_model(cfg, di, reporter, max_tokens(dataset, manifest["max_sequence_length"], cfg.train.batch_size),
+                                  token_counts(dataset))
     ddp = speed.wrap_ddp(model, di, cfg.dist.bucket_mb)
     opt, sched = make_optimizer(model, cfg, di.device)
     tc = cfg.train

@@ -73,6 +73,15 @@ def test_max_tokens_counts_the_largest_bucket_and_the_text(cache_dir):
     assert train.max_tokens(dataset, 77, 3) == 3 * (largest + 77)
 
 
+def test_token_counts_merge_buckets_of_equal_area():
+    from types import SimpleNamespace
+
+    from flux_lora import train
+
+    items = [SimpleNamespace(bucket=b) for b in [(512, 512), (256, 1024), (1024, 256), (512, 512), (496, 528)]]
+    assert train.token_counts(SimpleNamespace(items=items)) == 2  # 1024 tokens thrice, 31 × 33 once
+
+
 def test_prefetcher_returns_each_step_in_order_and_surfaces_errors():
     from flux_lora.cache import Prefetcher
 
@@ -113,6 +122,8 @@ def test_cuda_graphs_auto_only_for_compiled_uncheckpointed_cuda_steps():
     assert not speed.use_cuda_graphs(TrainConfig(memory_mode="nf4"), cuda, checkpointing=True)
     assert not speed.use_cuda_graphs(TrainConfig(), cpu, checkpointing=False)
     assert not speed.use_cuda_graphs(TrainConfig(cuda_graphs="off"), cuda, checkpointing=False)
+    assert not speed.use_cuda_graphs(TrainConfig(), cuda, checkpointing=False, shapes=3)  # mixed buckets
+    assert speed.use_cuda_graphs(TrainConfig(cuda_graphs="on"), cuda, checkpointing=False, shapes=3)
     with pytest.raises(ConfigError, match="cuda_graphs=on needs"):
         speed.use_cuda_graphs(TrainConfig(cuda_graphs="on"), cuda, checkpointing=True)
     with pytest.raises(ConfigError, match="train.cuda_graphs"):
