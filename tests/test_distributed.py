@@ -30,3 +30,12 @@ def test_two_ranks_shard_and_agree(tmp_path):
     assert all(r["none"] is False for r in rows)
     assert all(r["sums"] == [2.0, 1.0] for r in rows)
     assert all(r["shared"] == "from rank 0" for r in rows)
+
+
+def test_kept_gradients_train_like_freed_ones_under_ddp(tmp_path):
+    """CUDA graphs keep the gradients allocated (zeroed, not freed); DDP's buckets, no_sync
+    accumulation and the optimizer must give exactly what freeing them gives."""
+    torchrun(2, str(ROOT / "tests" / "ddp_grads_probe.py"), module=False, timeout=120, env=cli_env(OUT_DIR=str(tmp_path)))
+    rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["kept_vs_freed"] < 1e-6 for r in rows), rows
+    assert all(r["ranks_differ"] == 0 for r in rows), rows
