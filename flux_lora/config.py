@@ -204,6 +204,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if kind is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if isinstance(value, bool):  # YAML reads on/off/yes/no as booleans: the on/off choices
+                return "on" if value else "off"
             return "" if value is None else str(value)
         if kind is list:
             if isinstance(value, str):

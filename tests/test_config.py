@@ -45,6 +45,17 @@ def test_wrong_types_name_the_key():
     assert build_config(None, None, ["data.sample_prompts=[a cat, a dog]"]).data.sample_prompts == ["a cat", "a dog"]
 
 
+def test_yaml_on_off_words_reach_the_on_off_choices(tmp_path):
+    """YAML reads `off`, `no`, `on` as booleans; the on/off/auto settings take them as meant."""
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  compile: off\n  cuda_graphs: no\n  gradient_checkpointing: on\n  fp8_compute: off\n")
+    t = build_config(y).train
+    assert (t.compile, t.cuda_graphs, t.gradient_checkpointing, t.fp8_compute) == ("off", "off", "on", "off")
+    y2 = tmp_path / "resolved.yaml"
+    y2.write_text(to_yaml(build_config(y)))
+    assert build_config(y2).train.compile == "off"
+
+
 def test_validation_messages():
     with pytest.raises(ConfigError, match="multiple of 16"):
         build_config(None, None, ["data.resolution=500"])
