@@ -144,8 +144,9 @@ def apply(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: i
     checkpointing, why = use_checkpointing(train_cfg, model, max_tokens, gpu_bytes(device))
     if checkpointing:
         model.enable_gradient_checkpointing()
+    graphs = use_cuda_graphs(train_cfg, device, checkpointing, shapes)  # an impossible "on" fails here
     if use_compile(train_cfg, device):
-        compile_blocks(model, use_cuda_graphs(train_cfg, device, checkpointing, shapes))
+        compile_blocks(model, graphs)
     return why if checkpointing else None
 
 

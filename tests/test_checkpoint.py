@@ -194,3 +194,9 @@ def test_resume_reads_the_validated_checkpoint_once(tmp_path, monkeypatch):
     checkpoint.latest_valid(tmp_path)
     checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"optimizer": {}, "scheduler": {}}, {}, keep=2, rank=0)
     assert torch.equal(checkpoint.load_checkpoint(d)["lora"]["w"], torch.zeros(2))  # rewritten: not the kept copy
+
+
+def test_cuda_graphs_asked_for_on_the_cpu_is_one_clear_line(tiny_model, cache_dir, tmp_path):
+    proc = run_cli(*train_args(tiny_model, cache_dir, tmp_path / "graphs", "--steps", "1", "--set", "train.cuda_graphs=on"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: train.cuda_graphs=on needs CUDA")
