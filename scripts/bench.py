@@ -149,6 +149,22 @@ def idle_gaps(prof, top: int = 12) -> list:
     return sorted(gaps, reverse=True)[:top] + [("total_ms_over_20us", round(sum(g[0] for g in gaps), 2))]
 
 
+def compile_report() -> dict:
+    """Where the time to first step went in compiling (so far in this process): graphs, cache hits
+    and bypasses (FX graph and AOTAutograd caches), and the slowest compile phases in seconds."""
+    from torch._dynamo.utils import compile_times, counters
+
+    keep = ("unique_graphs", "fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass", "autograd_cache_hit",
+            "autograd_cache_miss", "autograd_cache_bypass", "cudagraph_skips")
+    found = {k: v for group in ("stats", "inductor", "aot_autograd") for k, v in counters[group].items() if k in keep}
+    try:
+        names, values = compile_times(repr="csv", aggregate=True)
+        phases = sorted(((float(v), n) for n, v in zip(names, values)), reverse=True)[:12]
+    except (TypeError, ValueError):
+        phases = []
+    return {**found, "slowest_phases_s": [(n, round(v, 2)) for v, n in phases]}
+
+
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
@@ -219,6 +235,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "qkv_groups": sum(isinstance(m, fused.FusedProjection) for m in model.modules())}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
+    out["compile_report"] = compile_report()
     if flops:
         per_sample = flops / setting["batch"]
         out.update(tflop_per_sample=per_sample / 1e12, tflops_per_gpu=per_sample * samples_s / di.world_size / 1e12)
