@@ -4,6 +4,8 @@ Measured with scripts/bench.py; figures in bench/results/ and the README."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from flux_lora import fp8, fused
@@ -247,8 +249,6 @@ def zero_grad(model, opt) -> None:
 def eager_stance(model):
     """Context for inference with the training model (preview images): recorded CUDA graphs are
     for the training step's shapes and autograd; run those blocks eagerly instead."""
-    import contextlib
-
     return torch.compiler.set_stance("force_eager") if uses_cuda_graphs(model) else contextlib.nullcontext()
 
 

@@ -83,15 +83,19 @@ def load_data(cfg: Config, di) -> tuple[dict, cache.CachedDataset]:
     return manifest, cache.CachedDataset(cache_dir, manifest)
 
 
+def image_token_counts(dataset: cache.CachedDataset) -> set[int]:
+    """Image tokens (one per 16×16 pixels) of each bucket the dataset uses."""
+    return {(w // 16) * (h // 16) for w, h in {it.bucket for it in dataset.items}}
+
+
 def max_tokens(dataset: cache.CachedDataset, text_len: int, batch_size: int) -> int:
-    """Tokens of the largest micro-batch: image tokens (one per 16×16 pixels) + text tokens."""
-    largest = max((w // 16) * (h // 16) for w, h in {it.bucket for it in dataset.items})
-    return batch_size * (largest + text_len)
+    """Tokens of the largest micro-batch: image tokens + text tokens."""
+    return batch_size * (max(image_token_counts(dataset)) + text_len)
 
 
 def token_counts(dataset: cache.CachedDataset) -> int:
     """How many micro-batch shapes the run will see: distinct image token counts of the buckets."""
-    return len({(w // 16) * (h // 16) for w, h in {it.bucket for it in dataset.items}})
+    return len(image_token_counts(dataset))
 
 
 def build_model(cfg: Config, di, reporter, tokens: int = 0, shapes: int = 1):
