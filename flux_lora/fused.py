@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora import fp8
+from flux_lora import fp8, lora_up
 
 
 class _Fp8GroupMatmul(torch.autograd.Function):
@@ -42,17 +42,6 @@ class _Fp8GroupMatmul(torch.autograd.Function):
         return dx.view(ctx.x_shape), None, None, None, None, None
 
 
-def _lora_eligible(layer) -> bool:
-    """A peft LoRA Linear whose forward is exactly base + B·A·x·scaling with one active adapter."""
-    adapters = getattr(layer, "active_adapters", None)
-    if not adapters or len(adapters) != 1 or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
-        return False
-    name = adapters[0]
-    return (name in layer.lora_A and not layer.use_dora.get(name, False)
-            and isinstance(layer.lora_dropout[name], torch.nn.Identity)
-            and not getattr(layer, "lora_bias", {}).get(name, False))
-
-
 def _base(layer):
     return layer.base_layer if hasattr(layer, "base_layer") else layer
 
@@ -61,9 +50,10 @@ class FusedProjection(torch.nn.Module):
     """The members' outputs concatenated on the last dim, computed as one projection. Members are
     read, not owned (kept out of the module tree, so their parameters are not listed twice)."""
 
-    def __init__(self, members: list[torch.nn.Module]):
+    def __init__(self, members: list[torch.nn.Module], up_add: bool = False):
         super().__init__()
         self.__dict__["members"] = tuple(members)
+        self.up_add = up_add  # the LoRA up-projection and its add as one addmm (flux_lora.lora_up)
         bases = [_base(m) for m in members]
         self.use_fp8 = isinstance(bases[0], fp8.Fp8Linear)
         dev = bases[0].weight.device
@@ -105,15 +95,17 @@ class FusedProjection(torch.nn.Module):
         has_lora = [hasattr(m, "lora_A") for m in members]
         if not any(has_lora):
             return self._base_forward(x)
-        if not all(has_lora) or not all(_lora_eligible(m) for m in members) \
+        if not all(has_lora) or not all(lora_up.eligible(m) for m in members) \
                 or len({m.scaling[m.active_adapters[0]] for m in members}) != 1:
             return torch.cat([m(x) for m in members], dim=-1)  # anything unusual: the members' own forward
         name = members[0].active_adapters[0]
         a = torch.cat([m.lora_A[name].weight for m in members])  # [members × r, in]
         b = torch.block_diag(*[m.lora_B[name].weight for m in members])  # [out total, members × r]
-        lora_x = x.to(a.dtype) if not torch.is_autocast_enabled(x.device.type) else x
-        delta = torch.nn.functional.linear(torch.nn.functional.linear(lora_x, a), b) * members[0].scaling[name]
+        h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
+        if self.up_add:
+            return lora_up.up_add(self._base_forward(x), h, b, members[0].scaling[name])
         y = self._base_forward(x)
+        delta = torch.nn.functional.linear(h, b) * members[0].scaling[name]
         return (y + delta).to(y.dtype)  # as peft: the sum in the wider dtype, one rounding
 
 
@@ -128,7 +120,7 @@ def _fusable(layers: list[torch.nn.Module]) -> bool:
             and len({hasattr(m, "lora_A") for m in layers}) == 1 and not any(b.weight.requires_grad for b in bases))
 
 
-def fuse_attention(model: torch.nn.Module) -> int:
+def fuse_attention(model: torch.nn.Module, up_add: bool = False) -> int:
     """Install q/k/v groups on every FLUX attention layer whose projections allow it (same input
     size, same base kind: fp8 or plain Linear, LoRA on all or none). Returns how many groups."""
     n = 0
@@ -141,7 +133,7 @@ def fuse_attention(model: torch.nn.Module) -> int:
         if not all(all(x is not None for x in layers) and _fusable(layers) for _, layers in groups):
             continue
         for attr, layers in groups:
-            setattr(module, attr, FusedProjection(layers))
+            setattr(module, attr, FusedProjection(layers, up_add))
             n += 1
         module.fused_projections = True
     return n

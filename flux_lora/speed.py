@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from flux_lora import fp8, fused
+from flux_lora import fp8, fused, lora_up
 from flux_lora.errors import ConfigError
 
 
@@ -141,8 +141,10 @@ def apply(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: i
     """Gradient checkpointing and per-block compile (compiling each block, not the whole model,
     keeps compile time short and the graphs reusable across the identical blocks). Returns why
     checkpointing was turned on, or None."""
+    if train_cfg.fuse_lora_up:
+        lora_up.install(model)
     if train_cfg.fuse_qkv:
-        fused.fuse_attention(model)
+        fused.fuse_attention(model, up_add=train_cfg.fuse_lora_up)
     checkpointing, why = use_checkpointing(train_cfg, model, max_tokens, gpu_bytes(device))
     if checkpointing:
         model.enable_gradient_checkpointing()

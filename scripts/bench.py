@@ -170,7 +170,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
-             "train.cuda_graphs": setting.get("cuda_graphs", "off")}
+             "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True)}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -270,16 +270,17 @@ def train_settings(args) -> list[dict]:
     ours = {"name": f"flux_lora {args.memory_mode} fp8_compute={args.fp8_compute}",
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
-            "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs}
+            "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on"}
     runs = [ours]
-    if args.compare_bf16:
-        runs.append({**ours, "name": f"flux_lora {args.memory_mode} bf16 base (loss reference)", "fp8_compute": "off"})
-    if args.compare_unfused:
-        runs.append({**ours, "name": f"flux_lora {args.memory_mode} q/k/v unfused", "fuse_qkv": False})
-    if args.compare_graphs:
-        runs.append({**ours, "name": f"flux_lora {args.memory_mode} without CUDA graphs", "cuda_graphs": "off"})
-    if args.compare_attention:
-        runs.append({**ours, "name": f"flux_lora {args.memory_mode} flash attention (loss reference)", "attention": "flash"})
+    # (asked for, what changes, the report key comparing the losses)
+    variants = ((args.compare_bf16, "bf16 base (loss reference)", {"fp8_compute": "off"}, "loss_vs_bf16_base"),
+                (args.compare_unfused, "q/k/v unfused", {"fuse_qkv": False}, "loss_vs_unfused"),
+                (args.compare_graphs, "without CUDA graphs", {"cuda_graphs": "off"}, "loss_vs_no_graphs"),
+                (args.compare_up_add, "peft's LoRA forward" if ours["fuse_lora_up"] else "LoRA up-projection as one addmm", {"fuse_lora_up": not ours["fuse_lora_up"]}, "loss_vs_up_add_toggled"),
+                (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"))
+    for wanted, what, change, key in variants:
+        if wanted:
+            runs.append({**ours, **change, "name": f"flux_lora {args.memory_mode} {what}", "loss_key": key})
     if args.baseline:  # the script on these machines: SDPA with cuDNN off, i.e. flash
         runs.append({"name": "diffusers-script setting", "resolution": args.resolution, "batch": 1,
                      "memory_mode": "fast", "checkpointing": "on", "compile": "off", "lora_bf16": True,
@@ -299,16 +300,9 @@ def run_train(args) -> dict:
                   "results": results}
         if args.baseline:
             report["speedup_vs_diffusers_setting"] = results[0]["samples_per_s"] / results[-1]["samples_per_s"]
-        if args.compare_bf16:
-            report["loss_vs_bf16_base"] = loss_comparison(results[0]["losses"], results[1]["losses"])
-        if args.compare_attention:
-            report["loss_vs_flash_attention"] = loss_comparison(
-                results[0]["losses"], results[1 + args.compare_bf16 + args.compare_unfused + args.compare_graphs]["losses"])
-        if args.compare_unfused:
-            report["loss_vs_unfused"] = loss_comparison(results[0]["losses"], results[1 + args.compare_bf16]["losses"])
-        if args.compare_graphs:
-            report["loss_vs_no_graphs"] = loss_comparison(
-                results[0]["losses"], results[1 + args.compare_bf16 + args.compare_unfused]["losses"])
+        for other in results[1:]:
+            if "loss_key" in other:
+                report[other["loss_key"]] = loss_comparison(results[0]["losses"], other["losses"])
         return report if di.is_main else {}
 
 
@@ -370,6 +364,8 @@ def main() -> None:
     p.add_argument("--compare-unfused", action="store_true", help="also run with q/k/v as separate layers")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compare-graphs", action="store_true", help="also run without CUDA graphs; compare the losses")
+    p.add_argument("--fuse-lora-up", default="on", choices=["on", "off"], help="LoRA up-projection and add as one addmm")
+    p.add_argument("--compare-up-add", action="store_true", help="also run with --fuse-lora-up toggled; compare the losses")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)

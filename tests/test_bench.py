@@ -8,8 +8,8 @@ import sys
 from conftest import ROOT, cli_env
 
 
-def _bench(kind, out):
-    proc = subprocess.run([sys.executable, "scripts/bench.py", kind, "--tiny", "--out", str(out)],
+def _bench(kind, out, *flags):
+    proc = subprocess.run([sys.executable, "scripts/bench.py", kind, "--tiny", "--out", str(out), *flags],
                           capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text())
@@ -20,6 +20,14 @@ def test_bench_train_tiny(tmp_path):
     ours, baseline = report["results"]
     assert ours["samples_per_s"] > 0 and ours["tflop_per_sample"] > 0 and baseline["checkpointing"] == "on"
     assert report["speedup_vs_diffusers_setting"] > 0
+
+
+def test_bench_compares_the_lora_forwards(tmp_path):
+    report = _bench("train", tmp_path / "b.json", "--compare-up-add", "--no-baseline")
+    ours, peft_forward = report["results"]
+    assert ours["fuse_lora_up"] and not peft_forward["fuse_lora_up"]
+    # same seeds and data: the losses agree to float rounding (fp32 on the CPU)
+    assert report["loss_vs_up_add_toggled"]["max_abs_diff"] < 1e-4
 
 
 def test_bench_preprocess_tiny(tmp_path):

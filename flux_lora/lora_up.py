@@ -1,0 +1,105 @@
+"""A LoRA layer's up-projection and its add to the base output as one matmul: y + s·h·Bᵀ is one
+addmm, whose epilogue adds y while the result is written.
+
+peft computes h·Bᵀ into a new [tokens, out] tensor and then reads it back with y to add them:
+two passes over the layer's largest tensor that addmm does not make. At 512 px, batch 4 LoRA's
+matmuls are memory-bound (rank 16), so these passes are a visible part of the step.
+
+The op is a torch.library custom op, opaque to inductor: an addmm that inductor sees is lowered
+with a copy of y first (measured slower than peft's forward). Its backward is plain matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("flux_lora::lora_up_add", mutates_args=())
+def lora_up_add(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y [..., out] + scaling · h [..., r] · b [out, r]ᵀ; all three of one dtype."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+    return out.view(y.shape)
+
+
+@lora_up_add.register_fake
+def _(y, h, b, scaling):
+    return y.new_empty(y.shape)
+
+
+def _setup(ctx, inputs, output):
+    _, h, b, scaling = inputs
+    ctx.save_for_backward(h, b)
+    ctx.scaling = scaling
+
+
+def _backward(ctx, dy):
+    h, b = ctx.saved_tensors
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dh = dy2 @ b
+    db = dy2.t() @ h.reshape(-1, h.shape[-1])
+    if ctx.scaling != 1.0:
+        dh, db = dh * ctx.scaling, db * ctx.scaling
+    return dy, dh.view(h.shape), db, None
+
+
+lora_up_add.register_autograd(_backward, setup_context=_setup)
+
+
+def lora_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The LoRA branch's input: cast to the (fp32) LoRA weight's dtype as peft does, except under
+    autocast, which casts it back to bf16 for the matmul anyway."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
+
+
+def up_add(y: torch.Tensor, h: torch.Tensor, b_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y + scaling · h · b_weightᵀ in y's dtype, summed in h's dtype (peft's order: bf16 under
+    autocast, fp32 otherwise) with one rounding."""
+    dtype = h.dtype
+    return lora_up_add(y.to(dtype), h, b_weight.to(dtype), float(scaling)).to(y.dtype)
+
+
+def _peft_linear():
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+def eligible(layer) -> bool:
+    """A peft LoRA Linear whose forward is exactly base + B·A·x·scaling with one active adapter."""
+    adapters = getattr(layer, "active_adapters", None)
+    if not adapters or len(adapters) != 1 or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return False
+    name = adapters[0]
+    return (name in layer.lora_A and not layer.use_dora.get(name, False) and name not in getattr(layer, "lora_variant", {})
+            and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+            and not getattr(layer, "lora_bias", {}).get(name, False))
+
+
+_classes: dict[type, type] = {}
+
+
+def _up_add_class(base_cls: type) -> type:
+    """peft's Linear with this forward (a subclass: isinstance checks, keys and export unchanged)."""
+    if base_cls not in _classes:
+        def forward(self, x, *args, **kwargs):
+            if args or kwargs or not eligible(self):
+                return base_cls.forward(self, x, *args, **kwargs)
+            name = self.active_adapters[0]
+            lora_a = self.lora_A[name]
+            h = lora_a(lora_input(x, lora_a.weight))
+            return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name])
+
+        _classes[base_cls] = type("UpAdd" + base_cls.__name__, (base_cls,), {"forward": forward, "__module__": __name__})
+    return _classes[base_cls]
+
+
+def install(model: torch.nn.Module) -> int:
+    """Give every peft LoRA Linear (a bf16 or fp8 base; not 4-bit) the one-addmm forward; layers
+    with dropout, DoRA or several adapters keep peft's path at run time. Returns how many."""
+    linear = _peft_linear()
+    n = 0
+    for module in model.modules():
+        if type(module) is linear:
+            module.__class__ = _up_add_class(linear)
+            n += 1
+    return n
