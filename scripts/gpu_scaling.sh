@@ -5,6 +5,8 @@
 # Writes OUT_DIR/scaling.json (samples/s per GPU count, efficiency, LoRA identical on all ranks).
 # VARIANTS="name:--set k=v ..." (space-separated, ',' between a variant's flags) repeats train per
 # variant, e.g. VARIANTS="graphs: nographs:--set,train.cuda_graphs=off"; rows are keyed "name/N".
+# PAIR=1 also runs two 1-GPU trains at once, on GPU 0 and GPU 1 (rows "name.pairI/1"): the pace
+# a card keeps next to a busy neighbour without any communication.
 # EACH_GPU=1 also runs the 1-GPU train on every other GPU alone (rows "name.gpuI/1"): a multi-GPU
 # step goes at the pace of the slowest card, so speedups are also given against their mean.
 set -uo pipefail
@@ -28,6 +30,16 @@ for variant in ${VARIANTS:-default:}; do
         --checkpoint-every 100000 --json $flags > "$out/train-$name-${n}gpu.jsonl" 2> "$out/train-$name-${n}gpu.log" \
         || tail -n 5 "$out/train-$name-${n}gpu.log"
   done
+  if [ "${PAIR:-0}" = 1 ]; then
+    echo "== train $name on GPU 0 and GPU 1 at once, each alone (no DDP)"
+    for i in 0 1; do
+      CUDA_VISIBLE_DEVICES=$i timeout "${LIMIT:-200}" torchrun --nproc_per_node=1 --master_port=$((29600 + i)) -m flux_lora train \
+          --model random:flux1-dev --cache-dir "$work/cache" --output "$work/out-$name-pair$i" --steps "$steps" \
+          --batch-size "$batch" --checkpoint-every 100000 --json $flags > "$out/train-$name.pair$i-1gpu.jsonl" \
+          2> "$out/train-$name.pair$i-1gpu.log" &
+    done
+    wait
+  fi
   if [ "${EACH_GPU:-0}" = 1 ]; then
     for ((i = 1; i < gpus; i++)); do
       echo "== train $name on GPU $i alone"
@@ -70,6 +82,11 @@ for key, r in rows.items():
     singles = [v["samples_per_s"] for k, v in rows.items() if k.rsplit("/", 1)[0].split(".gpu")[0] == name and k.endswith("/1")]
     if int(n) > 1 and len(singles) > 1:
         r["speedup_vs_mean_single_gpu"] = r["samples_per_s"] * len(singles) / sum(singles)
+    pair = [v["samples_per_s"] for k, v in rows.items() if k.startswith(f"{name}.pair")]
+    if int(n) > 1 and pair:
+        # against 1-GPU runs made at the same time on two cards: what the host and the cards' shared
+        # power and cooling allow without any communication
+        r["speedup_vs_concurrent_single_gpus"] = r["samples_per_s"] * len(pair) / sum(pair)
 pre = [json.loads(l) for l in (out / f"preprocess-{gpus}gpu.jsonl").read_text().splitlines() if l.startswith("{")]
 prog = [e for e in pre if e["event"] == "progress"]
 report = {"train": rows, "preprocess_512_images_per_s": prog[-1]["items_per_s"] if prog else None, "gpus": gpus}
