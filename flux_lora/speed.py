@@ -272,8 +272,10 @@ def ddp_bucket_mb(setting: int, gradient_bytes: int, one_host: bool) -> float:
     return gradient_bytes / 2**20 + 1 if one_host else float(OVERLAP_BUCKET_MB)
 
 
-def wrap_ddp(model, di, bucket_mb: int = 0):
-    """DDP over the LoRA parameters only (the frozen base has no grads to sync)."""
+def wrap_ddp(model, di, bucket_mb: int = 0, average_per_bucket: bool = True):
+    """DDP over the LoRA parameters only (the frozen base has no grads to sync). Without a comm
+    hook DDP divides each gradient by the world size on its own, one small kernel per LoRA
+    tensor; torch's allreduce_hook divides the bucket once and then sums it (same average)."""
     if not di.distributed:
         return model
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -285,5 +287,10 @@ def wrap_ddp(model, di, bucket_mb: int = 0):
     # (same weights, same seed) and has no gradients, so it manages only the LoRA parameters
     model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad] + \
         [n for n, _ in model.named_buffers()]
-    return DDP(model, find_unused_parameters=False, broadcast_buffers=False, bucket_cap_mb=bucket,
-               gradient_as_bucket_view=True, **kwargs)
+    ddp = DDP(model, find_unused_parameters=False, broadcast_buffers=False, bucket_cap_mb=bucket,
+              gradient_as_bucket_view=True, **kwargs)
+    if average_per_bucket:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        ddp.register_comm_hook(None, allreduce_hook)
+    return ddp

@@ -326,7 +326,7 @@ def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
     manifest, dataset = load_data(cfg, di)
     model, n_params = build_model(cfg, di, reporter, max_tokens(dataset, manifest["max_sequence_length"], cfg.train.batch_size),
                                   token_counts(dataset))
-    ddp = speed.wrap_ddp(model, di, cfg.dist.bucket_mb)
+    ddp = speed.wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = make_optimizer(model, cfg, di.device)
     tc = cfg.train
     current_math = math_config(cfg, di.world_size, manifest)

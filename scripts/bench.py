@@ -202,7 +202,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     compiled = speed.use_compile(train_cfg, di.device)
     if compiled:
         speed.compile_blocks(model, speed.use_cuda_graphs(train_cfg, di.device, model.is_gradient_checkpointing))
-    ddp = speed.wrap_ddp(model, di)
+    ddp = speed.wrap_ddp(model, di, average_per_bucket=setting.get("average_per_bucket", True))
     opt, sched = T.make_optimizer(model, cfg, di.device)
     if setting.get("unfused_adamw"):
         opt = torch.optim.AdamW([p for _, p in T.lora.lora_parameters(model)], lr=1e-4, foreach=True)
@@ -231,7 +231,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
            "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
-           "cuda_graphs_on": speed.uses_cuda_graphs(model),
+           "cuda_graphs_on": speed.uses_cuda_graphs(model), "average_per_bucket": setting.get("average_per_bucket", True),
            "qkv_groups": sum(isinstance(m, fused.FusedProjection) for m in model.modules())}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
@@ -277,6 +277,7 @@ def train_settings(args) -> list[dict]:
                 (args.compare_unfused, "q/k/v unfused", {"fuse_qkv": False}, "loss_vs_unfused"),
                 (args.compare_graphs, "without CUDA graphs", {"cuda_graphs": "off"}, "loss_vs_no_graphs"),
                 (args.compare_up_add, "peft's LoRA forward" if ours["fuse_lora_up"] else "LoRA up-projection as one addmm", {"fuse_lora_up": not ours["fuse_lora_up"]}, "loss_vs_up_add_toggled"),
+                (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
                 (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"))
     for wanted, what, change, key in variants:
         if wanted:
@@ -366,6 +367,7 @@ def main() -> None:
     p.add_argument("--compare-graphs", action="store_true", help="also run without CUDA graphs; compare the losses")
     p.add_argument("--fuse-lora-up", default="on", choices=["on", "off"], help="LoRA up-projection and add as one addmm")
     p.add_argument("--compare-up-add", action="store_true", help="also run with --fuse-lora-up toggled; compare the losses")
+    p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)

@@ -32,14 +32,18 @@ def test_two_ranks_shard_and_agree(tmp_path):
     assert all(r["shared"] == "from rank 0" for r in rows)
 
 
-def test_kept_gradients_train_like_freed_ones_under_ddp(tmp_path):
-    """CUDA graphs keep the gradients allocated (zeroed, not freed); DDP's buckets, no_sync
-    accumulation and the optimizer must give exactly what freeing them gives."""
-    for keep in ("0", "1"):
+def test_ddp_gradients_average_the_ranks_kept_or_freed(tmp_path):
+    """CUDA graphs keep the gradients allocated (zeroed, not freed), and the comm hook averages
+    per bucket; with no_sync accumulation and the optimizer, every mode must train exactly like
+    one process on all ranks' data."""
+    modes = ("free", "keep", "per-tensor")
+    for mode in modes:
         torchrun(2, str(ROOT / "tests" / "ddp_grads_probe.py"), module=False, timeout=120,
-                 env=cli_env(OUT_DIR=str(tmp_path), KEEP_GRADS=keep))
-    rows = {(k, r): json.loads((tmp_path / f"keep{k}-rank-{r}.json").read_text()) for k in (0, 1) for r in (0, 1)}
-    assert all(rows[1, r]["grads_allocated"] == [True] * 4 for r in (0, 1))
-    assert all(rows[0, r]["grads_allocated"] == [False] * 4 for r in (0, 1))
-    assert rows[1, 0]["params"] == rows[1, 1]["params"]  # the ranks agree
-    assert max(abs(a - b) for a, b in zip(rows[1, 0]["params"], rows[0, 0]["params"])) < 1e-6
+                 env=cli_env(OUT_DIR=str(tmp_path), MODE=mode))
+    rows = {(m, r): json.loads((tmp_path / f"{m}-rank-{r}.json").read_text()) for m in modes for r in (0, 1)}
+    assert all(rows["keep", r]["grads_allocated"] == [True] * 4 for r in (0, 1))
+    assert all(rows["free", r]["grads_allocated"] == [False] * 4 for r in (0, 1))
+    want = rows["free", 0]["reference"]
+    for mode in modes:
+        assert rows[mode, 0]["params"] == rows[mode, 1]["params"], mode  # the ranks agree
+        assert max(abs(a - b) for a, b in zip(rows[mode, 0]["params"], want)) < 1e-6, mode
