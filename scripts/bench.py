@@ -251,6 +251,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
         reset_cudagraph_trees()  # their memory pool, too
+        # dynamo's code cache would hand the next model's blocks the graphs bound to the trees
+        # just shut down ("Running CUDAGraph after shutdown"); they recompile from inductor's caches
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
     return out
 
