@@ -18,6 +18,11 @@ def test_op_values_gradients_and_registration():
     assert torch.allclose(out, y + 0.5 * h @ b.t())
     assert torch.autograd.gradcheck(lambda *t: lora_up.lora_up_add(*t, 0.5), (y, h, b))
     torch.library.opcheck(lora_up.lora_up_add, (y.detach().float(), h.detach().float(), b.detach().float(), 2.0))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # bench.py's MFU counts it like the matmul it is
+        lora_up.lora_up_add(y.detach(), h.detach(), b.detach(), 0.5)
+    assert counter.get_total_flops() == 2 * 2 * 5 * 3 * 7
 
 
 def _layers(model):
