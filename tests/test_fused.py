@@ -37,6 +37,17 @@ def _run(model, inputs):
     return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_trains_like(model, ref):
+    """Same output and LoRA gradients (fp32) on the same inputs."""
+    inputs = _inputs(model.config)
+    want_out, want_grads = _run(ref, inputs)
+    got_out, got_grads = _run(model, inputs)
+    assert torch.allclose(got_out, want_out, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-4), name
+
+
 def test_groups_match_separate_layers(tiny_model):
     ref = _model(tiny_model)
     model = copy.deepcopy(ref)
@@ -46,13 +57,7 @@ def test_groups_match_separate_layers(tiny_model):
     assert attn.to_k.base_layer.weight.data_ptr() == attn.to_qkv.weight[attn.to_q.base_layer.out_features:].data_ptr()
     assert sorted(model.state_dict()) == sorted(ref.state_dict())  # no new keys, no duplicates
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
-    inputs = _inputs(model.config)
-    want_out, want_grads = _run(ref, inputs)
-    got_out, got_grads = _run(model, inputs)
-    assert torch.allclose(got_out, want_out, atol=1e-5)
-    assert got_grads.keys() == want_grads.keys()
-    for name in want_grads:
-        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-4), name
+    assert_trains_like(model, ref)
 
 
 @pytest.mark.skipif(not fp8.matmul_works("cpu"), reason="this torch has no CPU fp8 matmul")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flux_lora import fp8, fused, lora, lora_up
-from tests.test_fused import _inputs, _model, _run
+from tests.test_fused import _inputs, _model, _run, assert_trains_like
 
 
 def test_op_values_gradients_and_registration():
@@ -39,13 +39,7 @@ def test_model_matches_peft_forward(tiny_model, group_qkv):
         assert fused.fuse_attention(model, up_add=True) == 3
     assert sorted(model.state_dict()) == sorted(ref.state_dict())
     assert lora.lora_state_dict(model).keys() == lora.lora_state_dict(ref).keys()
-    inputs = _inputs(model.config)
-    want_out, want_grads = _run(ref, inputs)
-    got_out, got_grads = _run(model, inputs)
-    assert torch.allclose(got_out, want_out, atol=1e-5)
-    assert got_grads.keys() == want_grads.keys()
-    for name in want_grads:
-        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-4), name
+    assert_trains_like(model, ref)
 
 
 def test_shortcut_is_taken_and_dropout_keeps_pefts_path(tiny_model, monkeypatch):
