@@ -301,8 +301,9 @@ def run(cfg: Config) -> dict:
         try:
             t_start = time.time()
             r = setup(cfg, di, out, reporter, resume_from)
+            setup_s = time.time() - t_start  # data, model, LoRA, DDP: the rest of the first step is compile
             first_step_s = loop(r, stop, t_start)
-            summary = finish(r, t_start, first_step_s, resume_from)
+            summary = finish(r, t_start, first_step_s, resume_from, setup_s)
             # DDP must be torn down while the process group lives: its destructor can otherwise
             # wait forever on a group that session() has already destroyed
             r = None
@@ -413,7 +414,7 @@ def _step_done(r: Run, res: StepResult, stop, meter) -> FluxLoraError | None:
     return None
 
 
-def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str | None) -> dict:
+def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str | None, setup_s: float) -> dict:
     if resume_from is None or r.state.step > _resume_step(resume_from):
         save_state(r)
     final = r.out / "lora.safetensors"
@@ -429,7 +430,7 @@ def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str 
     finite = [x[1] for x in r.state.loss_history if math.isfinite(x[1])]
     summary = {"lora": str(final), "steps": r.state.step, "ranks_agree": len(set(digests)) == 1,
                "final_loss": finite[-1] if finite else None,
-               "time_to_first_step_s": first_step_s, "elapsed_s": time.time() - t_start}
+               "time_to_first_step_s": first_step_s, "setup_s": setup_s, "elapsed_s": time.time() - t_start}
     r.reporter.done(**summary)
     r.reporter.info(f"LoRA written to {final}")
     return summary
