@@ -30,6 +30,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def process_started_at() -> float | None:
+    """Unix time this process started (Linux /proc; within a second), or None elsewhere: the time
+    to first step a user waits includes Python's and torch's imports, which run before any timer."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"

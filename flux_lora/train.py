@@ -25,7 +25,7 @@ from flux_lora.config import Config, to_dict, to_yaml
 from flux_lora.plot import write_loss_plot
 from flux_lora.errors import (CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError,
                               StoppedError)
-from flux_lora.report import make_reporter
+from flux_lora.report import make_reporter, process_started_at
 from flux_lora.sampler import GlobalBatchSampler
 
 
@@ -431,6 +431,9 @@ def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str 
     summary = {"lora": str(final), "steps": r.state.step, "ranks_agree": len(set(digests)) == 1,
                "final_loss": finite[-1] if finite else None,
                "time_to_first_step_s": first_step_s, "setup_s": setup_s, "elapsed_s": time.time() - t_start}
+    started = process_started_at()
+    if started is not None and first_step_s is not None:
+        summary["first_step_since_process_start_s"] = first_step_s + t_start - started
     r.reporter.done(**summary)
     r.reporter.info(f"LoRA written to {final}")
     return summary

@@ -73,6 +73,7 @@ for f in sorted(out.glob("train-*gpu.jsonl")):
                                         "global_batch": gb, "ranks_agree": done[0].get("ranks_agree"),
                                         "time_to_first_step_s": done[0].get("time_to_first_step_s"),
                                         "setup_s": done[0].get("setup_s"),
+                                        "first_step_since_process_start_s": done[0].get("first_step_since_process_start_s"),
                                         "final_loss": done[0].get("final_loss")}
 for key, r in rows.items():
     name, n = key.rsplit("/", 1)
