@@ -98,7 +98,8 @@ def _up_add_class(base_cls: type) -> type:
             h = lora_a(lora_input(x, lora_a.weight))
             return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name])
 
-        _classes[base_cls] = type("UpAdd" + base_cls.__name__, (base_cls,), {"forward": forward, "__module__": __name__})
+        cls = type("UpAdd" + base_cls.__name__, (base_cls,), {"forward": forward, "__module__": __name__})
+        globals()[cls.__name__] = _classes[base_cls] = cls  # findable by name: a pickled model loads
     return _classes[base_cls]
 
 

@@ -3,6 +3,7 @@ outputs, gradients and keys as peft's forward on a whole model (alone, in q/k/v 
 fp8 base), one graph under torch.compile, and peft's path where the shortcut does not apply."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -39,6 +40,11 @@ def test_model_matches_peft_forward(tiny_model, group_qkv):
         assert fused.fuse_attention(model, up_add=True) == 3
     assert sorted(model.state_dict()) == sorted(ref.state_dict())
     assert lora.lora_state_dict(model).keys() == lora.lora_state_dict(ref).keys()
+    if not group_qkv:  # torch.save of the whole model finds the layer class by name
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        assert type(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False).transformer_blocks[0].attn.to_q) \
+            is type(model.transformer_blocks[0].attn.to_q)
     assert_trains_like(model, ref)
 
 
