@@ -8,6 +8,8 @@ mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 run() { local name=$1; shift; echo "== $name: $*"; timeout "${LIMIT:-300}" python3 scripts/bench.py "$@" ${EXTRA:-} --out "$out/$name.json" > "$out/$name.log" 2>&1; echo "rc=$?"; tail -n 3 "$out/$name.log"; }
+# the same on every GPU of the machine, one rank per GPU (DDP, as `train` runs)
+run_ddp() { local name=$1; shift; echo "== $name (torchrun, all GPUs): $*"; timeout "${LIMIT:-300}" torchrun --nproc_per_node="$(nvidia-smi -L | wc -l)" scripts/bench.py "$@" ${EXTRA:-} --out "$out/$name.json" > "$out/$name.log" 2>&1; echo "rc=$?"; tail -n 3 "$out/$name.log"; }
 for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
     case $spec in
         # default settings + flash attention for the loss check + diffusers' setting
@@ -23,6 +25,9 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         # the LoRA up-projection as one addmm against peft's forward, for speed and the loss check
         upadd512) run upadd-512 train --resolution 512 --batch-size 4 --compare-up-add --no-baseline --steps 30 ;;
         upadd1024) run upadd-1024 train --resolution 1024 --batch-size 1 --compare-up-add --no-baseline --steps 20 ;;
+        # DDP: per-bucket averaging against DDP's own, and where a multi-GPU step's time goes
+        ddpavg512) run_ddp ddp-average-512 train --resolution 512 --batch-size 4 --compare-average --no-baseline --steps 20 ;;
+        ddpprofile512) run_ddp ddp-profile-512 train --resolution 512 --batch-size 4 --profile --no-baseline --steps 20 ;;
         fp8check512) run fp8check-512 train --resolution 512 --batch-size 4 --compare-bf16 --no-baseline ;;
         bf16-512) run bf16-512 train --resolution 512 --batch-size 4 --fp8-compute off --no-baseline ;;
         b6-512) run b6-512 train --resolution 512 --batch-size 6 --no-baseline ;;
