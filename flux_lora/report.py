@@ -8,6 +8,7 @@ Other ranks get a NullReporter, so stage code calls the reporter unconditionally
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -41,6 +42,33 @@ def process_started_at() -> float | None:
         return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime in ticks
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+class GcPauses:
+    """Times Python's full (generation 2) garbage collections while installed: with dynamo's and
+    inductor's millions of objects alive, one can stall a step, and in DDP every rank with it."""
+
+    def __init__(self):
+        self.count, self.total_s, self.max_s, self._t0 = 0, 0.0, 0.0, None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            dt, self._t0 = time.perf_counter() - self._t0, None
+            self.count, self.total_s, self.max_s = self.count + 1, self.total_s + dt, max(self.max_s, dt)
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {"count": self.count, "total_s": round(self.total_s, 3), "max_s": round(self.max_s, 3)}
 
 
 def format_duration(seconds: float | None) -> str:

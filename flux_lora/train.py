@@ -25,7 +25,7 @@ from flux_lora.config import Config, to_dict, to_yaml
 from flux_lora.plot import write_loss_plot
 from flux_lora.errors import (CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError,
                               StoppedError)
-from flux_lora.report import make_reporter, process_started_at
+from flux_lora.report import GcPauses, make_reporter, process_started_at
 from flux_lora.sampler import GlobalBatchSampler
 
 
@@ -301,9 +301,11 @@ def run(cfg: Config) -> dict:
         try:
             t_start = time.time()
             r = setup(cfg, di, out, reporter, resume_from)
-            setup_s = time.time() - t_start  # data, model, LoRA, DDP: the rest of the first step is compile
-            first_step_s = loop(r, stop, t_start)
-            summary = finish(r, t_start, first_step_s, resume_from, setup_s)
+            timings = {"setup_s": time.time() - t_start}  # data, model, LoRA, DDP; then compile, in step 1
+            with GcPauses() as pauses:
+                first_step_s = loop(r, stop, t_start)
+            timings["gc_full_collections"] = pauses.summary()
+            summary = finish(r, t_start, first_step_s, resume_from, timings)
             # DDP must be torn down while the process group lives: its destructor can otherwise
             # wait forever on a group that session() has already destroyed
             r = None
@@ -414,7 +416,7 @@ def _step_done(r: Run, res: StepResult, stop, meter) -> FluxLoraError | None:
     return None
 
 
-def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str | None, setup_s: float) -> dict:
+def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str | None, timings: dict) -> dict:
     if resume_from is None or r.state.step > _resume_step(resume_from):
         save_state(r)
     final = r.out / "lora.safetensors"
@@ -430,7 +432,7 @@ def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str 
     finite = [x[1] for x in r.state.loss_history if math.isfinite(x[1])]
     summary = {"lora": str(final), "steps": r.state.step, "ranks_agree": len(set(digests)) == 1,
                "final_loss": finite[-1] if finite else None,
-               "time_to_first_step_s": first_step_s, "setup_s": setup_s, "elapsed_s": time.time() - t_start}
+               "time_to_first_step_s": first_step_s, **timings, "elapsed_s": time.time() - t_start}
     started = process_started_at()
     if started is not None and first_step_s is not None:
         summary["first_step_since_process_start_s"] = first_step_s + t_start - started

@@ -34,6 +34,7 @@ def test_reference_losses_and_outputs(tiny_model, cache_dir, tmp_path):
     assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
     done = events[-1]
     assert 0 < done["setup_s"] <= done["time_to_first_step_s"] <= done["elapsed_s"]
+    assert done["gc_full_collections"]["count"] >= 0 and done["gc_full_collections"]["max_s"] <= done["elapsed_s"]
     # imports and process-group set-up come before setup: seconds, not minutes (Linux /proc, ±1 s)
     assert done["time_to_first_step_s"] - 1 <= done["first_step_since_process_start_s"] < done["time_to_first_step_s"] + 120
     progress = [e for e in events if e["event"] == "progress"]
@@ -148,3 +149,17 @@ def test_update_skips_non_finite_steps_on_either_path(fused):
     assert [opt.state[p]["step"].item() for p in model.parameters()] == steps
     assert not step(False).skipped
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_gc_pauses_times_full_collections_only():
+    import gc
+
+    from flux_lora.report import GcPauses
+
+    with GcPauses() as pauses:
+        gc.collect(0)
+        gc.collect(2)
+        gc.collect(2)
+    gc.collect(2)  # after the block: not counted
+    assert pauses.count == 2 and 0 <= pauses.max_s <= pauses.total_s
+    assert pauses._callback not in gc.callbacks
