@@ -111,7 +111,8 @@ def build_model(cfg: Config, di, reporter, tokens: int = 0, shapes: int = 1):
     speed.quantize_base(transformer, cfg.train.memory_mode, di.device)
     n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, cfg.train.seed)
     if n_fp8 := speed.fp8_base(transformer, cfg.train, di.device, dtype):
-        reporter.info(f"frozen base in fp8: {n_fp8} Linear layers multiply on fp8 tensor cores"
+        where = "on fp8 tensor cores" if di.device.type == "cuda" else f"in fp8 on the {di.device.type}"
+        reporter.info(f"frozen base in fp8: {n_fp8} Linear layers multiply {where}"
                       + (" (train.fp8_compute=off keeps bf16)" if cfg.train.memory_mode == "fast" else ""))
     transformer.to(di.device)
     why = speed.apply(transformer, cfg.train, di.device, tokens, shapes)
