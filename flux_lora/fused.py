@@ -102,9 +102,9 @@ class FusedProjection(torch.nn.Module):
         a = torch.cat([m.lora_A[name].weight for m in members])  # [members × r, in]
         b = torch.block_diag(*[m.lora_B[name].weight for m in members])  # [out total, members × r]
         h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
-        if self.up_add:
-            return lora_up.up_add(self._base_forward(x), h, b, members[0].scaling[name])
         y = self._base_forward(x)
+        if self.up_add:
+            return lora_up.up_add(y, h, b, members[0].scaling[name])
         delta = torch.nn.functional.linear(h, b) * members[0].scaling[name]
         return (y + delta).to(y.dtype)  # as peft: the sum in the wider dtype, one rounding
 

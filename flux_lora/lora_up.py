@@ -12,6 +12,7 @@ with a copy of y first (measured slower than peft's forward). Its backward is pl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -85,23 +86,22 @@ def eligible(layer) -> bool:
             and not getattr(layer, "lora_bias", {}).get(name, False))
 
 
-_classes: dict[type, type] = {}
-
-
-def _up_add_class(base_cls: type) -> type:
+@functools.cache
+def _up_add_class() -> type:
     """peft's Linear with this forward (a subclass: isinstance checks, keys and export unchanged)."""
-    if base_cls not in _classes:
-        def forward(self, x, *args, **kwargs):
-            if args or kwargs or not eligible(self):
-                return base_cls.forward(self, x, *args, **kwargs)
-            name = self.active_adapters[0]
-            lora_a = self.lora_A[name]
-            h = lora_a(lora_input(x, lora_a.weight))
-            return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name])
+    base_cls = _peft_linear()
 
-        cls = type("UpAdd" + base_cls.__name__, (base_cls,), {"forward": forward, "__module__": __name__})
-        globals()[cls.__name__] = _classes[base_cls] = cls  # findable by name: a pickled model loads
-    return _classes[base_cls]
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or not eligible(self):
+            return base_cls.forward(self, x, *args, **kwargs)
+        name = self.active_adapters[0]
+        lora_a = self.lora_A[name]
+        h = lora_a(lora_input(x, lora_a.weight))
+        return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name])
+
+    cls = type("UpAdd" + base_cls.__name__, (base_cls,), {"forward": forward, "__module__": __name__})
+    globals()[cls.__name__] = cls  # findable by name: a pickled model loads
+    return cls
 
 
 def install(model: torch.nn.Module) -> int:
@@ -111,6 +111,6 @@ def install(model: torch.nn.Module) -> int:
     n = 0
     for module in model.modules():
         if type(module) is linear:
-            module.__class__ = _up_add_class(linear)
+            module.__class__ = _up_add_class()
             n += 1
     return n

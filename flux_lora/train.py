@@ -302,11 +302,10 @@ def run(cfg: Config) -> dict:
         try:
             t_start = time.time()
             r = setup(cfg, di, out, reporter, resume_from)
-            timings = {"setup_s": time.time() - t_start}  # data, model, LoRA, DDP; then compile, in step 1
+            setup_s = time.time() - t_start  # data, model, LoRA, DDP; compile follows, in step 1
             with GcPauses() as pauses:
                 first_step_s = loop(r, stop, t_start)
-            timings["gc_full_collections"] = pauses.summary()
-            summary = finish(r, t_start, first_step_s, resume_from, timings)
+            summary = finish(r, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses))
             # DDP must be torn down while the process group lives: its destructor can otherwise
             # wait forever on a group that session() has already destroyed
             r = None
@@ -417,7 +416,16 @@ def _step_done(r: Run, res: StepResult, stop, meter) -> FluxLoraError | None:
     return None
 
 
-def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str | None, timings: dict) -> dict:
+def step_timings(t_start: float, setup_s: float, first_step_s: float | None, pauses: GcPauses) -> dict:
+    """The done event's timing fields (seconds from t_start unless named otherwise)."""
+    out = {"time_to_first_step_s": first_step_s, "setup_s": setup_s, "gc_full_collections": pauses.summary()}
+    started = process_started_at()
+    if started is not None and first_step_s is not None:
+        out["first_step_since_process_start_s"] = first_step_s + t_start - started
+    return out
+
+
+def finish(r: Run, t_start: float, resume_from: str | None, timings: dict) -> dict:
     if resume_from is None or r.state.step > _resume_step(resume_from):
         save_state(r)
     final = r.out / "lora.safetensors"
@@ -433,10 +441,7 @@ def finish(r: Run, t_start: float, first_step_s: float | None, resume_from: str 
     finite = [x[1] for x in r.state.loss_history if math.isfinite(x[1])]
     summary = {"lora": str(final), "steps": r.state.step, "ranks_agree": len(set(digests)) == 1,
                "final_loss": finite[-1] if finite else None,
-               "time_to_first_step_s": first_step_s, **timings, "elapsed_s": time.time() - t_start}
-    started = process_started_at()
-    if started is not None and first_step_s is not None:
-        summary["first_step_since_process_start_s"] = first_step_s + t_start - started
+               **timings, "elapsed_s": time.time() - t_start}
     r.reporter.done(**summary)
     r.reporter.info(f"LoRA written to {final}")
     return summary

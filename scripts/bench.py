@@ -170,7 +170,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
-             "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True)}
+             "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
+             "dist.average_per_bucket": setting.get("average_per_bucket", True)}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -202,7 +203,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     compiled = speed.use_compile(train_cfg, di.device)
     if compiled:
         speed.compile_blocks(model, speed.use_cuda_graphs(train_cfg, di.device, model.is_gradient_checkpointing))
-    ddp = speed.wrap_ddp(model, di, average_per_bucket=setting.get("average_per_bucket", True))
+    ddp = speed.wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)  # as train does
     opt, sched = T.make_optimizer(model, cfg, di.device)
     if setting.get("unfused_adamw"):
         opt = torch.optim.AdamW([p for _, p in T.lora.lora_parameters(model)], lr=1e-4, foreach=True)
@@ -231,7 +232,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
            "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
-           "cuda_graphs_on": speed.uses_cuda_graphs(model), "average_per_bucket": setting.get("average_per_bucket", True),
+           "cuda_graphs_on": speed.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
            "qkv_groups": sum(isinstance(m, fused.FusedProjection) for m in model.modules())}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
