@@ -293,7 +293,7 @@ class Run:
 
 def run(cfg: Config) -> dict:
     models.quiet_libraries()
-    with distributed.session(cfg.dist.timeout_s) as di:
+    with distributed.session(cfg.dist.timeout_s, cfg.dist.cpu_threads) as di:
         resume_from = distributed.main_then_share(lambda: prepare_output(cfg))
         out = Path(cfg.output.dir)
         reporter = make_reporter(di.is_main, di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)
@@ -343,7 +343,7 @@ def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
     previews = make_previewer(cfg, di, manifest, model, reporter)
     reporter.start(tc.steps, "train", world_size=di.world_size, dataset_size=len(dataset), total_steps=tc.steps,
                    start_step=state.step, lora_parameters=n_params, global_batch=sampler.global_batch,
-                   resumed_from=resume_from, config=to_dict(cfg))
+                   cpu_threads=torch.get_num_threads(), resumed_from=resume_from, config=to_dict(cfg))
     if resume_from:
         reporter.info(f"resuming from {resume_from} at step {state.step}")
     return Run(cfg, di, out, reporter, model, ddp, opt, sched, dataset, sampler, inputs, current_math, previews, state)

@@ -72,7 +72,7 @@ for f in sorted(out.glob("train-*gpu.jsonl")):
                                         "median_step_s": dts[len(dts) // 2], "steps": prog[-1]["step"],
                                         "global_batch": gb, "ranks_agree": done[0].get("ranks_agree"),
                                         "time_to_first_step_s": done[0].get("time_to_first_step_s"),
-                                        "setup_s": done[0].get("setup_s"), "gc_full_collections": done[0].get("gc_full_collections"),
+                                        "setup_s": done[0].get("setup_s"), "cpu_threads": start[0].get("cpu_threads"), "gc_full_collections": done[0].get("gc_full_collections"),
                                         "first_step_since_process_start_s": done[0].get("first_step_since_process_start_s"),
                                         "final_loss": done[0].get("final_loss")}
 for key, r in rows.items():

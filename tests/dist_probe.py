@@ -4,9 +4,11 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from flux_lora import distributed
 
-with distributed.session(timeout_s=60) as di:
+with distributed.session(timeout_s=60, cpu_threads=int(os.environ.get("PROBE_THREADS", "0"))) as di:
     mine = distributed.shard_indices(5, di.rank, di.world_size)
     flag_any = distributed.any_rank(di.rank == 1)
     flag_none = distributed.any_rank(False)
@@ -14,5 +16,5 @@ with distributed.session(timeout_s=60) as di:
     shared = distributed.main_then_share(lambda: "from rank 0")
     distributed.barrier()
     row = {"rank": di.rank, "world": di.world_size, "mine": mine, "any": flag_any, "none": flag_none,
-           "sums": sums, "shared": shared}
+           "sums": sums, "shared": shared, "threads": torch.get_num_threads()}
     Path(os.environ["OUT_DIR"], f"rank-{di.rank}.json").write_text(json.dumps(row))
