@@ -46,10 +46,12 @@ def process_started_at() -> float | None:
 
 class GcPauses:
     """Times Python's full (generation 2) garbage collections while installed: with dynamo's and
-    inductor's millions of objects alive, one can stall a step, and in DDP every rank with it."""
+    inductor's millions of objects alive, one can stall a step, and in DDP every rank with it.
+    `steady()` marks the end of the warm-up; the summary reports what came after it apart."""
 
     def __init__(self):
-        self.count, self.total_s, self.max_s, self._t0 = 0, 0.0, 0.0, None
+        self.pauses: list[float] = []
+        self._t0, self._steady_from = None, None
 
     def _callback(self, phase: str, info: dict) -> None:
         if info.get("generation") != 2:
@@ -57,8 +59,12 @@ class GcPauses:
         if phase == "start":
             self._t0 = time.perf_counter()
         elif self._t0 is not None:
-            dt, self._t0 = time.perf_counter() - self._t0, None
-            self.count, self.total_s, self.max_s = self.count + 1, self.total_s + dt, max(self.max_s, dt)
+            self.pauses.append(time.perf_counter() - self._t0)
+            self._t0 = None
+
+    def steady(self) -> None:
+        if self._steady_from is None:
+            self._steady_from = len(self.pauses)
 
     def __enter__(self) -> "GcPauses":
         gc.callbacks.append(self._callback)
@@ -67,8 +73,15 @@ class GcPauses:
     def __exit__(self, *exc) -> None:
         gc.callbacks.remove(self._callback)
 
+    @staticmethod
+    def _stats(pauses: list[float]) -> dict:
+        return {"count": len(pauses), "total_s": round(sum(pauses), 3), "max_s": round(max(pauses, default=0.0), 3)}
+
     def summary(self) -> dict:
-        return {"count": self.count, "total_s": round(self.total_s, 3), "max_s": round(self.max_s, 3)}
+        out = self._stats(self.pauses)
+        if self._steady_from is not None:
+            out["after_warmup"] = self._stats(self.pauses[self._steady_from:])
+        return out
 
 
 def format_duration(seconds: float | None) -> str:

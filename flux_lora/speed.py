@@ -5,6 +5,7 @@ Measured with scripts/bench.py; figures in bench/results/ and the README."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 
 import torch
@@ -257,6 +258,33 @@ def eager_stance(model):
     """Context for inference with the training model (preview images): recorded CUDA graphs are
     for the training step's shapes and autograd; run those blocks eagerly instead."""
     return torch.compiler.set_stance("force_eager") if uses_cuda_graphs(model) else contextlib.nullcontext()
+
+
+WARMUP_STEPS = 3  # compile + CUDA-graph warm-up, graph recording, DDP's bucket rebuild: all done by then
+
+
+@contextlib.contextmanager
+def frozen_gc_after_warmup(enabled: bool, first_step: int):
+    """Yields `after_step(step)`: at the end of the warm-up it collects Python's garbage once and
+    freezes the survivors (gc.freeze), the way servers freeze after start-up. A full collection
+    then scans only objects made since, not the millions compile left alive, so it no longer
+    stalls a step. Unfrozen on exit: a process that trains again must be able to free this run."""
+    state = {"frozen": False}
+
+    def after_step(step: int) -> bool:
+        """True once the warm-up is over."""
+        warm = step >= first_step + WARMUP_STEPS
+        if enabled and warm and not state["frozen"]:
+            gc.collect()
+            gc.freeze()
+            state["frozen"] = True
+        return warm
+
+    try:
+        yield after_step
+    finally:
+        if state["frozen"]:
+            gc.unfreeze()
 
 
 OVERLAP_BUCKET_MB = 25

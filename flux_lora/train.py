@@ -304,7 +304,7 @@ def run(cfg: Config) -> dict:
             r = setup(cfg, di, out, reporter, resume_from)
             setup_s = time.time() - t_start  # data, model, LoRA, DDP; compile follows, in step 1
             with GcPauses() as pauses:
-                first_step_s = loop(r, stop, t_start)
+                first_step_s = loop(r, stop, t_start, pauses)
             summary = finish(r, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses))
             # DDP must be torn down while the process group lives: its destructor can otherwise
             # wait forever on a group that session() has already destroyed
@@ -349,7 +349,7 @@ def setup(cfg: Config, di, out: Path, reporter, resume_from: str | None) -> Run:
     return Run(cfg, di, out, reporter, model, ddp, opt, sched, dataset, sampler, inputs, current_math, previews, state)
 
 
-def loop(r: Run, stop, t_start: float) -> float | None:
+def loop(r: Run, stop, t_start: float, pauses: GcPauses) -> float | None:
     """Train until the last step; returns the time to the first step (compile included)."""
     tc = r.cfg.train
     meter = Meter(tc.steps, r.state.step, r.sampler.global_batch)
@@ -362,12 +362,13 @@ def loop(r: Run, stop, t_start: float) -> float | None:
 
     prefetch = cache.Prefetcher(load, tc.steps)
     try:
-        return _steps(r, stop, t_start, meter, prefetch)
+        with speed.frozen_gc_after_warmup(tc.gc_freeze, r.state.step) as after_step:
+            return _steps(r, stop, t_start, meter, prefetch, lambda step: after_step(step) and pauses.steady())
     finally:
         prefetch.close()
 
 
-def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
+def _steps(r: Run, stop, t_start: float, meter, prefetch, after_step) -> float | None:
     """Step k+1's forward/backward is queued before step k's result is read: the host reads the
     votes of a step that has finished while the GPU already works on the next one. Step k's
     outputs (checkpoint, stop, divergence) see exactly the state after k: k+1's update is queued
@@ -389,6 +390,7 @@ def _steps(r: Run, stop, t_start: float, meter, prefetch) -> float | None:
                 speed.zero_grad(r.model, r.opt)  # the next step's gradients: not applied
                 save_state(r)
                 raise _collective(ending)
+            after_step(st.step)
         if loss is None:
             break
         pending = update(r.model, r.opt, r.sched, loss, stop.raised, tc.max_grad_norm, r.di.device, r.di.world_size)

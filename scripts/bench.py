@@ -222,11 +222,13 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     losses = steps(0, 1)
     first_step_s = time.perf_counter() - t0
     losses += steps(1, args.warmup - 1)
-    _sync(di.device)
-    t1 = time.perf_counter()
-    losses += steps(args.warmup, args.steps)
-    step_s = (time.perf_counter() - t1) / args.steps
-    breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device) if args.profile else None
+    with speed.frozen_gc_after_warmup(cfg.train.gc_freeze, 0) as after_step:
+        after_step(max(args.warmup, speed.WARMUP_STEPS))  # as train does once its warm-up is over
+        _sync(di.device)
+        t1 = time.perf_counter()
+        losses += steps(args.warmup, args.steps)
+        step_s = (time.perf_counter() - t1) / args.steps
+        breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,

@@ -5,6 +5,7 @@
 # Writes OUT_DIR/scaling.json (samples/s per GPU count, efficiency, LoRA identical on all ranks).
 # VARIANTS="name:--set k=v ..." (space-separated, ',' between a variant's flags) repeats train per
 # variant, e.g. VARIANTS="graphs: nographs:--set,train.cuda_graphs=off"; rows are keyed "name/N".
+# "name@2+4:flags" runs that variant on those GPU counts only.
 # PAIR=1 also runs two 1-GPU trains at once, on GPU 0 and GPU 1 (rows "name.pairI/1"): the pace
 # a card keeps next to a busy neighbour without any communication.
 # EACH_GPU=1 also runs the 1-GPU train on every other GPU alone (rows "name.gpuI/1"): a multi-GPU
@@ -23,7 +24,9 @@ torchrun --nproc_per_node="$gpus" -m flux_lora preprocess --model random:flux1-d
     > "$out/preprocess-${gpus}gpu.jsonl" 2> "$out/preprocess.log" || tail -n 5 "$out/preprocess.log"
 for variant in ${VARIANTS:-default:}; do
   name=${variant%%:*}; flags=${variant#*:}; flags=${flags//,/ }
-  for n in ${COUNTS:-1 $gpus}; do
+  counts=${COUNTS:-1 $gpus}
+  if [[ $name == *@* ]]; then counts=${name#*@}; counts=${counts//+/ }; name=${name%%@*}; fi
+  for n in $counts; do
     echo "== train $name on $n GPU(s) $flags"
     timeout "${LIMIT:-200}" torchrun --nproc_per_node="$n" -m flux_lora train --model random:flux1-dev \
         --cache-dir "$work/cache" --output "$work/out-$name-$n" --steps "$steps" --batch-size "$batch" \
@@ -72,7 +75,8 @@ for f in sorted(out.glob("train-*gpu.jsonl")):
                                         "median_step_s": dts[len(dts) // 2], "steps": prog[-1]["step"],
                                         "global_batch": gb, "ranks_agree": done[0].get("ranks_agree"),
                                         "time_to_first_step_s": done[0].get("time_to_first_step_s"),
-                                        "setup_s": done[0].get("setup_s"), "cpu_threads": start[0].get("cpu_threads"), "gc_full_collections": done[0].get("gc_full_collections"),
+                                        "setup_s": done[0].get("setup_s"), "cpu_threads": start[0].get("cpu_threads"),
+                                        "slowest_steps_s": dts[-3:], "gc_full_collections": done[0].get("gc_full_collections"),
                                         "first_step_since_process_start_s": done[0].get("first_step_since_process_start_s"),
                                         "final_loss": done[0].get("final_loss")}
 for key, r in rows.items():

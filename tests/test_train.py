@@ -34,7 +34,10 @@ def test_reference_losses_and_outputs(tiny_model, cache_dir, tmp_path):
     assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
     done = events[-1]
     assert 0 < done["setup_s"] <= done["time_to_first_step_s"] <= done["elapsed_s"]
-    assert done["gc_full_collections"]["count"] >= 0 and done["gc_full_collections"]["max_s"] <= done["elapsed_s"]
+    gcs = done["gc_full_collections"]
+    assert gcs["count"] >= 1 and gcs["max_s"] <= done["elapsed_s"]  # at least the freeze's own collection
+    assert 0 <= gcs["after_warmup"]["count"] < gcs["count"], "the freeze's collection belongs to the warm-up"
+    assert events[0]["cpu_threads"] >= 1
     # imports and process-group set-up come before setup: seconds, not minutes (Linux /proc, ±1 s)
     assert done["time_to_first_step_s"] - 1 <= done["first_step_since_process_start_s"] < done["time_to_first_step_s"] + 120
     progress = [e for e in events if e["event"] == "progress"]
@@ -159,7 +162,25 @@ def test_gc_pauses_times_full_collections_only():
     with GcPauses() as pauses:
         gc.collect(0)
         gc.collect(2)
+        pauses.steady()
         gc.collect(2)
+        pauses.steady()  # only the first mark counts
     gc.collect(2)  # after the block: not counted
-    assert pauses.count == 2 and 0 <= pauses.max_s <= pauses.total_s
+    summary = pauses.summary()
+    assert summary["count"] == 2 and 0 <= summary["max_s"] <= summary["total_s"]
+    assert summary["after_warmup"]["count"] == 1
     assert pauses._callback not in gc.callbacks
+
+
+def test_gc_frozen_after_warmup_and_unfrozen_after():
+    import gc
+
+    from flux_lora import speed
+
+    assert gc.get_freeze_count() == 0
+    with speed.frozen_gc_after_warmup(True, first_step=10) as after_step:
+        assert [after_step(s) for s in (11, 12)] == [False, False] and gc.get_freeze_count() == 0
+        assert after_step(10 + speed.WARMUP_STEPS) and gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0, "a later run in this process must be able to free this one"
+    with speed.frozen_gc_after_warmup(False, first_step=0) as after_step:
+        assert after_step(100) and gc.get_freeze_count() == 0  # off: never frozen
