@@ -154,13 +154,10 @@ class DistConfig:
     timeout_s: int = doc(600, "collective timeout: a dead rank ends the job after this long, not after 30 minutes")
     bucket_mb: int = doc(0, "DDP gradient bucket size in MiB. 0 (auto): one bucket for all LoRA gradients when every rank is on one host (one all-reduce after the backward), 25 across hosts (each bucket's all-reduce overlaps the rest of the backward)")
     average_per_bucket: bool = doc(True, "divide the summed gradients by the number of ranks once per bucket (one kernel over the bucket) instead of per LoRA tensor inside DDP (~840 small kernels a step for FLUX.1); same result")
-    cpu_threads: int = doc(0, "CPU threads per rank for torch's own CPU work. 0 (auto): this host's cores shared among its ranks; torchrun's default of 1 thread per rank (OMP_NUM_THREADS=1 with several ranks) is replaced, a value you set yourself is kept")
 
     def __post_init__(self) -> None:
         if self.bucket_mb < 0:
             raise ConfigError("dist.bucket_mb must be 0 (auto) or a size in MiB, e.g. 25")
-        if self.cpu_threads < 0:
-            raise ConfigError("dist.cpu_threads must be 0 (auto) or a number of threads, e.g. 8")
 
 
 @dataclass

@@ -58,35 +58,11 @@ def info() -> DistInfo:
     return _INFO if _INFO is not None else env_dist_info()
 
 
-def cpu_threads_per_rank(requested: int, omp_env: str | None, cores: int, local_ranks: int) -> int | None:
-    """Intra-op CPU threads for one rank, or None to keep torch's choice. torchrun sets
-    OMP_NUM_THREADS=1 for every worker when it starts several and the variable is unset; that
-    serialises each rank's CPU work (batch stacking and pinning, model set-up) while the host's
-    other cores idle. Auto (0) shares the cores among this host's ranks instead; a value the user
-    set (OMP_NUM_THREADS other than torchrun's 1, or `requested`) wins."""
-    if requested > 0:
-        return requested
-    torchrun_default = omp_env == "1" and local_ranks > 1
-    if local_ranks <= 1 or (omp_env is not None and not torchrun_default):
-        return None
-    return max(1, cores // local_ranks)
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
-def session(timeout_s: int = 600, cpu_threads: int = 0) -> Iterator[DistInfo]:
+def session(timeout_s: int = 600) -> Iterator[DistInfo]:
     """Init the process group (NCCL on CUDA, gloo on CPU) and always tear it down."""
     global _INFO
     di = env_dist_info()
-    threads = cpu_threads_per_rank(cpu_threads, os.environ.get("OMP_NUM_THREADS"), _usable_cores(), di.local_world_size)
-    if threads is not None:
-        torch.set_num_threads(threads)
     if di.device.type == "cuda":
         torch.cuda.set_device(di.device)
     created = False

@@ -338,7 +338,7 @@ def run(cfg: Config) -> dict:
     cache_dir = Path(cfg.data.cache_dir)
     if not cfg.data.cache_dir:
         raise CacheError("no cache directory given; pass --cache-dir DIR")
-    with distributed.session(cfg.dist.timeout_s, cfg.dist.cpu_threads) as di:
+    with distributed.session(cfg.dist.timeout_s) as di:
         distributed.main_then_share(lambda: cache_dir.mkdir(parents=True, exist_ok=True))
         reporter = make_reporter(di.is_main, di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
         try:

@@ -195,6 +195,13 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
     pool, where the next replay overwrites them; so the gradients are kept allocated (zeroed, not
     freed) and autograd adds each replay's output into them, under DDP and no_sync alike."""
     allow_compile_cache_of_fp8_functions()
+    # Under DDP dynamo would split every graph at DDP's bucket boundaries (its DDPOptimizer), so
+    # that a whole-model graph's backward can all-reduce early buckets. Its first bucket holds
+    # 1 MiB, less than one block's LoRA gradients, so each block's graph would become two: a cut
+    # through the fused kernels, one more CUDA graph per block, and cache keys of their own (a
+    # 2-rank run compiled cold after a 1-rank one). The blocks are already the regions, and DDP's
+    # reducer sees their gradients as each block's backward ends, so nothing is lost.
+    torch._dynamo.config.optimize_ddp = False
     for block in _blocks(model):
         block.forward = torch.compile(block.forward, dynamic=None, mode="reduce-overhead" if cuda_graphs else None)
     if len(model.single_transformer_blocks):

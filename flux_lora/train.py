@@ -293,7 +293,7 @@ class Run:
 
 def run(cfg: Config) -> dict:
     models.quiet_libraries()
-    with distributed.session(cfg.dist.timeout_s, cfg.dist.cpu_threads) as di:
+    with distributed.session(cfg.dist.timeout_s) as di:
         resume_from = distributed.main_then_share(lambda: prepare_output(cfg))
         out = Path(cfg.output.dir)
         reporter = make_reporter(di.is_main, di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)

@@ -4,11 +4,9 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from flux_lora import distributed
 
-with distributed.session(timeout_s=60, cpu_threads=int(os.environ.get("PROBE_THREADS", "0"))) as di:
+with distributed.session(timeout_s=60) as di:
     mine = distributed.shard_indices(5, di.rank, di.world_size)
     flag_any = distributed.any_rank(di.rank == 1)
     flag_none = distributed.any_rank(False)
@@ -16,5 +14,5 @@ with distributed.session(timeout_s=60, cpu_threads=int(os.environ.get("PROBE_THR
     shared = distributed.main_then_share(lambda: "from rank 0")
     distributed.barrier()
     row = {"rank": di.rank, "world": di.world_size, "mine": mine, "any": flag_any, "none": flag_none,
-           "sums": sums, "shared": shared, "threads": torch.get_num_threads()}
+           "sums": sums, "shared": shared}
     Path(os.environ["OUT_DIR"], f"rank-{di.rank}.json").write_text(json.dumps(row))

@@ -3,7 +3,7 @@
 import json
 
 from conftest import ROOT, cli_env, torchrun
-from flux_lora.distributed import DistInfo, cpu_threads_per_rank, env_dist_info, shard_indices
+from flux_lora.distributed import DistInfo, env_dist_info, shard_indices
 
 
 def test_shard_indices_cover_everything_once():
@@ -22,8 +22,7 @@ def test_world_size_one_without_torchrun(monkeypatch):
 
 
 def test_two_ranks_shard_and_agree(tmp_path):
-    torchrun(2, str(ROOT / "tests" / "dist_probe.py"), module=False, timeout=120,
-             env=cli_env(OUT_DIR=str(tmp_path), PROBE_THREADS="3"))
+    torchrun(2, str(ROOT / "tests" / "dist_probe.py"), module=False, timeout=120, env=cli_env(OUT_DIR=str(tmp_path)))
     rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in rows] == [0, 1]
     assert rows[0]["mine"] == [0, 2, 4] and rows[1]["mine"] == [1, 3]
@@ -31,20 +30,6 @@ def test_two_ranks_shard_and_agree(tmp_path):
     assert all(r["none"] is False for r in rows)
     assert all(r["sums"] == [2.0, 1.0] for r in rows)
     assert all(r["shared"] == "from rank 0" for r in rows)
-    assert all(r["threads"] == 3 for r in rows), "dist.cpu_threads must reach every rank"
-
-
-def test_cpu_threads_share_the_host_instead_of_torchruns_one():
-    # torchrun's default with several ranks (OMP_NUM_THREADS=1): the host's cores, shared
-    assert cpu_threads_per_rank(0, "1", cores=32, local_ranks=2) == 16
-    assert cpu_threads_per_rank(0, "1", cores=16, local_ranks=8) == 2
-    assert cpu_threads_per_rank(0, None, cores=4, local_ranks=8) == 1  # never 0
-    # the user's own choice wins: an explicit option, or OMP_NUM_THREADS other than torchrun's 1
-    assert cpu_threads_per_rank(5, "1", cores=32, local_ranks=2) == 5
-    assert cpu_threads_per_rank(0, "8", cores=32, local_ranks=2) is None
-    # one rank: torch's own default is kept, and so is an explicit OMP_NUM_THREADS=1
-    assert cpu_threads_per_rank(0, None, cores=32, local_ranks=1) is None
-    assert cpu_threads_per_rank(0, "1", cores=32, local_ranks=1) is None
 
 
 def test_ddp_gradients_average_the_ranks_kept_or_freed(tmp_path):

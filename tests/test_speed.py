@@ -238,6 +238,39 @@ def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatc
     torch._dynamo.reset()
 
 
+def test_blocks_under_ddp_compile_whole_not_split_at_buckets(monkeypatch, tmp_path):
+    """Inside DDP's forward dynamo would cut each block's graph where DDP's 1 MiB first bucket
+    fills (FLUX.1's blocks hold 3-5 MB of LoRA each; a tiny first bucket plays that here):
+    every block kind must still compile as one graph."""
+    import torch.distributed as dist
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    graphs = []
+
+    def counting(gm, example_inputs, **kw):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs, **kw)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, dynamic=kw["dynamic"]))
+    monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 64)
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # dynamo's default
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = _small_flux()
+        speed.compile_blocks(model)
+        ddp = DDP(model)
+        for _ in range(2):
+            ddp.zero_grad(set_to_none=True)
+            _loss_and_grads(ddp)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+    assert len(graphs) == 3, f"{len(graphs)} graphs: the blocks were split at DDP's buckets"
+
+
 def test_buckets_of_many_token_counts_compile_a_bounded_number_of_graphs(monkeypatch):
     """Aspect-ratio buckets differ in token count; after the second, the blocks compile with that
     dimension symbolic instead of once per bucket (past the recompile limit they would run eager)."""
