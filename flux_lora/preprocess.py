@@ -125,6 +125,15 @@ class Progress:
     def restart(self) -> None:
         self.t0, self.base = time.time(), self.done_here
 
+    def throughput(self) -> dict:
+        """Items encoded by all ranks in this run over the longest rank's encoding time: the
+        stage's rate (the live events only see the ranks' files as rank 0 finishes a chunk).
+        A collective: every rank calls it."""
+        rows = distributed.gather_objects((self.done_here - self.base, time.time() - self.t0))
+        items, seconds = sum(n for n, _ in rows), max(t for _, t in rows)
+        return {"encoded_items": items, "encode_s": round(seconds, 3),
+                "items_per_s": items / seconds if seconds > 0 and items else None}
+
     def add(self, n: int) -> None:
         self.done_here += n
         cache.atomic_write_json(self.dir / f"rank-{self.di.rank:05d}.json", {"done": self.done_here})
@@ -249,6 +258,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
         else:
             pending.append((p, planned))
     if not pending:
+        progress.restart()  # nothing encoded here: the chunks found complete are not this run's work
         return
     entries = [(i, sources[i]) for _, planned in pending for i in planned]
     captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
@@ -388,8 +398,8 @@ def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
         parts = plan_parts(distributed.shard_indices(len(sources), di.rank, di.world_size), cfg.preprocess.chunk_items)
         progress = Progress(cache_dir, di, len(sources), reporter)
         encode_pending(cfg, di, parts, sources, settings["buckets"], reporter, progress)
-        distributed.barrier()
-        summary = distributed.main_then_share(lambda: finish(cache_dir, settings, reporter))
+        rate = progress.throughput()  # also the barrier before rank 0 writes the manifest
+        summary = {**distributed.main_then_share(lambda: finish(cache_dir, settings, reporter)), **rate}
     if di.is_main:
         write_samples(cfg, di)
         (cache_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -336,9 +336,9 @@ def run_preprocess(args) -> dict:
     preprocess.run(cfg)
     wall = time.perf_counter() - t0
     events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
-    progress = [e for e in events if e["event"] == "progress"]
+    done = [e for e in events if e["event"] == "done"]
     world = int(os.environ.get("WORLD_SIZE", 1))
-    rate = progress[-1]["items_per_s"] if progress else None
+    rate = done[-1].get("items_per_s") if done else None  # all ranks' items over the encoding time
     report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
               "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall,
               "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None,

@@ -94,8 +94,8 @@ for key, r in rows.items():
         # power and cooling allow without any communication
         r["speedup_vs_concurrent_single_gpus"] = r["samples_per_s"] * len(pair) / sum(pair)
 pre = [json.loads(l) for l in (out / f"preprocess-{gpus}gpu.jsonl").read_text().splitlines() if l.startswith("{")]
-prog = [e for e in pre if e["event"] == "progress"]
-report = {"train": rows, "preprocess_512_images_per_s": prog[-1]["items_per_s"] if prog else None, "gpus": gpus}
+done = [e for e in pre if e["event"] == "done"]  # all ranks' items over the encoding time
+report = {"train": rows, "preprocess_512_images_per_s": done[-1].get("items_per_s") if done else None, "gpus": gpus}
 print(json.dumps(report, indent=1))
 (out / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
 PY

@@ -7,6 +7,7 @@ import zipfile
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 import torch
 
 from conftest import preprocess_args, run_cli, torchrun
@@ -168,6 +169,8 @@ def test_rerun_skips_finished_chunks_and_rebuilds_missing(tmp_path, tiny_model, 
     (cache / "manifest.json").unlink()
     run_cli(*args, check=True)
     assert parts[-1].is_file() and load_manifest(cache)["total_items"] == 8
+    done = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines()][-1]
+    assert done["encoded_items"] == 2  # the rebuilt chunk only, not the chunks found complete
     assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in parts[:-1])
 
 
@@ -195,6 +198,8 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_model, images, cache_dir):
         torch.testing.assert_close(a[k]["latents"], b[k]["latents"])
     shard1 = torch.load(cache / "shards" / "rank-00001-of-00002-part-0000.pt", weights_only=True)
     assert shard1["index"].tolist() == [1, 3, 5, 7]
+    done = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines()][-1]
+    assert done["encoded_items"] == 8 and done["items_per_s"] == pytest.approx(8 / done["encode_s"], rel=0.01)  # both ranks' items
 
 
 def test_fewer_images_than_ranks(tmp_path, tiny_model, images):
