@@ -131,7 +131,7 @@ class Progress:
         A collective: every rank calls it."""
         rows = distributed.gather_objects((self.done_here - self.base, time.time() - self.t0))
         items, seconds = sum(n for n, _ in rows), max(t for _, t in rows)
-        return {"encoded_items": items, "encode_s": round(seconds, 3),
+        return {"encoded_items": items, "encode_s": seconds,
                 "items_per_s": items / seconds if seconds > 0 and items else None}
 
     def add(self, n: int) -> None:
