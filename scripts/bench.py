@@ -223,7 +223,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     first_step_s = time.perf_counter() - t0
     losses += steps(1, args.warmup - 1)
     with speed.frozen_gc_after_warmup(cfg.train.gc_freeze, 0) as after_step:
-        after_step(max(args.warmup, speed.WARMUP_STEPS))  # as train does once its warm-up is over
+        after_step(speed.WARMUP_STEPS)  # the warm-up steps above are done: freeze as train does
         _sync(di.device)
         t1 = time.perf_counter()
         losses += steps(args.warmup, args.steps)

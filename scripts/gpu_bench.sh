@@ -21,13 +21,13 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         # CUDA graphs per block against plain launches, for speed and the loss check
         graphs512) run graphs-512 train --resolution 512 --batch-size 4 --compare-graphs --no-baseline --steps 20 ;;
         graphs1024) run graphs-1024 train --resolution 1024 --batch-size 1 --compare-graphs --no-baseline --steps 20 ;;
-        # default settings (fp8 base on H100/H200) against the bf16 base, for the loss check
         # the LoRA up-projection as one addmm against peft's forward, for speed and the loss check
         upadd512) run upadd-512 train --resolution 512 --batch-size 4 --compare-up-add --no-baseline --steps 30 ;;
         upadd1024) run upadd-1024 train --resolution 1024 --batch-size 1 --compare-up-add --no-baseline --steps 20 ;;
         # DDP: per-bucket averaging against DDP's own, and where a multi-GPU step's time goes
         ddpavg512) run_ddp ddp-average-512 train --resolution 512 --batch-size 4 --compare-average --no-baseline --steps 20 ;;
         ddpprofile512) run_ddp ddp-profile-512 train --resolution 512 --batch-size 4 --profile --no-baseline --steps 20 ;;
+        # default settings (fp8 base on H100/H200) against the bf16 base, for the loss check
         fp8check512) run fp8check-512 train --resolution 512 --batch-size 4 --compare-bf16 --no-baseline ;;
         bf16-512) run bf16-512 train --resolution 512 --batch-size 4 --fp8-compute off --no-baseline ;;
         b6-512) run b6-512 train --resolution 512 --batch-size 6 --no-baseline ;;

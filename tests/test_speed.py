@@ -209,11 +209,11 @@ def _loss_and_grads(model, h: int = 8, w: int = 8):
     return loss.detach(), {n: p.grad.clone() for n, p in lora.lora_parameters(model)}
 
 
-def _compile_on_cpu_quickly(monkeypatch):
+def _compile_on_cpu_quickly(monkeypatch, backend="aot_eager"):
     """compile_blocks' own dynamic setting, with aot_eager (dynamo's guards and graphs are what
     is tested; inductor's C++ codegen would take a minute on the CPU)."""
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", dynamic=kw["dynamic"]))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend, dynamic=kw["dynamic"]))
 
 
 def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatch):
@@ -252,8 +252,7 @@ def test_blocks_under_ddp_compile_whole_not_split_at_buckets(monkeypatch, tmp_pa
         graphs.append(gm)
         return aot_eager(gm, example_inputs, **kw)
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting, dynamic=kw["dynamic"]))
+    _compile_on_cpu_quickly(monkeypatch, backend=counting)
     monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 64)
     monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)  # dynamo's default
     torch._dynamo.reset()
