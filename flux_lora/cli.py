@@ -85,9 +85,9 @@ def make_tiny_cmd(
 ) -> None:
     """Write a tiny random FLUX.1 pipeline (diffusers layout) plus a tiny captioner in DIR/captioner."""
     def go():
-        from flux_lora.tiny import make_tiny
+        from flux_lora.models.tiny import make_tiny
 
-        from flux_lora.models import quiet_libraries
+        from flux_lora.models.loading import quiet_libraries
         quiet_libraries()
         make_tiny(out_dir, seed)
         print(f"tiny FLUX pipeline written to {out_dir}", file=sys.stderr)
@@ -101,7 +101,7 @@ def demo_data_cmd(
     seed: int = 0,
 ) -> None:
     """Write a small synthetic image set (some with .txt captions, some without) for the demo."""
-    from flux_lora.demo import make_images
+    from flux_lora.data.demo import make_images
 
     make_images(out_dir, count, seed)
     print(f"{count} demo images written to {out_dir}", file=sys.stderr)
@@ -138,7 +138,7 @@ def preprocess(
              "data.trust_remote_code": trust_remote_code, "output.json": json_events}
 
     def go():
-        from flux_lora import preprocess as stage
+        from flux_lora.data import preprocess as stage
 
         stage.run(_build(config, flags, set_))
     guarded(go, debug)
@@ -184,7 +184,7 @@ def train(
              "output.json": json_events}
 
     def go():
-        from flux_lora import train as stage
+        from flux_lora.training import train as stage
 
         stage.run(_build(config, flags, set_))
     guarded(go, debug)
@@ -205,7 +205,7 @@ def sample(
 ) -> None:
     """Generate an image with FluxPipeline (+ a trained LoRA) to try a result without code."""
     def go():
-        from flux_lora.sampling import sample_command
+        from flux_lora.outputs.previews import sample_command
 
         sample_command(model, lora, prompt, out, seed, steps, guidance, size, max_sequence_length)
         print(f"wrote {out}", file=sys.stderr)
@@ -221,7 +221,7 @@ def export(
 ) -> None:
     """Convert a trained LoRA to the key names ComfyUI, Forge and kohya tools read."""
     def go():
-        from flux_lora.export import export_file
+        from flux_lora.outputs.export import export_file
 
         export_file(lora, out, export_format)
         print(f"wrote {out}", file=sys.stderr)
@@ -237,7 +237,7 @@ def watch(
 ) -> None:
     """Follow a run's events.jsonl: live progress; exit 0 at done, 1 at error."""
     def go():
-        from flux_lora.watch import serve_events, watch_events
+        from flux_lora.outputs.watch import serve_events, watch_events
 
         code = serve_events(run_dir, serve, timeout) if serve else watch_events(run_dir, timeout)
         raise typer.Exit(code)

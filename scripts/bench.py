@@ -7,8 +7,8 @@
     python scripts/bench.py preprocess --resolution 1024 --images 128
     python scripts/bench.py train --tiny                                      # CPU, seconds (tests run it)
 
-`train` drives the functions `flux_lora train` uses (build_model, make_optimizer, train_step,
-update, wrap_ddp) on a full-size random FLUX.1-dev transformer (`random:flux1-dev`) with inputs
+`train` drives the code `flux_lora train` runs (build_model, wrap_ddp, make_optimizer and the
+pipelined step loop of flux_lora.training.step) on a full-size random FLUX.1-dev transformer (`random:flux1-dev`) with inputs
 shaped like the cache (latents, T5 512×4096, CLIP pooled), excludes warm-up, and reports samples/s,
 TFLOP/s and MFU against a bf16 matmul peak it measures, peak memory and time to first step. Unless
 --no-baseline, it also runs the setting of diffusers' train_dreambooth_lora_flux.py (batch 1,
@@ -35,12 +35,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux_lora import attention, distributed, fused, models, speed  # noqa: E402
-from flux_lora import train as T  # noqa: E402
 from flux_lora.config import build_config  # noqa: E402
-from flux_lora.fp8 import Fp8Linear  # noqa: E402
-from flux_lora.report import NullReporter  # noqa: E402
-from flux_lora.sampler import Slice  # noqa: E402
+from flux_lora.fast import attention, compiled_blocks, fused_qkv, gc_freeze  # noqa: E402
+from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
+from flux_lora.models import loading  # noqa: E402
+from flux_lora.outputs.events import NullReporter  # noqa: E402
+from flux_lora.parallel import session  # noqa: E402
+from flux_lora.parallel.ddp import wrap_ddp  # noqa: E402
+from flux_lora.training import lora  # noqa: E402
+from flux_lora.training.batches import Slice  # noqa: E402
+from flux_lora.training.model import build_model  # noqa: E402
+from flux_lora.training.optim import make_optimizer  # noqa: E402
+from flux_lora.training.step import StepInputs, Trainee, pipelined_steps, train_step  # noqa: E402
 
 
 class ShapedData:
@@ -85,7 +91,7 @@ def step_flops(model, data, slices, inputs) -> float:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        T.train_step(model, [data.collate(sl.items) for sl in slices], slices, 0, inputs)
+        train_step(model, [data.collate(part.items) for part in slices], slices, 0, inputs)
     for p in model.parameters():
         p.grad = None
     return float(counter.get_total_flops())
@@ -179,18 +185,18 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     t0 = time.perf_counter()
     hw = setting["resolution"] // 8
     tokens = setting["batch"] * ((hw // 2) ** 2 + args.text_len)
-    model, n_params = T.build_model(cfg, di, NullReporter(di.rank), tokens)
+    model, n_params = build_model(cfg, di, NullReporter(di.rank), tokens)
     load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
     if setting.get("lora_bf16"):
-        for _, p in T.lora.lora_parameters(model):
+        for _, p in lora.lora_parameters(model):
             p.data = p.data.to(torch.bfloat16)
     conf = model.config
     data = ShapedData(setting["batch"], hw, args.text_len, conf.joint_attention_dim, conf.pooled_projection_dim,
                       conf.in_channels // 4)
-    inputs = T.StepInputs(0, 1.0 if conf.guidance_embeds else None, "flux-shift", 0.0, 1.0, di.device,
-                          models.resolve_dtype("auto", di.device))
+    inputs = StepInputs(0, 1.0 if conf.guidance_embeds else None, "flux-shift", 0.0, 1.0, di.device,
+                          loading.resolve_dtype("auto", di.device))
     slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
     # counted on one sample (FLOPs grow linearly with the batch): the counting pass runs eagerly
     # through Python dispatch and needs far more memory than a compiled step
@@ -200,30 +206,27 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
     train_cfg = dataclasses.replace(cfg.train, compile=setting["compile"])
-    compiled = speed.use_compile(train_cfg, di.device)
+    compiled = compiled_blocks.use_compile(train_cfg, di.device)
     if compiled:
-        speed.compile_blocks(model, speed.use_cuda_graphs(train_cfg, di.device, model.is_gradient_checkpointing))
-    ddp = speed.wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)  # as train does
-    opt, sched = T.make_optimizer(model, cfg, di.device)
+        compiled_blocks.compile_blocks(model, compiled_blocks.use_cuda_graphs(train_cfg, di.device, model.is_gradient_checkpointing))
+    ddp = wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)  # as train does
+    opt, sched = make_optimizer(model, cfg.train, di.device)
     if setting.get("unfused_adamw"):
-        opt = torch.optim.AdamW([p for _, p in T.lora.lora_parameters(model)], lr=1e-4, foreach=True)
+        opt = torch.optim.AdamW([p for _, p in lora.lora_parameters(model)], lr=1e-4, foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainee = Trainee(model, ddp, opt, sched)
+    batch = [data.collate(part.items) for part in slices]
 
     def steps(first: int, n: int) -> list[float]:
-        """n steps as `train` runs them: a step's result is read after the next one is queued."""
-        losses, pending = [], None
-        for step in range(first, first + n):
-            loss = T.train_step(ddp, [data.collate(sl.items) for sl in slices], slices, step, inputs)
-            if pending:
-                losses.append(pending.result().loss)
-            pending = T.update(model, opt, sched, loss, False, 1.0, di.device, di.world_size)
-        return losses + ([pending.result().loss] if pending else [])
+        """n steps through train's own pipelined loop (a step's result is read after the next is queued)."""
+        return [result.loss for _, result in pipelined_steps(trainee, lambda step: (slices, batch), first, first + n,
+                                                              inputs, 1.0, di.world_size)]
 
     losses = steps(0, 1)
     first_step_s = time.perf_counter() - t0
     losses += steps(1, args.warmup - 1)
-    with speed.frozen_gc_after_warmup(cfg.train.gc_freeze, 0) as after_step:
-        after_step(speed.WARMUP_STEPS)  # the warm-up steps above are done: freeze as train does
+    with gc_freeze.frozen_gc_after_warmup(cfg.train.gc_freeze, 0) as after_step:
+        after_step(gc_freeze.WARMUP_STEPS)  # the warm-up steps above are done: freeze as train does
         _sync(di.device)
         t1 = time.perf_counter()
         losses += steps(args.warmup, args.steps)
@@ -234,8 +237,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
            "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
-           "cuda_graphs_on": speed.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
-           "qkv_groups": sum(isinstance(m, fused.FusedProjection) for m in model.modules())}
+           "cuda_graphs_on": compiled_blocks.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
+           "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules())}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     out["compile_report"] = compile_report()
@@ -249,7 +252,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         out["weights_gib"] = torch.cuda.memory_allocated(di.device) / 2**30
         out["load_peak_gib"] = load_peak
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(di.device) / 2**30
-    model = ddp = opt = data = None  # free the GPU before the next setting
+    model = ddp = opt = data = trainee = batch = None  # free the GPU before the next setting
     if di.device.type == "cuda":
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
@@ -296,13 +299,14 @@ def train_settings(args) -> list[dict]:
 
 
 def run_train(args) -> dict:
-    with distributed.session(600) as di:
-        models.quiet_libraries()
+    with session.process_group(600) as di:
+        loading.quiet_libraries()
         peak = matmul_peak_tflops(di.device)
         results = []
         for setting in train_settings(args):
             results.append(bench_train(args, di, setting, peak))
-            distributed.print0(json.dumps(results[-1]))
+            if di.is_main:
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         report = {"kind": "train", "model": args.model, "text_len": args.text_len, "peak_bf16_tflops": peak,
                   "results": results}
         if args.baseline:
@@ -315,8 +319,8 @@ def run_train(args) -> dict:
 
 def run_preprocess(args) -> dict:
     """The real preprocess stage on synthetic images; images/s per GPU from its own events."""
-    from flux_lora import preprocess
-    from flux_lora.demo import make_images
+    from flux_lora.data import preprocess
+    from flux_lora.data.demo import make_images
 
     # one folder for all ranks of this torchrun (TORCHELASTIC_RUN_ID is shared by them)
     tmp = Path(tempfile.gettempdir()) / f"flux-lora-bench-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
@@ -386,7 +390,7 @@ def main() -> None:
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.tiny:
-        from flux_lora.tiny import make_tiny
+        from flux_lora.models.tiny import make_tiny
 
         args.model = str(make_tiny(Path(tempfile.mkdtemp()) / "tiny"))
         args.resolution, args.text_len, args.steps, args.warmup, args.images = 64, 32, 2, 1, 6

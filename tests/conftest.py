@@ -50,7 +50,7 @@ def torchrun(nproc: int, *args, timeout: float = 300, check: bool = True, module
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from flux_lora.tiny import make_tiny
+    from flux_lora.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "flux")
 
@@ -58,14 +58,14 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_tiny_model(tmp_path_factory) -> Path:
     """Same architecture, different random weights: a cache built for it must not train tiny_model."""
-    from flux_lora.tiny import make_tiny
+    from flux_lora.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny2") / "flux", seed=1)
 
 
 @pytest.fixture(scope="session")
 def images(tmp_path_factory) -> Path:
-    from flux_lora.demo import make_images
+    from flux_lora.data.demo import make_images
 
     out = tmp_path_factory.mktemp("images")
     make_images(out, count=8)

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun, once per MODE: the same DDP training (two
+"""Run by tests/test_session.py under torchrun, once per MODE: the same DDP training (two
 micro-batches per step, the first under no_sync) with gradients freed after each step ("free"),
 kept allocated as CUDA graphs need ("keep"), or averaged by DDP per tensor instead of once per
 bucket ("per-tensor"). Writes each rank's final parameters; rank 0 also writes those of the same
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from flux_lora import distributed, speed
+from flux_lora.fast.compiled_blocks import keep_grads, zero_grad
+from flux_lora.parallel import session
+from flux_lora.parallel.ddp import wrap_ddp
 
 MODE = os.environ["MODE"]
 STEPS, MICRO = 3, 2
@@ -35,21 +37,21 @@ def reference(model: torch.nn.Module, world: int) -> list[float]:
     return torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
 
 
-with distributed.session(timeout_s=60) as di:
+with session.process_group(timeout_s=60) as di:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     untouched = copy.deepcopy(model)
     if MODE == "keep":
         model.flux_lora_cuda_graphs = True  # what compile_blocks marks with cuda_graphs
-        speed.keep_grads(model)
-    ddp = speed.wrap_ddp(model, di, average_per_bucket=MODE != "per-tensor")
+        keep_grads(model)
+    ddp = wrap_ddp(model, di, average_per_bucket=MODE != "per-tensor")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step_batches in batches(di.rank):
         for micro, x in enumerate(step_batches):
             with ddp.no_sync() if micro == 0 else torch.enable_grad():
                 ddp(x).square().mean().backward()
         opt.step()
-        speed.zero_grad(model, opt)
+        zero_grad(model, opt)
     row = {"grads_allocated": [p.grad is not None for p in model.parameters()],
            "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()}
     if di.rank == 0:

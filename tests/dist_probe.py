@@ -1,18 +1,18 @@
-"""Run by tests/test_distributed.py under torchrun: writes what each rank sees to OUT_DIR/rank-R.json."""
+"""Run by tests/test_session.py under torchrun: writes what each rank sees to OUT_DIR/rank-R.json."""
 
 import json
 import os
 from pathlib import Path
 
-from flux_lora import distributed
+import torch
 
-with distributed.session(timeout_s=60) as di:
-    mine = distributed.shard_indices(5, di.rank, di.world_size)
-    flag_any = distributed.any_rank(di.rank == 1)
-    flag_none = distributed.any_rank(False)
-    sums = distributed.all_sum([1.0, float(di.rank)])
-    shared = distributed.main_then_share(lambda: "from rank 0")
-    distributed.barrier()
-    row = {"rank": di.rank, "world": di.world_size, "mine": mine, "any": flag_any, "none": flag_none,
-           "sums": sums, "shared": shared}
+from flux_lora.parallel import session
+
+with session.process_group(timeout_s=60) as di:
+    mine = session.shard_indices(5, di.rank, di.world_size)
+    gathered = session.gather_objects(10 * di.rank)
+    sums = session.all_sum_on_device(torch.tensor([1.0, float(di.rank)])).tolist()
+    shared = session.main_then_share(lambda: "from rank 0")
+    session.barrier()
+    row = {"rank": di.rank, "world": di.world_size, "mine": mine, "gathered": gathered, "sums": sums, "shared": shared}
     Path(os.environ["OUT_DIR"], f"rank-{di.rank}.json").write_text(json.dumps(row))

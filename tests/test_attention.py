@@ -5,7 +5,8 @@ On the CPU the op runs ATen's flash kernel; on CUDA (when present) the same test
 import pytest
 import torch
 
-from flux_lora import attention, models
+from flux_lora.fast import attention
+from flux_lora.models import loading as models
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and
                      attention.supported(128, torch.bfloat16, torch.device("cuda")) else [])
@@ -72,8 +73,8 @@ def test_transformer_attention_runs_through_the_op(tiny_model):
     before = model(**inputs)[0]
     assert not attention.in_use(model)
     # auto never picks the op on the CPU; cudnn asks for it (the op's CPU kernel here)
-    assert models.set_attention_backend("auto", model, torch.float32, torch.device("cpu")) == "flash"
-    assert models.set_attention_backend("cudnn", model, torch.float32, torch.device("cpu")) == "cudnn"
+    assert attention.choose_backend("auto", model, torch.float32, torch.device("cpu")) == "flash"
+    assert attention.choose_backend("cudnn", model, torch.float32, torch.device("cpu")) == "cudnn"
     assert attention.in_use(model)
     calls = []
     original = attention.attention

@@ -1,7 +1,9 @@
 """Global batches are a function of (seed, step), not of the number of ranks.
     pytest -q tests/test_sampler.py"""
 
-from flux_lora.sampler import GlobalBatchSampler
+import pytest
+
+from flux_lora.training.batches import GlobalBatchSampler
 
 BUCKETS = [(64, 64)] * 7 + [(80, 48)] * 5 + [(48, 80)] * 1
 
@@ -44,3 +46,24 @@ def test_epoch_covers_every_item_and_reshuffles():
 def test_dataset_smaller_than_batch_repeats():
     s = GlobalBatchSampler([(64, 64)] * 2, global_batch=8, seed=0)
     assert sorted(set(s.global_batch_at(0))) == [0, 1] and len(s.global_batch_at(0)) == 8
+
+
+def test_prefetcher_returns_each_step_in_order_and_surfaces_errors():
+    from flux_lora.training.batches import Prefetcher
+
+    calls = []
+
+    def load(step):
+        calls.append(step)
+        if step == 3:
+            raise ValueError("corrupt shard")
+        return step * 10
+
+    p = Prefetcher(load, end_step=4)
+    try:
+        assert [p.get(s) for s in range(3)] == [0, 10, 20]
+        with pytest.raises(ValueError, match="corrupt"):
+            p.get(3)
+    finally:
+        p.close()
+    assert sorted(calls) == [0, 1, 2, 3]  # each step loaded once, the next one ahead of time

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, cli_env, run_cli, torchrun, train_args
-from flux_lora import checkpoint
+from flux_lora.training import checkpoint
+from helpers import as_rank
 
 
 def _lora(out):
@@ -171,9 +172,10 @@ def test_unwritable_output(tiny_model, cache_dir, tmp_path):
 def test_keep_last_k_and_corrupt_latest_falls_back(tmp_path):
     sd = {"w": torch.ones(2)}
     for step in (1, 2, 3, 4):
-        checkpoint.save_checkpoint(tmp_path, step, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2, rank=0)
+        checkpoint.save_checkpoint(tmp_path, step, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2)
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [3, 4]
-    assert checkpoint.save_checkpoint(tmp_path, 5, sd, {}, {}, keep=2, rank=1) is None
+    with as_rank(1):
+        assert checkpoint.save_checkpoint(tmp_path, 5, sd, {}, {}, keep=2) is None  # only rank 0 writes
     (checkpoint.checkpoint_dir(tmp_path, 4) / "optimizer.pt").write_bytes(b"garbage")
     assert checkpoint.latest_valid(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 3)
     (tmp_path / "checkpoints" / ".step-000009.tmp").mkdir()  # a crash mid-write
@@ -182,7 +184,7 @@ def test_keep_last_k_and_corrupt_latest_falls_back(tmp_path):
 
 def test_resume_reads_the_validated_checkpoint_once(tmp_path, monkeypatch):
     sd = {"w": torch.ones(2)}
-    checkpoint.save_checkpoint(tmp_path, 1, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2, rank=0)
+    checkpoint.save_checkpoint(tmp_path, 1, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2)
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
@@ -192,7 +194,7 @@ def test_resume_reads_the_validated_checkpoint_once(tmp_path, monkeypatch):
     checkpoint.load_checkpoint(d)
     assert len(loads) == 2  # a later load reads the files again
     checkpoint.latest_valid(tmp_path)
-    checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"optimizer": {}, "scheduler": {}}, {}, keep=2, rank=0)
+    checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"optimizer": {}, "scheduler": {}}, {}, keep=2)
     assert torch.equal(checkpoint.load_checkpoint(d)["lora"]["w"], torch.zeros(2))  # rewritten: not the kept copy
 
 

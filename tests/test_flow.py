@@ -5,7 +5,7 @@ import math
 import torch
 from diffusers import FluxPipeline
 
-from flux_lora import flow
+from flux_lora.training import flow
 
 
 def test_pack_matches_diffusers_and_inverts():

@@ -5,7 +5,7 @@ torch._scaled_mm runs on the CPU too; on a GPU the same tests run on CUDA."""
 import pytest
 import torch
 
-from flux_lora import fp8
+from flux_lora.fast import fp8
 
 DEVICES = [d for d in ("cpu", "cuda") if (d == "cpu" or torch.cuda.is_available()) and fp8.matmul_works(d)]
 needs_cpu_fp8 = pytest.mark.skipif(not fp8.matmul_works("cpu"), reason="this torch has no CPU fp8 matmul")
@@ -77,7 +77,7 @@ def test_conversion_replaces_peft_base_layers_and_keeps_lora_trainable():
 @needs_cpu_fp8
 def test_train_with_fp8_base_on_the_tiny_model(tiny_model, cache_dir, tmp_path):
     """memory_mode=fp8 end to end on the CPU: the base is fp8, the LoRA trains and is saved."""
-    from flux_lora import train
+    from flux_lora.training import train
     from flux_lora.config import build_config
 
     cfg = build_config(None, {"model.path": str(tiny_model), "data.cache_dir": str(cache_dir),

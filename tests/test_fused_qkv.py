@@ -1,4 +1,4 @@
-"""q/k/v groups (flux_lora.fused): same outputs and LoRA gradients as peft's separate layers, the
+"""q/k/v groups (flux_lora.fast.fused_qkv): same outputs and LoRA gradients as peft's separate layers, the
 same parameters and keys, no second copy of the base, and the fallbacks."""
 
 import copy
@@ -6,46 +6,10 @@ import copy
 import pytest
 import torch
 
-from flux_lora import fp8, fused, lora, models
-
-
-def _inputs(conf, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    x = dict(hidden_states=torch.randn(2, 16, conf.in_channels, generator=g),
-             encoder_hidden_states=torch.randn(2, 8, conf.joint_attention_dim, generator=g),
-             pooled_projections=torch.randn(2, conf.pooled_projection_dim, generator=g), timestep=torch.tensor([0.5, 0.7]))
-    x = {k: v.to(dtype) for k, v in x.items()}
-    x.update(img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
-    if conf.guidance_embeds:
-        x["guidance"] = torch.tensor([1.0, 1.0], dtype=dtype)
-    return x
-
-
-def _model(tiny_model, dtype=torch.float32, dropout=0.0):
-    torch.manual_seed(0)
-    model = models.load_transformer(str(tiny_model), dtype)
-    lora.add_lora(model, 4, 4, "attention-mlp", dropout, 0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_()  # B starts at zero: make the LoRA branch count
-    return model
-
-
-def _run(model, inputs):
-    out = model(**inputs)[0]
-    out.float().square().sum().backward()
-    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_trains_like(model, ref):
-    """Same output and LoRA gradients (fp32) on the same inputs."""
-    inputs = _inputs(model.config)
-    want_out, want_grads = _run(ref, inputs)
-    got_out, got_grads = _run(model, inputs)
-    assert torch.allclose(got_out, want_out, atol=1e-5)
-    assert got_grads.keys() == want_grads.keys()
-    for name in want_grads:
-        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-4), name
+from flux_lora.fast import fp8, fused_qkv as fused
+from flux_lora.models import loading
+from flux_lora.training import lora
+from helpers import _inputs, _model, _run, assert_trains_like
 
 
 def test_groups_match_separate_layers(tiny_model):
@@ -90,7 +54,7 @@ def test_unusual_lora_falls_back_to_the_layers_own_forward(tiny_model):
 
 def test_mixed_lora_targets_are_left_alone(tiny_model):
     torch.manual_seed(0)
-    model = models.load_transformer(str(tiny_model), torch.float32)
+    model = loading.load_transformer(str(tiny_model), torch.float32)
     lora.add_lora(model, 4, 4, "to_q", 0.0, 0)  # LoRA on q only: k and v have none
     assert fused.fuse_attention(model) == 0
     assert not model.transformer_blocks[0].attn.fused_projections

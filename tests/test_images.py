@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from flux_lora.errors import DataError
-from flux_lora.images import (check_zip, discover, extract_zip, load_rgb, make_buckets, nearest_bucket,
+from flux_lora.data.images import (check_zip, discover, extract_zip, load_rgb, make_buckets, nearest_bucket,
                               resize_to_bucket, resolve_source)
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from flux_lora import lora
+from flux_lora.training import lora
 from flux_lora.errors import ConfigError
-from flux_lora.export import export_file, fuse
+from flux_lora.outputs.export import export_file, fuse
+from helpers import as_rank
 
 
 def _lora_model(tiny_model, targets="attention-mlp", rank=4, alpha=16.0, seed=0):
@@ -61,8 +62,10 @@ def _generate(pipe, seed=0):
 def test_saved_lora_loads_in_diffusers_with_alpha(tiny_model, tmp_path):
     t, _ = _lora_model(tiny_model, rank=4, alpha=16.0)
     _randomize(t)
-    path = lora.export_lora(tmp_path / "lora.safetensors", t, rank=0)
-    assert lora.export_lora(tmp_path / "other.safetensors", t, rank=1) is None  # only rank 0 writes
+    path = lora.export_lora(tmp_path / "lora.safetensors", t)
+    with as_rank(1):
+        assert lora.export_lora(tmp_path / "other.safetensors", t) is None  # only rank 0 writes
+    assert not (tmp_path / "other.safetensors").exists()
     assert not (tmp_path / "other.safetensors").exists()
     pipe = FluxPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
@@ -101,7 +104,7 @@ def test_kohya_export_gives_same_pipeline_output(tiny_model, tmp_path):
                "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2,single_transformer_blocks.0.proj_out")
     t, _ = _lora_model(tiny_model, targets=targets, rank=4, alpha=8.0)
     _randomize(t)
-    path = lora.export_lora(tmp_path / "lora.safetensors", t, rank=0, export_format="kohya")
+    path = lora.export_lora(tmp_path / "lora.safetensors", t, export_format="kohya")
     kohya = tmp_path / "lora-kohya.safetensors"
     assert kohya.is_file()
     from safetensors import safe_open

@@ -1,4 +1,4 @@
-"""The one-addmm LoRA up-projection (flux_lora.lora_up): the op's values and gradients, the same
+"""The one-addmm LoRA up-projection (flux_lora.fast.lora_up): the op's values and gradients, the same
 outputs, gradients and keys as peft's forward on a whole model (alone, in q/k/v groups, over an
 fp8 base), one graph under torch.compile, and peft's path where the shortcut does not apply."""
 
@@ -8,8 +8,9 @@ import io
 import pytest
 import torch
 
-from flux_lora import fp8, fused, lora, lora_up
-from tests.test_fused import _inputs, _model, _run, assert_trains_like
+from flux_lora.fast import fp8, fused_qkv as fused, lora_up
+from flux_lora.training import lora
+from helpers import _inputs, _model, _run, assert_trains_like
 
 
 def test_op_values_gradients_and_registration():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import preprocess_args, run_cli, torchrun
-from flux_lora.cache import load_manifest
+from flux_lora.data.cache import load_manifest
 
 
 def _shards(cache):
@@ -30,7 +30,7 @@ def test_latents_match_diffusers_vae(cache_dir, tiny_model, images):
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
 
-    from flux_lora.images import load_rgb, resize_to_bucket
+    from flux_lora.data.images import load_rgb, resize_to_bucket
 
     vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
     items = _shards(cache_dir)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, cli_env, torchrun
-from flux_lora.cache import load_manifest
+from flux_lora.data.cache import load_manifest
 
 FAKE = ROOT / "tests" / "fake_slurm"
 

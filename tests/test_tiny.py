@@ -20,7 +20,7 @@ def test_tiny_pipeline_loads_and_generates(tiny_model):
 def test_tiny_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    from flux_lora.tiny import make_tiny
+    from flux_lora.models.tiny import make_tiny
 
     a, b = make_tiny(tmp_path / "a"), make_tiny(tmp_path / "b")
     wa = load_file(a / "transformer" / "diffusion_pytorch_model.safetensors")

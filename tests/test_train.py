@@ -127,20 +127,20 @@ def test_corrupt_and_missing_shards_refused(tiny_model, cache_dir, tmp_path):
 def test_update_skips_non_finite_steps_on_either_path(fused):
     """update() skips a NaN step without touching the weights or Adam's state: from a device flag
     with fused AdamW (no host sync), after reading the votes otherwise; the result reads the same."""
-    from flux_lora import train as T
+    from flux_lora.training import step as training_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    assert T.skips_on_device(opt) is fused
+    assert training_step.skips_on_device(opt) is fused
 
     def step(poison: bool):
         loss = model(torch.randn(2, 4)).square().mean()
         loss.backward()
         if poison:
             loss = loss * float("nan")
-        return T.update(model, opt, sched, loss.detach(), False, 1.0, torch.device("cpu"), 1).result()
+        return training_step.update(model, opt, sched, loss.detach(), False, 1.0, torch.device("cpu"), 1).result()
 
     res = step(False)
     assert not res.skipped and res.loss > 0
@@ -157,7 +157,7 @@ def test_update_skips_non_finite_steps_on_either_path(fused):
 def test_gc_pauses_times_full_collections_only():
     import gc
 
-    from flux_lora.report import GcPauses
+    from flux_lora.fast.gc_freeze import GcPauses
 
     with GcPauses() as pauses:
         gc.collect(0)
@@ -175,12 +175,12 @@ def test_gc_pauses_times_full_collections_only():
 def test_gc_frozen_after_warmup_and_unfrozen_after():
     import gc
 
-    from flux_lora import speed
+    from flux_lora.fast import gc_freeze
 
     assert gc.get_freeze_count() == 0
-    with speed.frozen_gc_after_warmup(True, first_step=10) as after_step:
+    with gc_freeze.frozen_gc_after_warmup(True, first_step=10) as after_step:
         assert [after_step(s) for s in (11, 12)] == [False, False] and gc.get_freeze_count() == 0
-        assert after_step(10 + speed.WARMUP_STEPS) and gc.get_freeze_count() > 0
+        assert after_step(10 + gc_freeze.WARMUP_STEPS) and gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0, "a later run in this process must be able to free this one"
-    with speed.frozen_gc_after_warmup(False, first_step=0) as after_step:
+    with gc_freeze.frozen_gc_after_warmup(False, first_step=0) as after_step:
         assert after_step(100) and gc.get_freeze_count() == 0  # off: never frozen

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, cli_env, run_cli, train_args
-from flux_lora.report import Reporter
+from flux_lora.outputs.events import Reporter
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_events_are_ordered_and_complete(finished_run):
 
 
 def test_event_losses_match_training_history(finished_run):
-    from flux_lora.checkpoint import list_checkpoints, load_checkpoint
+    from flux_lora.training.checkpoint import list_checkpoints, load_checkpoint
 
     progress = [e for e in _events(finished_run) if e["event"] == "progress"]
     history = load_checkpoint(list_checkpoints(finished_run)[-1][1])["state"]["loss_history"]

@@ -6,6 +6,13 @@
     CACHE/manifest.json                        written last, by rank 0: the cache is complete
     CACHE/samples.pt                           embeddings of the sample prompts (may be absent)
     CACHE/captions.jsonl                       the caption used for every item, for people
+    CACHE/config.yaml, events.jsonl            the resolved config and preprocess's events
+    CACHE/progress/rank-RRRRR.json             items done per rank, for live progress
+
+Writing: rank 0 claims the directory (`claim_cache`: settings.json, or a refusal naming what
+differs); each rank writes its chunks (`write_shard`: the .pt, then the sidecar that marks it
+complete); after a barrier rank 0 writes captions.jsonl and manifest.json (`write_manifest`).
+Reading: `open_for_training` checks the manifest against the model and every shard's checksum.
 
 A shard is a dict loaded with `torch.load(weights_only=True, mmap=True)`:
     index [n] int64, latents list of [C, h, w] float32, bucket list of [w, h], caption / source
@@ -17,14 +24,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from flux_lora.errors import CacheError
+from flux_lora.config import Config, to_yaml
+from flux_lora.data.images import SourceImage, make_buckets
+from flux_lora.errors import CacheError, DataError
+from flux_lora.models import fingerprint as model_fingerprint
+from flux_lora.outputs import files
+from flux_lora.parallel import session
 
 FORMAT_VERSION = 1
 
@@ -33,37 +44,12 @@ def shard_name(rank: int, world: int, part: int) -> str:
     return f"rank-{rank:05d}-of-{world:05d}-part-{part:04d}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: a crash leaves the old file or none, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(2**24):
             h.update(chunk)
     return h.hexdigest()
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- writing
@@ -87,18 +73,18 @@ def write_shard(shards_dir: Path, name: str, shard: dict, planned: list[int], sk
     buf = io.BytesIO()
     torch.save(shard, buf)
     data = buf.getvalue()
-    atomic_write_bytes(shards_dir / f"{name}.pt", data)
+    files.write_atomic(shards_dir / f"{name}.pt", data, every_rank=True)
     side = {"file": f"{name}.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "planned": planned, "items": len(shard["index"]), "index": shard["index"].tolist(),
             "bucket": shard["bucket"], "caption": shard["caption"], "source": shard["source"],
             "skipped": skipped}
-    atomic_write_json(shards_dir / f"{name}.json", side)
+    files.write_atomic(shards_dir / f"{name}.json", side, as_json=True, every_rank=True)
     return side
 
 
 def valid_sidecar(shards_dir: Path, name: str, planned: list[int]) -> dict | None:
     """The sidecar of a finished chunk with these planned items whose file checks out, else None."""
-    side = read_json(shards_dir / f"{name}.json")
+    side = files.read_json(shards_dir / f"{name}.json")
     pt = shards_dir / f"{name}.pt"
     if not side or side.get("planned") != planned or not pt.is_file() or pt.stat().st_size != side.get("bytes"):
         return None
@@ -114,6 +100,91 @@ def build_manifest(settings: dict, sidecars: list[dict]) -> dict:
     items.sort()
     return {**settings, "format_version": FORMAT_VERSION, "shards": shards, "total_items": len(items),
             "items_columns": ["index", "shard", "position", "width", "height"], "items": items}
+
+
+# ---------------------------------------------------------------- claiming and finishing
+
+def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
+    """What the items and their captions depend on, so a changed dataset is not mixed with an old cache."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(f"{s.name}\0{s.caption}\0".encode())
+    d = cfg.data
+    h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
+    return h.hexdigest()[:32]
+
+
+def cache_settings(cfg: Config, sources: list[SourceImage], world: int) -> dict:
+    return {"model": cfg.model.path,
+            "fingerprint": model_fingerprint.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision),
+            "resolution": cfg.data.resolution, "square": cfg.data.square,
+            "buckets": [list(b) for b in make_buckets(cfg.data.resolution, cfg.data.square)],
+            "max_sequence_length": cfg.data.max_sequence_length, "dataset": dataset_identity(cfg, sources),
+            "num_sources": len(sources), "world_size": world, "chunk_items": cfg.preprocess.chunk_items}
+
+
+_LAYOUT_KEYS = ("world_size", "chunk_items")
+_IGNORED_KEYS = ("model", "source_root")  # the fingerprint and dataset identity cover these
+
+
+def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
+    """Rank 0: make cache_dir ours. Returns True if a complete cache with these settings exists."""
+    old = files.read_json(cache_dir / "settings.json")
+    if overwrite:
+        for sub in ("shards", "progress"):
+            shutil.rmtree(cache_dir / sub, ignore_errors=True)
+        for f in ("manifest.json", "settings.json", "captions.jsonl", "samples.pt"):
+            (cache_dir / f).unlink(missing_ok=True)
+        old = None
+    elif old is None and (cache_dir / "shards").is_dir() and any((cache_dir / "shards").iterdir()):
+        raise CacheError(f"{cache_dir} holds shards of an unknown cache; pass --overwrite or another --cache-dir")
+    if old is not None:
+        diff = [k for k in settings if k not in _LAYOUT_KEYS + _IGNORED_KEYS and old.get(k) != settings[k]]
+        if diff:
+            raise CacheError(f"{cache_dir} holds a cache built with different {', '.join(diff)}; "
+                             "pass --overwrite to rebuild it or choose another --cache-dir")
+        manifest = files.read_json(cache_dir / "manifest.json")
+        if manifest and not check_shard_files(cache_dir, manifest, hashes=False):
+            return True
+        layout = [k for k in _LAYOUT_KEYS if old.get(k) != settings[k]]
+        if layout:
+            raise CacheError(f"{cache_dir} holds an unfinished cache started with "
+                             + ", ".join(f"{k}={old.get(k)}" for k in layout)
+                             + "; rerun with the same number of ranks to finish it, or pass --overwrite")
+    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
+    (cache_dir / "manifest.json").unlink(missing_ok=True)
+    files.write_atomic(cache_dir / "settings.json", settings, as_json=True)
+    return False
+
+
+def plan_parts(mine: list[int], chunk: int) -> list[list[int]]:
+    """This rank's items in chunks; at least one (possibly empty) chunk per rank."""
+    return [mine[i:i + chunk] for i in range(0, len(mine), chunk)] or [[]]
+
+
+def write_manifest(cache_dir: Path, settings: dict, reporter) -> dict:
+    """Rank 0, after every rank is done: manifest.json (the cache is complete) + captions.jsonl."""
+    world = settings["world_size"]
+    sidecars = []
+    for side_path in sorted((cache_dir / "shards").glob(f"rank-*-of-{world:05d}-part-*.json")):
+        side = files.read_json(side_path)
+        if side is None:
+            raise CacheError(f"{side_path} is unreadable; rerun preprocess to rebuild that chunk")
+        sidecars.append(side)
+    manifest = build_manifest(settings, sidecars)
+    skipped = [s for side in sidecars for s in side.get("skipped", [])]
+    if manifest["total_items"] == 0:
+        raise DataError(f"no usable images: all {len(skipped)} file(s) in {settings['source_root']} were unreadable; "
+                        "check the files or the --data path")
+    for side in sidecars:
+        if not side["file"].startswith("rank-00000-"):  # rank 0 reported its own as it went
+            for s in side.get("skipped", []):
+                reporter.emit("warning", message=f"skipped {s['error']}", file=s["source"])
+    lines = [json.dumps({"index": i, "source": src, "caption": cap}) for side in sidecars
+             for i, src, cap in zip(side["index"], side["source"], side["caption"])]
+    files.write_atomic(cache_dir / "captions.jsonl", "\n".join(sorted(lines, key=lambda line: json.loads(line)["index"])) + "\n")
+    files.write_atomic(cache_dir / "manifest.json", manifest, as_json=True)
+    return {"total_items": manifest["total_items"], "skipped": len(skipped), "shards": len(manifest["shards"])}
 
 
 # ---------------------------------------------------------------- reading
@@ -132,7 +203,7 @@ def load_manifest(cache_dir: Path) -> dict:
         raise CacheError(f"cache directory {cache_dir} does not exist; run `flux_lora preprocess --cache-dir {cache_dir}` first")
     if not path.is_file():
         raise CacheError(f"{cache_dir} has no manifest.json (preprocess did not finish); rerun preprocess to complete it")
-    manifest = read_json(path)
+    manifest = files.read_json(path)
     if manifest is None:
         raise CacheError(f"{path} is not valid JSON; rerun preprocess with --overwrite")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -191,31 +262,34 @@ class CachedDataset:
         return {k: torch.stack([r[k] for r in rows]) for k in ("latents", "t5", "clip")}
 
 
-class Prefetcher:
-    """load(step) for the next step runs on a background thread while this step trains, so reading
-    the memory-mapped shards, stacking and pinning stay off the GPU's critical path. Errors (a
-    corrupt shard) surface on the step that needs the data."""
-
-    def __init__(self, load, end_step: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.load, self.end_step = load, end_step
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-lora-prefetch")
-        self.pending: dict = {}
-
-    def get(self, step: int):
-        future = self.pending.pop(step, None) or self.pool.submit(self.load, step)
-        if step + 1 < self.end_step:
-            self.pending[step + 1] = self.pool.submit(self.load, step + 1)
-        return future.result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+def open_for_training(cfg: Config, di: session.DistInfo) -> tuple[dict, CachedDataset]:
+    """The manifest, checked against --model (fingerprint) and every shard's size and checksum
+    (rank r of W hashes shards r, r+W, ...; all ranks learn every problem)."""
+    cache_dir = Path(cfg.data.cache_dir)
+    if not cfg.data.cache_dir:
+        raise CacheError("no cache directory given; pass --cache-dir DIR (written by `flux_lora preprocess`)")
+    manifest = load_manifest(cache_dir)
+    fingerprint = model_fingerprint.fingerprint(cfg.model.path, manifest["max_sequence_length"], cfg.model.revision)
+    if fingerprint != manifest["fingerprint"]:
+        raise CacheError(f"cache {cache_dir} was built for model {manifest['model']}, not {cfg.model.path} "
+                         "(different VAE/text encoders); rerun preprocess with this --model")
+    problems = [p for ps in session.gather_objects(check_shard_files(cache_dir, manifest, di.rank, di.world_size))
+                for p in ps]
+    if problems:
+        raise CacheError(f"cache {cache_dir}: {problems[0]}"
+                         + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+                         + "; rerun preprocess (with --overwrite) to rebuild it")
+    return manifest, CachedDataset(cache_dir, manifest)
 
 
-def pinned(batch: dict) -> dict:
-    """Page-locked copies, so host-to-GPU copies run asynchronously (non_blocking)."""
-    return {k: v.pin_memory() for k, v in batch.items()}
+def write_sample_prompts(cache_dir: Path, prompts: list[str], t5: torch.Tensor, clip: torch.Tensor) -> None:
+    """CACHE/samples.pt: the sample prompts' embeddings, so train draws previews without text encoders."""
+    files.write_atomic(Path(cache_dir) / "samples.pt", lambda f: torch.save({"prompts": prompts, "t5": t5, "clip": clip}, f))
+
+
+def write_config(cache_dir: Path, cfg: Config) -> None:
+    """CACHE/config.yaml: the resolved config the cache was built with, for people."""
+    files.write_atomic(Path(cache_dir) / "config.yaml", to_yaml(cfg))
 
 
 def load_sample_prompts(cache_dir: Path) -> dict | None:

@@ -9,22 +9,24 @@ all ranks are done. A rerun skips chunks that are already complete and valid.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from flux_lora import cache, distributed, models
-from flux_lora.captions import Captioner, apply_trigger
-from flux_lora.config import Config, to_yaml
-from flux_lora.encode import encode_latents, encode_prompts
+from flux_lora.config import Config
+from flux_lora.data import cache
+from flux_lora.data.captions import Captioner, apply_trigger
+from flux_lora.data.images import SourceImage, discover, load_rgb, nearest_bucket, resize_to_bucket, resolve_source
 from flux_lora.errors import CacheError, DataError, FluxLoraError
-from flux_lora.images import SourceImage, discover, load_rgb, make_buckets, nearest_bucket, resize_to_bucket, resolve_source
-from flux_lora.report import make_reporter
+from flux_lora.models import loading
+from flux_lora.models.flux1 import encode_latents, encode_prompts
+from flux_lora.outputs import files
+from flux_lora.outputs.display import Display
+from flux_lora.outputs.events import make_reporter
+from flux_lora.parallel import session
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -44,8 +46,6 @@ class DecodedImages(torch.utils.data.Dataset):
             return {"index": index, "error": str(e)}
         bucket = nearest_bucket(im.width, im.height, self.buckets)
         im = resize_to_bucket(im, bucket)
-        import numpy as np
-
         return {"index": index, "pixels": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), "bucket": bucket}
 
 
@@ -55,69 +55,11 @@ def _decoded(entries, buckets, workers: int):
     yield from loader
 
 
-def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
-    """What the items and their captions depend on, so a changed dataset is not mixed with an old cache."""
-    h = hashlib.sha256()
-    for s in sources:
-        h.update(f"{s.name}\0{s.caption}\0".encode())
-    d = cfg.data
-    h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
-    return h.hexdigest()[:32]
-
-
-def cache_settings(cfg: Config, sources: list[SourceImage], world: int) -> dict:
-    return {"model": cfg.model.path,
-            "fingerprint": models.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision),
-            "resolution": cfg.data.resolution, "square": cfg.data.square,
-            "buckets": [list(b) for b in make_buckets(cfg.data.resolution, cfg.data.square)],
-            "max_sequence_length": cfg.data.max_sequence_length, "dataset": dataset_identity(cfg, sources),
-            "num_sources": len(sources), "world_size": world, "chunk_items": cfg.preprocess.chunk_items}
-
-
-_LAYOUT_KEYS = ("world_size", "chunk_items")
-_IGNORED_KEYS = ("model", "source_root")  # the fingerprint and dataset identity cover these
-
-
-def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
-    """Rank 0: make cache_dir ours. Returns True if a complete cache with these settings exists."""
-    old = cache.read_json(cache_dir / "settings.json")
-    if overwrite:
-        for sub in ("shards", "progress"):
-            shutil.rmtree(cache_dir / sub, ignore_errors=True)
-        for f in ("manifest.json", "settings.json", "captions.jsonl", "samples.pt"):
-            (cache_dir / f).unlink(missing_ok=True)
-        old = None
-    elif old is None and (cache_dir / "shards").is_dir() and any((cache_dir / "shards").iterdir()):
-        raise CacheError(f"{cache_dir} holds shards of an unknown cache; pass --overwrite or another --cache-dir")
-    if old is not None:
-        diff = [k for k in settings if k not in _LAYOUT_KEYS + _IGNORED_KEYS and old.get(k) != settings[k]]
-        if diff:
-            raise CacheError(f"{cache_dir} holds a cache built with different {', '.join(diff)}; "
-                             "pass --overwrite to rebuild it or choose another --cache-dir")
-        manifest = cache.read_json(cache_dir / "manifest.json")
-        if manifest and not cache.check_shard_files(cache_dir, manifest, hashes=False):
-            return True
-        layout = [k for k in _LAYOUT_KEYS if old.get(k) != settings[k]]
-        if layout:
-            raise CacheError(f"{cache_dir} holds an unfinished cache started with "
-                             + ", ".join(f"{k}={old.get(k)}" for k in layout)
-                             + "; rerun with the same number of ranks to finish it, or pass --overwrite")
-    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
-    (cache_dir / "manifest.json").unlink(missing_ok=True)
-    cache.atomic_write_json(cache_dir / "settings.json", settings)
-    return False
-
-
-def plan_parts(mine: list[int], chunk: int) -> list[list[int]]:
-    """This rank's items in chunks; at least one (possibly empty) chunk per rank."""
-    return [mine[i:i + chunk] for i in range(0, len(mine), chunk)] or [[]]
-
-
 class Progress:
     """Items done across all ranks, through small per-rank files (no collectives: ranks may have
     different numbers of chunks)."""
 
-    def __init__(self, cache_dir: Path, di: distributed.DistInfo, total: int, reporter):
+    def __init__(self, cache_dir: Path, di: session.DistInfo, total: int, reporter):
         self.dir, self.di, self.total, self.reporter = cache_dir / "progress", di, total, reporter
         self.dir.mkdir(parents=True, exist_ok=True)
         self.t0, self.done_here, self.base = time.time(), 0, 0
@@ -129,16 +71,17 @@ class Progress:
         """Items encoded by all ranks in this run over the longest rank's encoding time: the
         stage's rate (the live events only see the ranks' files as rank 0 finishes a chunk).
         A collective: every rank calls it."""
-        rows = distributed.gather_objects((self.done_here - self.base, time.time() - self.t0))
+        rows = session.gather_objects((self.done_here - self.base, time.time() - self.t0))
         items, seconds = sum(n for n, _ in rows), max(t for _, t in rows)
         return {"encoded_items": items, "encode_s": seconds,
                 "items_per_s": items / seconds if seconds > 0 and items else None}
 
     def add(self, n: int) -> None:
         self.done_here += n
-        cache.atomic_write_json(self.dir / f"rank-{self.di.rank:05d}.json", {"done": self.done_here})
+        files.write_atomic(self.dir / f"rank-{self.di.rank:05d}.json", {"done": self.done_here}, as_json=True,
+                           every_rank=True)
         if self.di.is_main:
-            done = sum((cache.read_json(p) or {}).get("done", 0) for p in self.dir.glob("rank-*.json"))
+            done = sum((files.read_json(p) or {}).get("done", 0) for p in self.dir.glob("rank-*.json"))
             elapsed = time.time() - self.t0
             rate = (done - self.base * self.di.world_size) / elapsed if elapsed > 0 else 0.0
             self.reporter.progress(done, done=done, total=self.total, progress=done / max(self.total, 1),
@@ -156,7 +99,7 @@ def caption_missing(cfg: Config, entries: list[tuple[int, SourceImage]], buckets
             reporter.warning(f"{len(missing)} image(s) on rank 0 have no .txt caption; using the default caption "
                              f"{cfg.data.default_caption!r} (captioner is none)")
         return {i: cfg.data.default_caption for i, _ in missing}
-    dtype = models.resolve_dtype(cfg.model.dtype, di.device)
+    dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code)
     out, batch = {}, []
     for rec in _decoded(missing, buckets, cfg.preprocess.num_workers):
@@ -183,9 +126,9 @@ class Encoders:
     """VAE + text encoders on this rank's device, loaded once for all chunks."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        dtype = models.resolve_dtype(cfg.model.dtype, device)
-        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
-        self.text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device).to(device)
+        dtype = loading.resolve_dtype(cfg.model.dtype, device)
+        self.vae = loading.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
+        self.text = loading.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device).to(device)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
 
@@ -299,58 +242,29 @@ def _write_chunk(shards_dir: Path, name: str, shard: dict, planned: list[int], s
 
 
 def write_samples(cfg: Config, di) -> None:
-    """Rank 0: encode the sample prompts for train's preview images."""
-    path = Path(cfg.data.cache_dir) / "samples.pt"
+    """Rank 0: encode the sample prompts for train's preview images (once per set of prompts)."""
+    cache_dir = Path(cfg.data.cache_dir)
     prompts = [apply_trigger(p, cfg.data.trigger_word) if "[trigger]" in p else p for p in cfg.data.sample_prompts]
     if not prompts:
-        path.unlink(missing_ok=True)
+        (cache_dir / "samples.pt").unlink(missing_ok=True)
         return
-    old = cache.load_sample_prompts(Path(cfg.data.cache_dir)) if path.is_file() else None
+    old = cache.load_sample_prompts(cache_dir)
     if old is not None and old.get("prompts") == prompts:
         return
-    dtype = models.resolve_dtype(cfg.model.dtype, di.device)
-    text = models.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device)
+    dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
+    text = loading.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device)
     clip, t5 = encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
-    import io
-
-    buf = io.BytesIO()
-    torch.save({"prompts": prompts, "t5": t5, "clip": clip}, buf)
-    cache.atomic_write_bytes(path, buf.getvalue())
-
-
-def finish(cache_dir: Path, settings: dict, reporter) -> dict:
-    """Rank 0, after every rank is done: manifest + captions.jsonl."""
-    world = settings["world_size"]
-    sidecars = []
-    for side_path in sorted((cache_dir / "shards").glob(f"rank-*-of-{world:05d}-part-*.json")):
-        side = cache.read_json(side_path)
-        if side is None:
-            raise CacheError(f"{side_path} is unreadable; rerun preprocess to rebuild that chunk")
-        sidecars.append(side)
-    manifest = cache.build_manifest(settings, sidecars)
-    skipped = [s for side in sidecars for s in side.get("skipped", [])]
-    if manifest["total_items"] == 0:
-        raise DataError(f"no usable images: all {len(skipped)} file(s) in {settings['source_root']} were unreadable; "
-                        "check the files or the --data path")
-    for side in sidecars:
-        if not side["file"].startswith("rank-00000-"):  # rank 0 reported its own as it went
-            for s in side.get("skipped", []):
-                reporter.emit("warning", message=f"skipped {s['error']}", file=s["source"])
-    lines = [json.dumps({"index": i, "source": src, "caption": cap}) for side in sidecars
-             for i, src, cap in zip(side["index"], side["source"], side["caption"])]
-    cache.atomic_write_bytes(cache_dir / "captions.jsonl", ("\n".join(sorted(lines, key=lambda l: json.loads(l)["index"])) + "\n").encode())
-    cache.atomic_write_json(cache_dir / "manifest.json", manifest)
-    return {"total_items": manifest["total_items"], "skipped": len(skipped), "shards": len(manifest["shards"])}
+    cache.write_sample_prompts(cache_dir, prompts, t5, clip)
 
 
 def run(cfg: Config) -> dict:
-    models.quiet_libraries()
+    loading.quiet_libraries()
     cache_dir = Path(cfg.data.cache_dir)
     if not cfg.data.cache_dir:
         raise CacheError("no cache directory given; pass --cache-dir DIR")
-    with distributed.session(cfg.dist.timeout_s) as di:
-        distributed.main_then_share(lambda: cache_dir.mkdir(parents=True, exist_ok=True))
-        reporter = make_reporter(di.is_main, di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
+    with session.process_group(cfg.dist.timeout_s) as di:
+        session.main_then_share(lambda: cache_dir.mkdir(parents=True, exist_ok=True))
+        reporter = make_reporter(di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
         try:
             return _run(cfg, di, cache_dir, reporter)
         except FluxLoraError as e:
@@ -362,8 +276,6 @@ def run(cfg: Config) -> dict:
 
 def _download_display():
     """Progress of a dataset download (rank 0): a bar on a terminal, a line per 10% in a log."""
-    from flux_lora.report import Display
-
     state = {"display": None, "last": -1}
 
     def update(done: int, total: int) -> None:
@@ -381,29 +293,29 @@ def _download_display():
 
 
 def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
-    models.check_model_path(cfg.model.path)
-    root = distributed.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
+    loading.check_model_path(cfg.model.path)
+    root = session.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
                                                               _download_display()))
     sources = discover(Path(root))
     if not sources:
         raise DataError(f"no images (jpg, png, webp, bmp, tiff) found in {root}; check the --data path")
-    settings = {**cache_settings(cfg, sources, di.world_size), "source_root": str(root)}
-    complete = distributed.main_then_share(lambda: claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
+    settings = {**cache.cache_settings(cfg, sources, di.world_size), "source_root": str(root)}
+    complete = session.main_then_share(lambda: cache.claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
     reporter.start(len(sources), "preprocess", world_size=di.world_size, dataset_size=len(sources),
                    cache_dir=str(cache_dir), resolution=cfg.data.resolution)
     if complete:
         reporter.info(f"cache in {cache_dir} is already complete for these settings; nothing to do")
-        summary = distributed.main_then_share(lambda: {"total_items": cache.read_json(cache_dir / "manifest.json")["total_items"]})
+        summary = session.main_then_share(lambda: {"total_items": files.read_json(cache_dir / "manifest.json")["total_items"]})
     else:
-        parts = plan_parts(distributed.shard_indices(len(sources), di.rank, di.world_size), cfg.preprocess.chunk_items)
+        parts = cache.plan_parts(session.shard_indices(len(sources), di.rank, di.world_size), cfg.preprocess.chunk_items)
         progress = Progress(cache_dir, di, len(sources), reporter)
         encode_pending(cfg, di, parts, sources, settings["buckets"], reporter, progress)
         rate = progress.throughput()  # also the barrier before rank 0 writes the manifest
-        summary = {**distributed.main_then_share(lambda: finish(cache_dir, settings, reporter)), **rate}
+        summary = {**session.main_then_share(lambda: cache.write_manifest(cache_dir, settings, reporter)), **rate}
     if di.is_main:
-        write_samples(cfg, di)
-        (cache_dir / "config.yaml").write_text(to_yaml(cfg))
-    distributed.barrier()
+        write_samples(cfg, di)  # encodes: only rank 0 loads the text encoders again
+    cache.write_config(cache_dir, cfg)
+    session.barrier()
     reporter.done(**summary, cache_dir=str(cache_dir))
     reporter.info(f"cache ready: {summary['total_items']} items in {cache_dir}")
     return summary

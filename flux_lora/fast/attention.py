@@ -122,3 +122,24 @@ def in_use(transformer) -> bool:
     """Whether some attention layer of the transformer calls the op."""
     backends = (getattr(getattr(m, "processor", None), "_attention_backend", None) for m in transformer.modules())
     return any(getattr(b, "value", b) == BACKEND for b in backends)
+
+
+def choose_backend(name: str, transformer, dtype: torch.dtype, device: torch.device) -> str:
+    """Choose attention kernels deliberately; returns what the transformer's attention runs on.
+    auto: the fused cuDNN op (flux_lora.attention) where supported (Hopper, bf16, head dim 64/128),
+    else flash; cudnn: the op regardless. SDPA's own cuDNN path stays off: its backward crashes
+    inside the compiled FLUX step on H100 with torch 2.11 (2026-11-26); the op calls the same
+    kernels without that failure."""
+    chosen = name
+    if name in ("auto", "cudnn"):
+        head_dim = getattr(transformer.config, "attention_head_dim", 0)
+        chosen = "cudnn" if name == "cudnn" or supported(head_dim, dtype, device) else "flash"
+        if chosen == "cudnn":
+            use(transformer)
+    if torch.cuda.is_available() and name != "default":
+        sdpa = "flash" if chosen == "cudnn" else chosen  # what the op's fallbacks and other models use
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(sdpa == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(sdpa in ("flash", "efficient"))
+        torch.backends.cuda.enable_math_sdp(True)
+    return chosen

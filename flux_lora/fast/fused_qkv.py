@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora import fp8, lora_up
+from flux_lora.fast import fp8, lora_up
 
 
 class _Fp8GroupMatmul(torch.autograd.Function):

@@ -1,11 +1,9 @@
-"""Model loading through `from_pretrained` (local diffusers directory or hub id), dtypes,
-attention backend, and the fingerprint that ties a cache to the encoders that built it."""
+"""Model loading through `from_pretrained` (a local diffusers directory or a hub id), dtypes, and
+the checks that turn a wrong --model into one clear line."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import warnings
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flux_lora import synthetic
+from flux_lora.models import synthetic
 from flux_lora.errors import ModelError
 
 
@@ -39,29 +37,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def set_attention_backend(name: str, transformer, dtype: torch.dtype, device: torch.device) -> str:
-    """Choose attention kernels deliberately; returns what the transformer's attention runs on.
-    auto: the fused cuDNN op (flux_lora.attention) where supported (Hopper, bf16, head dim 64/128),
-    else flash; cudnn: the op regardless. SDPA's own cuDNN path stays off: its backward crashes
-    inside the compiled FLUX step on H100 with torch 2.11 (2026-11-26); the op calls the same
-    kernels without that failure."""
-    from flux_lora import attention
-
-    chosen = name
-    if name in ("auto", "cudnn"):
-        head_dim = getattr(transformer.config, "attention_head_dim", 0)
-        chosen = "cudnn" if name == "cudnn" or attention.supported(head_dim, dtype, device) else "flash"
-        if chosen == "cudnn":
-            attention.use(transformer)
-    if torch.cuda.is_available() and name != "default":
-        sdpa = "flash" if chosen == "cudnn" else chosen  # what the op's fallbacks and other models use
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.enable_flash_sdp(sdpa == "flash")
-        torch.backends.cuda.enable_mem_efficient_sdp(sdpa in ("flash", "efficient"))
-        torch.backends.cuda.enable_math_sdp(True)
-    return chosen
-
-
 def check_model_path(model: str) -> None:
     """Fail early, in one line, for a path that is neither a local pipeline nor a hub id."""
     if not model:
@@ -79,7 +54,7 @@ def check_model_path(model: str) -> None:
 
 
 @contextlib.contextmanager
-def _load_errors(model: str, part: str):
+def load_errors(model: str, part: str):
     try:
         yield
     except (OSError, ValueError) as e:
@@ -89,7 +64,7 @@ def _load_errors(model: str, part: str):
                          "check --model (a local diffusers FLUX directory or a downloaded hub id)") from None
 
 
-def _kw(revision: str) -> dict:
+def revision_kwargs(revision: str) -> dict:
     return {"revision": revision} if revision else {}
 
 
@@ -101,9 +76,9 @@ def load_transformer(model: str, dtype: torch.dtype, revision: str = "", device:
         return synthetic.transformer(dtype, device or torch.device("cpu"))
     # straight onto the GPU: eight ranks each staging 24 GB in host memory would not fit
     placement = {"device_map": {"": device}} if device is not None and device.type == "cuda" else {}
-    with _load_errors(model, "the transformer"):
+    with load_errors(model, "the transformer"):
         return FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype,
-                                                      **placement, **_kw(revision))
+                                                      **placement, **revision_kwargs(revision))
 
 
 def load_vae(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
@@ -112,8 +87,8 @@ def load_vae(model: str, dtype: torch.dtype, revision: str = "", device: torch.d
     check_model_path(model)
     if synthetic.is_synthetic(model):
         return synthetic.vae(dtype, device or torch.device("cpu"))
-    with _load_errors(model, "the VAE"):
-        return AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype, **_kw(revision))
+    with load_errors(model, "the VAE"):
+        return AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype, **revision_kwargs(revision))
 
 
 def load_text_pipeline(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
@@ -124,8 +99,8 @@ def load_text_pipeline(model: str, dtype: torch.dtype, revision: str = "", devic
     check_model_path(model)
     if synthetic.is_synthetic(model):
         return synthetic.text_pipeline(dtype, device or torch.device("cpu"))
-    with _load_errors(model, "the text encoders"):
-        return FluxPipeline.from_pretrained(model, transformer=None, vae=None, dtype=dtype, **_kw(revision))
+    with load_errors(model, "the text encoders"):
+        return FluxPipeline.from_pretrained(model, transformer=None, vae=None, dtype=dtype, **revision_kwargs(revision))
 
 
 def load_scheduler(model: str, revision: str = ""):
@@ -133,42 +108,10 @@ def load_scheduler(model: str, revision: str = ""):
 
     if synthetic.is_synthetic(model):
         return synthetic.scheduler()
-    with _load_errors(model, "the scheduler"):
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **_kw(revision))
+    with load_errors(model, "the scheduler"):
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **revision_kwargs(revision))
 
 
-def _config_dict(model: str, subfolder: str, revision: str) -> dict:
-    with _load_errors(model, f"{subfolder}/config.json"):
-        local = Path(model) / subfolder / "config.json"
-        if local.is_file():
-            cfg = json.loads(local.read_text())
-        else:
-            from huggingface_hub import hf_hub_download
-
-            cfg = json.loads(Path(hf_hub_download(model, "config.json", subfolder=subfolder, **_kw(revision))).read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
-
-
-def _weights_sample(folder: Path) -> list:
-    """Size and a hash of 1 MiB from the middle of each weight file: tells two random-weight models
-    with the same config apart without reading gigabytes."""
-    out = []
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            fh.seek(max(0, size // 2 - 2**19))
-            out.append([f.name, size, hashlib.sha256(fh.read(2**20)).hexdigest()[:16]])
-    return out
-
-
-def fingerprint(model: str, max_sequence_length: int, revision: str = "") -> str:
-    """Identity of what the cache depends on: VAE (incl. shift/scale) and both text encoders."""
-    parts = {"max_sequence_length": max_sequence_length}
-    if synthetic.is_synthetic(model):
-        return hashlib.sha256(f"{model}:{max_sequence_length}".encode()).hexdigest()[:32]
-    for sub in ("vae", "text_encoder", "text_encoder_2"):
-        parts[sub] = _config_dict(model, sub, revision)
-        if Path(model, sub).is_dir():
-            parts[sub + "_weights"] = _weights_sample(Path(model, sub))
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The double-stream then single-stream blocks: where LoRA, compile and quantization act."""
+    return list(model.transformer_blocks) + list(model.single_transformer_blocks)

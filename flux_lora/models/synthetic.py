@@ -71,7 +71,7 @@ def text_pipeline(dtype: torch.dtype, device: torch.device):
     from diffusers import FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from flux_lora.tiny import clip_tokenizer, t5_tokenizer
+    from flux_lora.models.tiny import clip_tokenizer, t5_tokenizer
 
     tok, tok2 = clip_tokenizer(), t5_tokenizer()
     with _building(dtype, device, seed=2):

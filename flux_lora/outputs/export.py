@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from flux_lora.errors import FluxLoraError
+from flux_lora.outputs import files
 
 DOUBLE = {
     "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
@@ -107,9 +108,6 @@ def export_file(src: Path, dst: Path, export_format: str = "kohya") -> Path:
     if alpha is None:  # no metadata: diffusers then assumes alpha = rank
         alpha = next(v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight"))
     kohya = to_kohya(sd, alpha)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    save_file(kohya, str(tmp), metadata={"ss_network_module": "networks.lora_flux", "ss_network_dim": str(r),
-                                         "ss_network_alpha": str(alpha)})
-    tmp.replace(dst)
+    meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(r), "ss_network_alpha": str(alpha)}
+    files.write_file_from(dst, lambda path: save_file(kohya, str(path), metadata=meta), every_rank=True)
     return dst

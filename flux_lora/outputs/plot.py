@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from flux_lora.outputs import files
+
 SIZE_IN, DPI = (8, 4.5), 100  # 800 × 450 pixels
 
 
@@ -19,8 +21,8 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def write_loss_plot(path: Path, history: list) -> None:
-    """history: (step, loss, lr) tuples. Written atomically; an empty history writes nothing."""
-    if not history:
+    """history: (step, loss, lr) tuples. Written atomically by rank 0; an empty history writes nothing."""
+    if not history or not files.writes_here():
         return
     import matplotlib
 
@@ -40,7 +42,7 @@ def write_loss_plot(path: Path, history: list) -> None:
     ax2.set_ylabel("learning rate")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        files.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    finally:
+        plt.close(fig)

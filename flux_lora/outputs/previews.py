@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
-from flux_lora import distributed, models, speed
+from flux_lora.fast.compiled_blocks import eager_stance
+from flux_lora.models import loading
+from flux_lora.outputs import files
+from flux_lora.parallel import session
 
 PREVIEW_GUIDANCE = 3.5
 
@@ -43,9 +46,9 @@ class Previewer:
     the images gathered on rank 0, so no rank idles long enough to hit a collective timeout."""
 
     def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter):
-        dtype = models.resolve_dtype(cfg.model.dtype, di.device)
-        self.vae = models.load_vae(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device).eval()
-        self.scheduler = models.load_scheduler(cfg.model.path, cfg.model.revision)
+        dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
+        self.vae = loading.load_vae(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device).eval()
+        self.scheduler = loading.load_scheduler(cfg.model.path, cfg.model.revision)
         self.model, self.samples, self.reporter, self.di, self.dtype = model, samples, reporter, di, dtype
         self.size, self.steps, self.seed = manifest["resolution"], cfg.train.sample_steps, cfg.train.seed
         self.out_dir = Path(cfg.output.dir) / "samples"
@@ -53,12 +56,12 @@ class Previewer:
     @torch.no_grad()
     def __call__(self, step: int) -> None:
         prompts = self.samples["prompts"]
-        mine = distributed.shard_indices(len(prompts), self.di.rank, self.di.world_size)
+        mine = session.shard_indices(len(prompts), self.di.rank, self.di.world_size)
         was_training = self.model.training
         self.model.eval()
         pipe = _pipeline(self.model, self.vae, self.scheduler)
         images = {}
-        with speed.eager_stance(self.model):
+        with eager_stance(self.model):
             for i in mine:
                 gen = torch.Generator(device=self.di.device).manual_seed(self.seed + i)
                 images[i] = pipe(prompt_embeds=self.samples["t5"][i:i + 1].to(self.di.device, self.dtype),
@@ -66,13 +69,11 @@ class Previewer:
                                  height=self.size, width=self.size, num_inference_steps=self.steps,
                                  guidance_scale=PREVIEW_GUIDANCE, generator=gen).images[0]
         self.model.train(was_training)
-        gathered = {k: v for part in distributed.gather_objects(images) for k, v in part.items()}
-        if self.di.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            path = self.out_dir / f"step-{step:06d}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            make_grid([gathered[i] for i in range(len(prompts))], prompts).save(tmp)
-            tmp.replace(path)
+        gathered = {k: v for part in session.gather_objects(images) for k, v in part.items()}
+        path = self.out_dir / f"step-{step:06d}.png"
+        if files.writes_here():
+            grid = make_grid([gathered[i] for i in range(len(prompts))], prompts)
+            files.write_atomic(path, lambda f: grid.save(f, format="PNG"))
             self.reporter.emit("sample", step=step, path=str(path), prompts=prompts)
 
 
@@ -83,13 +84,13 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
 
     from flux_lora.errors import FluxLoraError
 
-    models.quiet_libraries()
+    loading.quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = models.resolve_dtype("auto", device)
-    models.check_model_path(model)
+    dtype = loading.resolve_dtype("auto", device)
+    loading.check_model_path(model)
     if size % 16:
         raise FluxLoraError(f"--size {size} is not a multiple of 16")
-    with models._load_errors(model, "the pipeline"):
+    with loading.load_errors(model, "the pipeline"):
         pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
@@ -103,6 +104,6 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
         gen = torch.Generator(device=device).manual_seed(seed + i)
         images.append(pipe(p, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                            generator=gen, max_sequence_length=max_sequence_length).images[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    (images[0] if len(images) == 1 else make_grid(images, prompts)).save(out)
+    image = images[0] if len(images) == 1 else make_grid(images, prompts)
+    files.write_atomic(out, lambda f: image.save(f, format="PNG"))
     return out

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
-from flux_lora.report import Display, progress_line
+from flux_lora.outputs.display import Display, progress_line
 
 TERMINAL = {"done": 0, "error": 1, "stopped": 3}
 POLL_S = 0.2

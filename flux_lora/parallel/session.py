@@ -1,4 +1,4 @@
-"""The one place that creates and destroys the process group.
+"""The process group: the one place that creates and destroys it, barriers, and shared decisions.
 
 Without torchrun (no RANK/WORLD_SIZE in the environment) everything runs as world size 1 and no
 process group is created; every helper here then degrades to a no-op, so stage code never asks
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -59,7 +58,7 @@ def info() -> DistInfo:
 
 
 @contextlib.contextmanager
-def session(timeout_s: int = 600) -> Iterator[DistInfo]:
+def process_group(timeout_s: int = 600) -> Iterator[DistInfo]:
     """Init the process group (NCCL on CUDA, gloo on CPU) and always tear it down."""
     global _INFO
     di = env_dist_info()
@@ -104,20 +103,6 @@ def barrier() -> None:
             dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any rank (all-reduce MAX): a shared decision."""
-    if not _active():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=info().device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def all_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks (one collective)."""
-    return all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=info().device))
-
-
 def gather_objects(obj: object) -> list:
     """Every rank's picklable object, in rank order, on every rank."""
     if not _active():
@@ -141,12 +126,6 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
-def print0(*args: object) -> None:
-    """People-facing text from rank 0 only, on stderr so stdout stays machine-readable."""
-    if info().is_main:
-        print(*args, file=sys.stderr, flush=True)
-
-
 def main_then_share(fn):
     """Run fn() on rank 0 only and give its result to every rank; if it raises a FluxLoraError,
     every rank raises the same error (so no rank waits at a barrier for a rank that failed)."""
@@ -164,11 +143,6 @@ def main_then_share(fn):
         err.shared = True  # every rank raises it: only rank 0 needs to print it
         raise err
     return result
-
-
-def all_sum_tensor(t: torch.Tensor) -> list[float]:
-    """Sum a small device tensor over ranks and read it on the host."""
-    return all_sum_on_device(t).tolist()
 
 
 def all_sum_on_device(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Deterministic global batches: a pure function of (seed, step, global batch size, items).
+"""Global batches: which items each rank trains on at each step, and their prefetch.
+
+The plan is a pure function of (seed, step, global batch size, items).
 
 Every optimizer step draws one global batch of `global_batch = batch_size × world × grad_accum`
 items of a single bucket; position j of that batch goes to micro-step j // (world·batch), rank
@@ -9,6 +11,7 @@ items of a single bucket; position j of that batch goes to micro-step j // (worl
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -61,3 +64,28 @@ class GlobalBatchSampler:
             positions = list(range(start, start + batch_size))
             out.append(Slice(m, positions, [batch[j] for j in positions]))
         return out
+
+
+class Prefetcher:
+    """load(step) for the next step runs on a background thread while this step trains, so reading
+    the memory-mapped shards, stacking and pinning stay off the GPU's critical path. Errors (a
+    corrupt shard) surface on the step that needs the data."""
+
+    def __init__(self, load, end_step: int):
+        self.load, self.end_step = load, end_step
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-lora-prefetch")
+        self.pending: dict = {}
+
+    def get(self, step: int):
+        future = self.pending.pop(step, None) or self.pool.submit(self.load, step)
+        if step + 1 < self.end_step:
+            self.pending[step + 1] = self.pool.submit(self.load, step + 1)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def pinned(batch: dict) -> dict:
+    """Page-locked copies, so host-to-GPU copies run asynchronously (non_blocking)."""
+    return {k: v.pin_memory() for k, v in batch.items()}

@@ -10,9 +10,6 @@ full disk mid-write leaves the previous checkpoint as the latest valid one.
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import re
 import shutil
 import signal
@@ -20,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from flux_lora import faults
-from flux_lora.cache import atomic_write_bytes, read_json
 from flux_lora.errors import CheckpointError
+from flux_lora.outputs import files
+from flux_lora.training import faults
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -31,33 +28,32 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(out_dir: Path, step: int, lora_sd: dict, optim_state: dict, state: dict,
-                    keep: int, rank: int) -> Path | None:
-    """Rank 0 writes; other ranks return None. Raises CheckpointError (previous one intact) on I/O failure."""
-    if rank != 0:
-        return None
+def save_checkpoint(out_dir: Path, step: int, lora_sd: dict, optim_state: dict, state: dict, keep: int) -> Path | None:
+    """Rank 0 writes (files.commit_dir decides); other ranks return None. Raises CheckpointError
+    (the previous checkpoint intact) on an I/O failure."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(out_dir, step)
-    tmp = final.with_name(f".{final.name}.tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+
+    def build(tmp: Path) -> None:
         faults.before_checkpoint_write(step)
-        save_file(lora_sd, str(tmp / "lora.safetensors"))
-        buf = io.BytesIO()
-        torch.save(optim_state, buf)
-        atomic_write_bytes(tmp / "optimizer.pt", buf.getvalue())
-        atomic_write_bytes(tmp / "state.json", json.dumps({**state, "step": step}, indent=1).encode())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        files.write_file_from(tmp / "lora.safetensors", lambda path: save_file(lora_sd, str(path)), every_rank=True)
+        files.write_atomic(tmp / "optimizer.pt", lambda f: torch.save(optim_state, f), every_rank=True)
+        files.write_atomic(tmp / "state.json", {**state, "step": step}, as_json=True, every_rank=True)
+
+    try:
+        written = files.commit_dir(final, build)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final} ({e.strerror or e}); free disk space or fix "
                               f"permissions; the previous checkpoint is intact") from None
-    prune(out_dir, keep)
-    return final
+    if written:
+        prune(out_dir, keep)
+    return written
+
+
+def saved_step(path: str | Path) -> int:
+    """The step a checkpoint directory holds, or -1 if its state.json cannot be read."""
+    return int((files.read_json(Path(path) / "state.json") or {}).get("step", -1))
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -107,7 +103,7 @@ def load_checkpoint(path: Path) -> dict:
     kept = _validated.pop(str(path), None)
     if kept is not None and kept[0] == _stamp(path):
         return kept[1]
-    state = read_json(path / "state.json")
+    state = files.read_json(path / "state.json")
     if state is None or not (path / "lora.safetensors").is_file() or not (path / "optimizer.pt").is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (state.json, lora.safetensors, optimizer.pt)")
     try:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from flux_lora.errors import ConfigError
+from flux_lora.outputs import files
 
 _DOUBLE = r"transformer_blocks\.\d+\."
 _SINGLE = r"single_transformer_blocks\.\d+\."
@@ -98,17 +98,17 @@ def adapter_metadata(model: torch.nn.Module) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
 
 
-def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Write a diffusers-format LoRA file atomically (temp dir + rename)."""
+def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> Path | None:
+    """Write a diffusers-format LoRA file atomically through diffusers' own writer (rank 0)."""
     from diffusers import FluxPipeline
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
+    def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=sd, weight_name=path.name,
+            FluxPipeline.save_lora_weights(tmp.parent, transformer_lora_layers=sd, weight_name=tmp.name,
                                            transformer_lora_adapter_metadata=metadata)
-        Path(tmp, path.name).replace(path)
+
+    return files.write_file_from(path, write)
 
 
 def verify_saved(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -126,20 +126,20 @@ def verify_saved(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> Non
         raise RuntimeError(f"self-check failed: rank/alpha metadata was not stored in {path}")
 
 
-def export_lora(path: Path, model: torch.nn.Module, rank: int, export_format: str = "diffusers") -> Path | None:
-    """Rank 0 only: write the LoRA (diffusers format), check it round-trips, and optionally write
-    the kohya/ComfyUI version beside it. Other ranks return None."""
+def export_lora(path: Path, model: torch.nn.Module, export_format: str = "diffusers") -> Path | None:
+    """Write the LoRA (diffusers format) on rank 0, check it round-trips, and optionally write the
+    kohya/ComfyUI version beside it. Every rank calls it; other ranks return None."""
     sd = lora_state_dict(model)
-    if rank != 0:
-        return None
     meta = adapter_metadata(model)
-    save_lora(path, sd, meta)
-    verify_saved(path, sd, meta)
+    written = save_lora(path, sd, meta)
+    if written is None:
+        return None
+    verify_saved(written, sd, meta)
     if export_format == "kohya":
-        from flux_lora.export import export_file
+        from flux_lora.outputs.export import export_file
 
-        export_file(path, path.with_name(path.stem + "-kohya.safetensors"), "kohya")
-    return path
+        export_file(written, written.with_name(written.stem + "-kohya.safetensors"), "kohya")
+    return written
 
 
 def digest(sd: dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,162 @@
+"""One optimizer step, as `train` and `scripts/bench.py` both run it: the rectified-flow loss of
+each micro-batch, the backward, the one all-reduce of the votes, the update; and the pipelined
+loop that queues step k+1 before reading step k's result, so the GPU never waits for the host."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from flux_lora.fast.compiled_blocks import zero_grad
+from flux_lora.parallel import session
+from flux_lora.training import faults, flow, lora
+from flux_lora.training.batches import Slice
+
+
+@dataclass
+class StepInputs:
+    """What the loss of a step depends on besides the model and the batch."""
+    seed: int
+    guidance: float | None  # None for a model without a guidance embedding
+    sampling: str  # timestep sampling: uniform, logit-normal, flux-shift
+    logit_mean: float
+    logit_std: float
+    device: torch.device
+    dtype: torch.dtype
+
+
+def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: StepInputs) -> torch.Tensor:
+    """Rectified-flow loss of one micro-batch (one bucket)."""
+    x0 = batch["latents"].to(inputs.device, non_blocking=True).float()  # [B, C, h, w]
+    _, _, h, w = x0.shape
+    seq_len = (h // 2) * (w // 2)
+    noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), inputs.seed, step, positions, inputs.sampling,
+                                       inputs.logit_mean, inputs.logit_std, seq_len, inputs.device)
+    xt = flow.pack_latents(flow.noisy_latents(x0, noise, t))
+    t5 = batch["t5"].to(inputs.device, inputs.dtype, non_blocking=True)
+    guidance = torch.full((x0.shape[0],), inputs.guidance, device=inputs.device) if inputs.guidance is not None else None
+    autocast = torch.autocast("cuda", dtype=inputs.dtype) \
+        if inputs.device.type == "cuda" and inputs.dtype != torch.float32 else contextlib.nullcontext()
+    with autocast:
+        pred = model(hidden_states=xt.to(inputs.dtype), timestep=t.to(inputs.dtype), guidance=guidance,
+                     pooled_projections=batch["clip"].to(inputs.device, inputs.dtype, non_blocking=True),
+                     encoder_hidden_states=t5, txt_ids=flow.text_ids(t5.shape[1], inputs.device),
+                     img_ids=flow.image_ids(h, w, inputs.device), return_dict=False)[0]
+    return flow.flow_loss(pred, flow.pack_latents(flow.velocity_target(x0, noise)))
+
+
+def train_step(ddp_model, batches: list[dict], slices: list[Slice], step: int, inputs: StepInputs) -> torch.Tensor:
+    """Forward/backward over this rank's micro-batches (batches[k] holds slices[k]'s items);
+    gradients sync only on the last one."""
+    total = torch.zeros((), device=inputs.device)
+    for k, (part, batch) in enumerate(zip(slices, batches)):
+        last = k == len(slices) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()
+        with sync:
+            loss = micro_loss(ddp_model, batch, part.positions, step, inputs) / len(slices)
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+@dataclass
+class StepResult:
+    loss: float  # averaged over ranks; nan when the step was skipped
+    stop: bool  # some rank got a stop signal
+    skipped: bool  # non-finite loss or gradients on some rank
+    lr: float
+
+
+class PendingStep:
+    """A step whose update is queued on the device; `result()` reads its votes on the host.
+    The loop reads it one step late, after the next forward/backward is queued, so the GPU never
+    waits for the host between steps. The votes are copied out right behind the all-reduce: a
+    plain read later would queue behind the next step's work and wait for all of it."""
+
+    def __init__(self, votes: torch.Tensor, lr: float, world: int):
+        self.lr, self.world, self.ready = lr, world, None
+        if votes.device.type == "cuda":
+            self.votes = torch.empty(votes.shape, dtype=votes.dtype, pin_memory=True)
+            self.votes.copy_(votes, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.votes = votes
+
+    def result(self) -> StepResult:
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss_sum, stop_votes, bad_votes = self.votes.tolist()
+        return StepResult(loss_sum / self.world if bad_votes == 0 else float("nan"), stop_votes > 0, bad_votes > 0, self.lr)
+
+
+def skips_on_device(opt) -> bool:
+    """Fused AdamW skips a step from a flag tensor (found_inf) it reads on the device: no host read."""
+    return all(g.get("fused") for g in opt.param_groups)
+
+
+def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_norm: float,
+           device: torch.device, world: int) -> PendingStep:
+    """Clip, agree across ranks (the loop's one all-reduce), then step or skip: on the device
+    where the optimizer can (no host sync), else after reading the votes."""
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
+                                               max_grad_norm if max_grad_norm > 0 else float("inf"))
+    local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
+    votes = session.all_sum_on_device(
+        torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+                     torch.tensor(float(stop_raised), device=device), local_bad.float()]))
+    lr = sched.get_last_lr()[0]
+    if skips_on_device(opt):
+        opt.found_inf = (votes[2] > 0).float()  # 1: every rank skips this update, on the device
+        opt.step()
+    elif votes[2].item() == 0:
+        opt.step()
+    zero_grad(model, opt)
+    sched.step()  # the LR is a function of the step, skipped or not
+    return PendingStep(votes, lr, world)
+
+
+@dataclass
+class Trainee:
+    """What a step acts on: the model, its DDP wrapper (the model itself on one rank), the optimizer."""
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+
+def pipelined_steps(trainee: Trainee, batches_at: Callable[[int], tuple[list[Slice], list[dict]]],
+                    first: int, end: int, inputs: StepInputs, max_grad_norm: float, world: int,
+                    stop_requested: Callable[[], bool] = lambda: False) -> Iterator[tuple[int, StepResult]]:
+    """Steps first..end-1; yields (steps done, result) for each, one step late: step k+1's
+    forward/backward is queued before step k's result is read, so the host reads the votes of a
+    step that has finished while the GPU already works on the next one. A consumer that stops
+    after step k leaves step k+1's gradients computed but not applied (zero them before saving);
+    its update is queued only after the consumer has seen k."""
+    pending, step, rank = None, first, session.info().rank
+    while step < end or pending:
+        loss = None
+        if step < end:
+            faults.during_step(step + 1, rank)
+            slices, batches = batches_at(step)
+            loss = train_step(trainee.ddp, batches, slices, step, inputs)
+            if faults.loss_is_nan(step + 1, rank):
+                loss = poison(loss, trainee.model)
+        if pending:
+            yield step, pending.result()  # steps done: pending was step `step - 1` (0-based)
+        if loss is None:
+            return
+        pending = update(trainee.model, trainee.opt, trainee.sched, loss, stop_requested(), max_grad_norm,
+                         inputs.device, world)
+        step += 1
+
+
+def poison(loss: torch.Tensor, model) -> torch.Tensor:
+    """Injected fault: what a diverging step looks like (NaN loss and gradients)."""
+    for _, p in lora.lora_parameters(model):
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    return loss * float("nan")

@@ -1,0 +1,59 @@
+"""Running figures of a training run: samples/s and ETA for progress events, and the done event's
+start-up timings (time to first step, set-up, garbage-collection pauses)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from flux_lora.fast.gc_freeze import GcPauses
+
+
+def process_started_at() -> float | None:
+    """Unix time this process started (Linux /proc; within a second), or None elsewhere: the time
+    to first step a user waits includes Python's and torch's imports, which run before any timer."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def step_timings(t_start: float, setup_s: float, first_step_s: float | None, pauses: GcPauses) -> dict:
+    """The done event's timing fields (seconds from t_start unless named otherwise)."""
+    out = {"time_to_first_step_s": first_step_s, "setup_s": setup_s, "gc_full_collections": pauses.summary()}
+    started = process_started_at()
+    if started is not None and first_step_s is not None:
+        out["first_step_since_process_start_s"] = first_step_s + t_start - started
+    return out
+
+
+class Meter:
+    """Running figures for progress events (loss averaged over ranks, samples/s, ETA)."""
+
+    def __init__(self, total: int, start: int, global_batch: int):
+        self.total, self.global_batch = total, global_batch
+        self.t0, self.sum, self.n, self.avg_loss = time.time(), 0.0, 0, float("nan")
+        self.t_first, self.step_first = None, start
+
+    def update(self, step: int, loss: float, lr: float) -> dict:
+        now = time.time()
+        if math.isfinite(loss):
+            self.sum, self.n = self.sum + loss, self.n + 1
+            self.avg_loss = self.sum / self.n
+        if self.t_first is None:  # the first step includes compile/warm-up: rates count from its end
+            self.t_first, self.step_first = now, step
+        done, dt = step - self.step_first, now - self.t_first
+        steps_s = done / dt if done and dt > 0 else 0.0
+        out = {"step": step, "total_steps": self.total, "progress": step / self.total, "loss": loss,
+               "avg_loss": self.avg_loss, "learning_rate": lr, "samples_per_s": steps_s * self.global_batch,
+               "eta_s": (self.total - step) / steps_s if steps_s else None, "elapsed_s": now - self.t0}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # no sync: a host-side counter
+        return out
