@@ -64,6 +64,7 @@ class PreprocessConfig:
     chunk_items: int = doc(64, "items per shard file (T5 embeddings are ~4 MB per item at 512 tokens)")
     overwrite: bool = doc(False, "delete an existing cache in cache_dir and rebuild it")
     max_zip_bytes: int = doc(50 * 2**30, "refuse ZIPs whose entries unpack to more than this many bytes")
+    max_image_pixels: int = doc(178_956_970, "skip (or with --strict refuse) images with more pixels than this: a decompression-bomb guard (Pillow's own limit)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "caption_batch_size", "chunk_items"):

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from flux_lora.config import Config, to_yaml
-from flux_lora.data.images import SourceImage, make_buckets
+from flux_lora.data.images import make_buckets
+from flux_lora.data.sources import SourceImage
 from flux_lora.errors import CacheError, DataError
 from flux_lora.models import fingerprint as model_fingerprint
 from flux_lora.outputs import files
@@ -42,14 +43,6 @@ FORMAT_VERSION = 1
 
 def shard_name(rank: int, world: int, part: int) -> str:
     return f"rank-{rank:05d}-of-{world:05d}-part-{part:04d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- writing
@@ -88,7 +81,7 @@ def valid_sidecar(shards_dir: Path, name: str, planned: list[int]) -> dict | Non
     pt = shards_dir / f"{name}.pt"
     if not side or side.get("planned") != planned or not pt.is_file() or pt.stat().st_size != side.get("bytes"):
         return None
-    return side if sha256_file(pt) == side["sha256"] else None
+    return side if files.sha256_file(pt) == side["sha256"] else None
 
 
 def build_manifest(settings: dict, sidecars: list[dict]) -> dict:
@@ -223,7 +216,7 @@ def check_shard_files(cache_dir: Path, manifest: dict, rank: int = 0, world: int
             problems.append(f"shard {shard['file']} is missing")
         elif path.stat().st_size != shard["bytes"]:
             problems.append(f"shard {shard['file']} has the wrong size (truncated?)")
-        elif hashes and i % world == rank and sha256_file(path) != shard["sha256"]:
+        elif hashes and i % world == rank and files.sha256_file(path) != shard["sha256"]:
             problems.append(f"shard {shard['file']} fails its sha256 check (corrupt)")
     return problems
 

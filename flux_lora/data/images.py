@@ -1,178 +1,41 @@
-"""Dataset ingest: folder / ZIP / URL discovery (safe extraction), sidecar captions, image decoding
-(EXIF, alpha, CMYK, 16-bit) and aspect-ratio buckets."""
+"""Images as the encoders need them: decoding of awkward files (EXIF rotation, alpha, CMYK, 16-bit,
+palette; Pillow's size limit as one clear line) and aspect-ratio buckets."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import stat
-import urllib.request
-import zipfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Callable
+import warnings
+from pathlib import Path
 
 from flux_lora.errors import DataError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-MAX_ZIP_RATIO = 200  # a real image compresses 1-3x; a zip bomb compresses 1000x
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: Path
-    name: str  # path relative to the dataset root (stable across folder / zip)
-    caption: str | None  # from a sidecar .txt, None if there is none
-
-
-def _hidden(rel: PurePosixPath) -> bool:
-    return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
-
-
-def discover(root: Path) -> list[SourceImage]:
-    """Images under root, recursively, sorted by relative path; captions from same-stem .txt files."""
-    items = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-        for fn in sorted(filenames):
-            p = Path(dirpath) / fn
-            rel = PurePosixPath(p.relative_to(root).as_posix())
-            if _hidden(rel) or p.suffix.lower() not in IMAGE_SUFFIXES or p.is_symlink():
-                continue
-            txt = next((t for t in (p.with_suffix(".txt"), p.with_suffix(".TXT")) if t.is_file()), None)
-            caption = _read_caption(txt) if txt else None
-            items.append(SourceImage(p, str(rel), caption))
-    items.sort(key=lambda s: s.name)
-    return items
-
-
-def _read_caption(path: Path) -> str | None:
-    text = path.read_bytes().decode("utf-8-sig", errors="replace").strip()  # -sig: Notepad's BOM
-    return text or None
-
-
-def check_zip(path: Path, max_bytes: int) -> list[zipfile.ZipInfo]:
-    """The entries to extract; raises DataError for path escapes, links and zip bombs."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{path} is not a readable ZIP archive ({e}); re-create the archive") from None
-    with zf:
-        members, total = [], 0
-        for info in zf.infolist():
-            name = info.filename
-            pure = PurePosixPath(name.replace("\\", "/"))
-            if pure.is_absolute() or ".." in pure.parts or (len(name) > 1 and name[1] == ":"):
-                raise DataError(f"{path}: entry '{name}' would write outside the extraction folder; refusing this ZIP")
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise DataError(f"{path}: entry '{name}' is a symbolic link; refusing this ZIP (store real files)")
-            if info.is_dir() or _hidden(pure):
-                continue
-            total += info.file_size
-            if total > max_bytes:
-                raise DataError(f"{path} unpacks to more than {max_bytes} bytes (zip bomb?); "
-                                "split the dataset or raise preprocess.max_zip_bytes")
-            if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 2**20:
-                raise DataError(f"{path}: entry '{name}' has compression ratio "
-                                f"{info.file_size // info.compress_size}:1 (zip bomb?); refusing this ZIP")
-            members.append(info)
-        return members
-
-
-def extract_zip(path: Path, dest: Path, max_bytes: int) -> Path:
-    """Extract a checked ZIP into dest (once: a marker file records completion)."""
-    marker = dest / ".extracted"
-    if marker.is_file() and marker.read_text() == _zip_identity(path):
-        return dest
-    members = check_zip(path, max_bytes)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    root = tmp.resolve()
-    with zipfile.ZipFile(path) as zf:
-        for info in members:
-            target = (tmp / info.filename.replace("\\", "/")).resolve()  # Windows tools write backslashes
-            if root not in target.parents:  # belt and braces after check_zip
-                raise DataError(f"{path}: entry '{info.filename}' escapes the extraction folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            with zf.open(info) as src, open(target, "wb") as dst:
-                while chunk := src.read(2**20):
-                    written += len(chunk)
-                    if written > info.file_size:  # the header lied about the size
-                        raise DataError(f"{path}: entry '{info.filename}' is larger than its header says; refusing")
-                    dst.write(chunk)
-    (tmp / ".extracted").write_text(_zip_identity(path))
-    os.replace(tmp, dest)
-    return dest
-
-
-def _zip_identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
-
-
-def download(url: str, dest: Path, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Download url to dest once (a complete file is reused), via a temp name."""
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0)
-            done = 0
-            while chunk := resp.read(2**20):
-                out.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot download {url}: {e}; check the URL or download it and pass the file") from None
-    os.replace(tmp, dest)
-    return dest
-
-
-def resolve_source(source: str, work_dir: Path, max_zip_bytes: int,
-                   progress: Callable[[int, int], None] | None = None) -> Path:
-    """A local folder holding the images: the folder itself, or a ZIP (local or URL) extracted
-    under work_dir. Call on one rank only; the others wait at a barrier."""
-    if not source:
-        raise DataError("no images given; pass --data FOLDER, --data FILE.zip or --data https://.../FILE.zip")
-    if source.startswith(("http://", "https://")):
-        name = PurePosixPath(source.split("?")[0]).name or "dataset.zip"
-        source = str(download(source, work_dir / "download" / name, progress))
-    p = Path(source).expanduser()
-    if p.is_dir():
-        return p
-    if p.is_file() and zipfile.is_zipfile(p):
-        return extract_zip(p, work_dir / "extracted", max_zip_bytes)
-    if p.is_file():
-        raise DataError(f"{p} is neither a folder nor a ZIP archive; pass a folder of images or a .zip")
-    raise DataError(f"data source {p} does not exist; pass a folder of images, a .zip or an http(s) URL")
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 × its 89.5 MP warning threshold)
 
 
 # ---------------------------------------------------------------- decoding
 
-def load_rgb(path: Path):
+def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode any supported image to 8-bit RGB: EXIF orientation applied, alpha composited on
-    white, CMYK / 16-bit / greyscale / palette converted. Raises DataError if unreadable."""
+    white, CMYK / 16-bit / greyscale / palette converted. Raises DataError if unreadable or larger
+    than max_pixels (a decompression bomb guard: the pixels are decoded into memory)."""
     from PIL import Image, ImageOps
 
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path.name}: image is too large ({e}); downscale it first") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit speaks instead
+            Image.MAX_IMAGE_PIXELS = max_pixels // 2  # Pillow refuses at twice this
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except Image.DecompressionBombError:
+        raise DataError(f"{path.name}: image is too large (over {max_pixels / 1e6:.0f} MP, the decompression-bomb limit); "
+                        "downscale it, or raise preprocess.max_image_pixels if you trust the file") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path.name}: not a readable image ({type(e).__name__}: {str(e)[:120]})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def _to_rgb(im):

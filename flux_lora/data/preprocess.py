@@ -19,7 +19,8 @@ import torch
 from flux_lora.config import Config
 from flux_lora.data import cache
 from flux_lora.data.captions import Captioner, apply_trigger
-from flux_lora.data.images import SourceImage, discover, load_rgb, nearest_bucket, resize_to_bucket, resolve_source
+from flux_lora.data.images import load_rgb, nearest_bucket, resize_to_bucket
+from flux_lora.data.sources import SourceImage, discover, resolve_source
 from flux_lora.errors import CacheError, DataError, FluxLoraError
 from flux_lora.models import loading
 from flux_lora.models.flux1 import encode_latents, encode_prompts
@@ -32,8 +33,8 @@ from flux_lora.parallel import session
 class DecodedImages(torch.utils.data.Dataset):
     """Decode + resize in DataLoader workers so the GPU never waits for PIL."""
 
-    def __init__(self, entries: list[tuple[int, SourceImage]], buckets: list[tuple[int, int]]):
-        self.entries, self.buckets = entries, buckets
+    def __init__(self, entries: list[tuple[int, SourceImage]], buckets: list[tuple[int, int]], max_pixels: int):
+        self.entries, self.buckets, self.max_pixels = entries, buckets, max_pixels
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -41,7 +42,7 @@ class DecodedImages(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         index, src = self.entries[k]
         try:
-            im = load_rgb(src.path)
+            im = load_rgb(src.path, self.max_pixels)
         except DataError as e:
             return {"index": index, "error": str(e)}
         bucket = nearest_bucket(im.width, im.height, self.buckets)
@@ -49,9 +50,10 @@ class DecodedImages(torch.utils.data.Dataset):
         return {"index": index, "pixels": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), "bucket": bucket}
 
 
-def _decoded(entries, buckets, workers: int):
-    loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets), batch_size=None, shuffle=False,
-                                         num_workers=workers, prefetch_factor=8 if workers else None)
+def _decoded(entries, buckets, pre_cfg):
+    workers = pre_cfg.num_workers
+    loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets, pre_cfg.max_image_pixels), batch_size=None,
+                                         shuffle=False, num_workers=workers, prefetch_factor=8 if workers else None)
     yield from loader
 
 
@@ -102,7 +104,7 @@ def caption_missing(cfg: Config, entries: list[tuple[int, SourceImage]], buckets
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code)
     out, batch = {}, []
-    for rec in _decoded(missing, buckets, cfg.preprocess.num_workers):
+    for rec in _decoded(missing, buckets, cfg.preprocess):
         if "error" in rec:
             continue  # reported when the chunk is encoded
         batch.append(rec)
@@ -207,7 +209,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
     captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
     enc = Encoders(cfg, di.device) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
-    stream = iter(_decoded(entries, buckets, cfg.preprocess.num_workers))
+    stream = iter(_decoded(entries, buckets, cfg.preprocess))
     writer = ThreadPoolExecutor(max_workers=1)  # serialising + hashing + fsync overlap the next chunk
     writing = None
     for p, planned in pending:
@@ -295,10 +297,13 @@ def _download_display():
 def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     loading.check_model_path(cfg.model.path)
     root = session.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
-                                                              _download_display()))
+                                                          _download_display(), refresh=cfg.preprocess.overwrite))
     sources = discover(Path(root))
     if not sources:
         raise DataError(f"no images (jpg, png, webp, bmp, tiff) found in {root}; check the --data path")
+    for source in sources if di.is_main else []:
+        if source.note:
+            reporter.warning(f"{source.name}: {source.note}", file=source.name)
     settings = {**cache.cache_settings(cfg, sources, di.world_size), "source_root": str(root)}
     complete = session.main_then_share(lambda: cache.claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
     reporter.start(len(sources), "preprocess", world_size=di.world_size, dataset_size=len(sources),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from flux_lora.outputs import files
+
 CLIP_MAX_TOKENS = 77
 T5_MAX_TOKENS = 512
 
@@ -105,10 +107,13 @@ def build_captioner(seed: int = 0):
 
 def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline to out_dir (diffusers layout) and a tiny captioner to out_dir/captioner."""
-    out = Path(out_dir)
     pipe = build_pipeline(seed)
-    pipe.save_pretrained(out, safe_serialization=True)
     model, processor = build_captioner(seed)
-    model.save_pretrained(out / "captioner", safe_serialization=True)
-    processor.save_pretrained(out / "captioner")
-    return out
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder / "captioner", safe_serialization=True)
+        processor.save_pretrained(folder / "captioner")
+
+    files.commit_dir(Path(out_dir), write, every_rank=True)  # whole or not at all
+    return Path(out_dir)

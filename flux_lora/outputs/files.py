@@ -15,6 +15,7 @@ users); a temp file from mkstemp would be 0600.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -122,6 +123,26 @@ def open_append(path: str | Path, *, every_rank: bool = False) -> IO[str] | None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "a", encoding="utf-8")
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 16 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_writable(folder: str | Path) -> None:
+    """Make folder (and its parents) and prove a file can be created in it; raises OSError."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def read_json(path: str | Path) -> Any | None:

@@ -110,10 +110,7 @@ def prepare_output(cfg: Config) -> str | None:
             if f.is_file() and (f.suffix in (".safetensors", ".png", ".jsonl", ".yaml")):
                 f.unlink()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{time.time_ns()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        files.check_writable(out)
     except OSError as e:
         raise CheckpointError(f"output directory {out} is not writable ({e.strerror}); choose another --output") from None
     if cfg.output.resume_from:

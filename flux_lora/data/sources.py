@@ -1,0 +1,218 @@
+"""Where a dataset comes from: a folder, a ZIP or a URL of a ZIP, turned into a folder of images
+with their sidecar captions. Everything read from a dataset stays inside it (no symbolic links
+followed, no ZIP entry written outside the extraction folder); downloads are keyed by URL and
+checked; extraction and download are atomic, so a failure leaves nothing half-made behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from flux_lora.errors import DataError
+from flux_lora.outputs import files
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+MAX_ZIP_RATIO = 200  # a real image compresses 1-3x; a zip bomb compresses 1000x
+RATIO_CHECK_BYTES = 2**20  # below this much unpacked data a high ratio is harmless
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: Path
+    name: str  # path relative to the dataset root (stable across folder / zip)
+    caption: str | None  # from a sidecar .txt, None if there is none
+    note: str | None = None  # what a person should hear about this item's files (a warning)
+
+
+def _hidden(rel: PurePosixPath) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+
+
+def contained(path: Path, root: Path) -> bool:
+    """A real file inside root: not a symbolic link, and resolving to a path under root."""
+    try:
+        return not path.is_symlink() and path.is_file() and Path(root).resolve() in path.resolve().parents
+    except OSError:
+        return False
+
+
+def discover(root: Path) -> list[SourceImage]:
+    """Images under root, recursively, sorted by relative path; captions from same-stem .txt files.
+    Symbolic links (images or captions) are not followed: they could read outside the dataset."""
+    items = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            rel = PurePosixPath(p.relative_to(root).as_posix())
+            if _hidden(rel) or p.suffix.lower() not in IMAGE_SUFFIXES or not contained(p, root):
+                continue
+            caption, note = None, None
+            txt = next((t for t in (p.with_suffix(".txt"), p.with_suffix(".TXT")) if t.is_file() or t.is_symlink()), None)
+            if txt is not None and not contained(txt, root):
+                note = f"caption {txt.name} is a symbolic link or lies outside the dataset; ignored"
+            elif txt is not None:
+                caption, note = read_caption(txt)
+            items.append(SourceImage(p, str(rel), caption, note))
+    items.sort(key=lambda s: s.name)
+    return items
+
+
+def read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(caption, note): UTF-8 (with or without Notepad's BOM) or UTF-16 with its BOM as is;
+    other bytes are read as Windows-1252/Latin-1, with a note saying so."""
+    raw = path.read_bytes()
+    note = None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16", errors="replace")
+    elif raw.count(b"\x00") > len(raw) // 4:  # UTF-16 without its BOM: every other byte is zero
+        text = raw.decode("utf-16-le" if raw[1:2] == b"\x00" else "utf-16-be", errors="replace")
+        note = f"caption {path.name} looks like UTF-16 without a byte-order mark; read it as UTF-16 (save it as UTF-8)"
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", errors="replace")
+            note = f"caption {path.name} is not UTF-8; read it as Windows-1252/Latin-1 (save it as UTF-8 to be sure)"
+    text = text.strip()
+    return (text or None), note
+
+
+def check_zip(path: Path, max_bytes: int) -> list[zipfile.ZipInfo]:
+    """The entries to extract; raises DataError for path escapes, links, encryption and zip bombs."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{path} is not a readable ZIP archive ({e}); re-create the archive") from None
+    with zf:
+        members, total, packed = [], 0, 0
+        for info in zf.infolist():
+            name = info.filename
+            pure = PurePosixPath(name.replace("\\", "/"))
+            if pure.is_absolute() or ".." in pure.parts or (len(name) > 1 and name[1] == ":"):
+                raise DataError(f"{path}: entry '{name}' would write outside the extraction folder; refusing this ZIP")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise DataError(f"{path}: entry '{name}' is a symbolic link; refusing this ZIP (store real files)")
+            if info.is_dir() or _hidden(pure):
+                continue
+            if info.flag_bits & 0x1:
+                raise DataError(f"{path}: entry '{name}' is encrypted; flux_lora reads unencrypted ZIPs only "
+                                "(re-create the archive without a password)")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+                raise DataError(f"{path}: entry '{name}' uses compression method {info.compress_type}, which Python "
+                                "cannot read; re-create the archive with standard (deflate) compression")
+            total, packed = total + info.file_size, packed + info.compress_size
+            if total > max_bytes:
+                raise DataError(f"{path} unpacks to more than {max_bytes} bytes (zip bomb?); "
+                                "split the dataset or raise preprocess.max_zip_bytes")
+            _check_ratio(path, name, info.file_size, info.compress_size)
+            members.append(info)
+        _check_ratio(path, None, total, packed)  # many small entries add up
+        return members
+
+
+def _check_ratio(path: Path, entry: str | None, unpacked: int, packed: int) -> None:
+    if packed and unpacked > RATIO_CHECK_BYTES and unpacked / packed > MAX_ZIP_RATIO:
+        what = f"entry '{entry}'" if entry else "the archive as a whole"
+        raise DataError(f"{path}: {what} has compression ratio {unpacked // packed}:1 (zip bomb?); refusing this ZIP")
+
+
+def extract_zip(path: Path, dest: Path, max_bytes: int, refresh: bool = False) -> Path:
+    """Extract a checked ZIP into dest once (a marker records which archive); atomic as a whole."""
+    marker = dest / ".extracted"
+    if not refresh and marker.is_file() and marker.read_text() == _zip_identity(path):
+        return dest
+    members = check_zip(path, max_bytes)
+
+    def build(tmp: Path) -> None:
+        root = tmp.resolve()
+        with zipfile.ZipFile(path) as zf:
+            for info in members:
+                target = (tmp / info.filename.replace("\\", "/")).resolve()  # Windows tools write backslashes
+                if root not in target.parents:  # belt and braces after check_zip
+                    raise DataError(f"{path}: entry '{info.filename}' escapes the extraction folder")
+                files.write_atomic(target, lambda out, info=info: _copy_entry(zf, info, out, path), every_rank=True)
+        files.write_atomic(tmp / ".extracted", _zip_identity(path), every_rank=True)
+
+    try:
+        files.commit_dir(dest, build, every_rank=True)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot extract ({type(e).__name__}: {str(e)[:160]}); re-create the archive") from None
+    return dest
+
+
+def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out, path: Path) -> None:
+    written = 0
+    with zf.open(info) as src:
+        while chunk := src.read(2**20):
+            written += len(chunk)
+            if written > info.file_size:  # the header lied about the size
+                raise DataError(f"{path}: entry '{info.filename}' is larger than its header says; refusing")
+            out.write(chunk)
+
+
+def _zip_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def download(url: str, folder: Path, progress: Callable[[int, int], None] | None = None, refresh: bool = False) -> Path:
+    """Download url into folder once, keyed by the URL (two URLs with one file name do not mix).
+    A finished download is reused while its record (URL, size, sha256) still matches the file;
+    `refresh` (--overwrite) fetches it again. What arrives must be a ZIP archive."""
+    name = PurePosixPath(url.split("?")[0]).name or "dataset.zip"
+    dest = Path(folder) / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    record = dest.with_name(dest.name + ".json")
+    known = files.read_json(record)
+    if not refresh and known and known.get("url") == url and dest.is_file() \
+            and dest.stat().st_size == known.get("bytes") and files.sha256_file(dest) == known.get("sha256"):
+        return dest
+    record.unlink(missing_ok=True)
+    try:
+        files.write_atomic(dest, lambda out: _fetch(url, out, progress), every_rank=True)
+    except OSError as e:
+        raise DataError(f"cannot download {url}: {e}; check the URL or download it and pass the file") from None
+    if not zipfile.is_zipfile(dest):
+        head = dest.read_bytes()[:64].decode("utf-8", errors="replace").replace("\n", " ")
+        dest.unlink(missing_ok=True)
+        raise DataError(f"{url} did not return a ZIP archive (it starts with {head!r}); check the URL "
+                        "(an error page or a login page is not the dataset)")
+    files.write_atomic(record, {"url": url, "bytes": dest.stat().st_size, "sha256": files.sha256_file(dest)}, as_json=True,
+                       every_rank=True)
+    return dest
+
+
+def _fetch(url: str, out, progress: Callable[[int, int], None] | None) -> None:
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        total = int(resp.headers.get("Content-Length") or 0)
+        done = 0
+        while chunk := resp.read(2**20):
+            out.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+
+
+def resolve_source(source: str, work_dir: Path, max_zip_bytes: int,
+                   progress: Callable[[int, int], None] | None = None, refresh: bool = False) -> Path:
+    """A local folder holding the images: the folder itself, or a ZIP (local or URL) extracted
+    under work_dir. `refresh` downloads and extracts again. Call on one rank only."""
+    if not source:
+        raise DataError("no images given; pass --data FOLDER, --data FILE.zip or --data https://.../FILE.zip")
+    if source.startswith(("http://", "https://")):
+        source = str(download(source, work_dir / "download", progress, refresh))
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return p
+    if p.is_file() and zipfile.is_zipfile(p):
+        return extract_zip(p, work_dir / "extracted", max_zip_bytes, refresh)
+    if p.is_file():
+        raise DataError(f"{p} is neither a folder nor a ZIP archive; pass a folder of images or a .zip")
+    raise DataError(f"data source {p} does not exist; pass a folder of images, a .zip or an http(s) URL")

@@ -1,0 +1,209 @@
+"""Where a dataset comes from (flux_lora.data.sources): discovery, captions and their encodings,
+containment (no symbolic link followed out of the dataset), safe ZIP extraction, downloads keyed
+by URL.   pytest -q tests/test_sources.py"""
+
+import io
+import stat
+import threading
+import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from flux_lora.data.sources import check_zip, discover, download, extract_zip, read_caption, resolve_source
+from flux_lora.errors import DataError
+
+
+def _png(path, size=(20, 10), mode="RGB", color=(10, 20, 30)):
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def test_discover_sorted_recursive_with_captions(tmp_path):
+    (tmp_path / "b").mkdir()
+    _png(tmp_path / "b" / "z.png")
+    _png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("  a caption \n")
+    _png(tmp_path / ".hidden.png")
+    (tmp_path / "notes.txt").write_text("not a caption of anything")
+    (tmp_path / "__MACOSX").mkdir()
+    _png(tmp_path / "__MACOSX" / "x.png")
+    items = discover(tmp_path)
+    assert [i.name for i in items] == ["a.png", "b/z.png"]
+    assert items[0].caption == "a caption" and items[1].caption is None
+
+def _zip(path, entries):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries:
+            if isinstance(name, zipfile.ZipInfo):
+                zf.writestr(name, data)
+            else:
+                zf.writestr(name, data)
+    return path
+
+def _png_bytes():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    return buf.getvalue()
+
+@pytest.mark.parametrize("bad", ["../evil.png", "/abs/evil.png", "a/../../evil.png"])
+def test_zip_slip_refused_and_nothing_written(tmp_path, bad):
+    z = _zip(tmp_path / "d.zip", [("ok.png", _png_bytes()), (bad, _png_bytes())])
+    dest = tmp_path / "cache" / "extracted"
+    with pytest.raises(DataError, match="outside the extraction folder"):
+        extract_zip(z, dest, 2**30)
+    assert not dest.exists() and not (tmp_path / "evil.png").exists() and not (tmp_path / "cache" / "evil.png").exists()
+
+def test_zip_symlink_refused(tmp_path):
+    info = zipfile.ZipInfo("link.png")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    z = _zip(tmp_path / "d.zip", [(info, "/etc/passwd")])
+    with pytest.raises(DataError, match="symbolic link"):
+        check_zip(z, 2**30)
+
+def test_zip_bomb_refused(tmp_path):
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("big.png", b"\0" * (20 * 2**20))
+    with pytest.raises(DataError, match="zip bomb"):
+        check_zip(z, 2**30)
+    with pytest.raises(DataError, match="zip bomb"):
+        check_zip(z, 2**20)  # total size limit alone
+
+def test_zip_extraction_skips_junk_and_is_done_once(tmp_path):
+    z = _zip(tmp_path / "d.zip", [("imgs/a.png", _png_bytes()), ("imgs/a.txt", "cap"), ("__MACOSX/imgs/._a.png", "x"),
+                                  ("imgs/._a.png", "x")])
+    dest = extract_zip(z, tmp_path / "x", 2**30)
+    names = [i.name for i in discover(dest)]
+    assert names == ["imgs/a.png"]
+    marker_time = (dest / ".extracted").stat().st_mtime_ns
+    extract_zip(z, tmp_path / "x", 2**30)
+    assert (dest / ".extracted").stat().st_mtime_ns == marker_time
+
+def test_resolve_source_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing"), tmp_path, 2**30)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(DataError, match="neither a folder nor a ZIP"):
+        resolve_source(str(tmp_path / "f.txt"), tmp_path, 2**30)
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError):
+        resolve_source(str(tmp_path / "bad.zip"), tmp_path, 2**30)
+
+def test_awkward_names_bom_and_windows_zips(tmp_path):
+    _png(tmp_path / "Ünïcode name (1).PNG")
+    (tmp_path / "Ünïcode name (1).txt").write_bytes("\ufeffa caption with BOM\r\n".encode("utf-8"))
+    _png(tmp_path / "UPPER.JPG".replace(".JPG", ".png"))
+    (tmp_path / "UPPER.TXT").write_text("upper caption")
+    items = {i.name: i.caption for i in discover(tmp_path)}
+    assert items == {"UPPER.png": "upper caption", "Ünïcode name (1).PNG": "a caption with BOM"}
+    z = _zip(tmp_path / "win.zip", [("photos\\a.png", _png_bytes())])
+    dest = extract_zip(z, tmp_path / "x", 2**30)
+    assert [i.name for i in discover(dest)] == ["photos/a.png"]
+
+
+def test_caption_symlink_is_not_followed_out_of_the_dataset(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    data = tmp_path / "data"
+    data.mkdir()
+    _png(data / "a.png")
+    (data / "a.txt").symlink_to(secret)
+    _png(data / "b.png")
+    (data / "b.txt").symlink_to(data / "c.txt")  # inside, but still a link: not followed either
+    (data / "c.txt").write_text("fine")
+    _png(data / "c.png")
+    items = {i.name: i for i in discover(data)}
+    assert items["a.png"].caption is None and "symbolic link" in items["a.png"].note
+    assert items["b.png"].caption is None and items["c.png"].caption == "fine"
+    assert all("root:x" not in (i.caption or "") for i in items.values())
+
+
+@pytest.mark.parametrize("raw, text, warned", [
+    ("a café".encode("utf-8"), "a café", False),
+    (b"\xef\xbb\xbf" + "a café".encode("utf-8"), "a café", False),  # Notepad's BOM
+    ("a café".encode("utf-16"), "a café", False),  # with its BOM
+    ("a café".encode("utf-16-le"), "a café", True),  # without a BOM
+    ("a café".encode("latin-1"), "a café", True),
+])
+def test_caption_encodings_are_read_or_named(tmp_path, raw, text, warned):
+    path = tmp_path / "a.txt"
+    path.write_bytes(raw)
+    caption, note = read_caption(path)
+    assert caption == text and (note is not None) == warned
+
+
+def _encrypted_zip(path):
+    """A ZIP whose entry says it is encrypted (zipfile cannot write one; the flag is what readers see)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a.png", _png_bytes())
+    data = bytearray(path.read_bytes())
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(sig)
+        data[at + flag_at] |= 0x1
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_encrypted_zip_is_one_line_and_leaves_nothing(tmp_path):
+    z = _encrypted_zip(tmp_path / "secret.zip")
+    work = tmp_path / "cache"
+    with pytest.raises(DataError, match="encrypted"):
+        resolve_source(str(z), work, 2**30)
+    assert not work.exists() or not any(p.name.endswith(".tmp") or p.name == "extracted" for p in work.iterdir())
+
+
+def test_many_small_highly_compressed_entries_are_refused_as_a_whole(tmp_path):
+    z = tmp_path / "small-bombs.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(300):
+            zf.writestr(f"f{i}.png", b"\0" * 8192)  # each under the per-entry check's 1 MiB
+    with pytest.raises(DataError, match="as a whole.*zip bomb"):
+        check_zip(z, 2**30)
+
+
+def test_failed_extraction_leaves_the_previous_extraction_and_no_temp(tmp_path):
+    good = _zip(tmp_path / "good.zip", [("a.png", _png_bytes())])
+    dest = tmp_path / "extracted"
+    extract_zip(good, dest, 2**30)
+    bad = _zip(tmp_path / "bad.zip", [("b.png", _png_bytes())])
+    data = bytearray(bad.read_bytes())
+    at = data.find(b"PK\x03\x04") + 30 + len("b.png")
+    data[at:at + 8] = b"\xff" * 8  # corrupt the deflated stream
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError):
+        extract_zip(bad, dest, 2**30)
+    assert (dest / "a.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
+
+
+@pytest.fixture()
+def web(tmp_path):
+    root = tmp_path / "www"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_downloads_are_keyed_by_url_checked_and_refreshed(tmp_path, web):
+    root, base = web
+    work = tmp_path / "dl"
+    (root / "a" / "data.zip").write_bytes(b"<html>502 Bad Gateway</html>")  # a failed first try
+    with pytest.raises(DataError, match="did not return a ZIP"):
+        download(f"{base}/a/data.zip", work)
+    assert not any(work.iterdir())  # nothing kept that a rerun would trust
+    _zip(root / "a" / "data.zip", [("a.png", _png_bytes())])
+    _zip(root / "b" / "data.zip", [("b1.png", _png_bytes()), ("b2.png", _png_bytes())])
+    first = download(f"{base}/a/data.zip", work)
+    other = download(f"{base}/b/data.zip", work)  # same file name, another URL
+    assert first != other and len(zipfile.ZipFile(other).namelist()) == 2
+    _zip(root / "a" / "data.zip", [("a.png", _png_bytes()), ("new.png", _png_bytes())])
+    assert len(zipfile.ZipFile(download(f"{base}/a/data.zip", work)).namelist()) == 1  # reused
+    assert len(zipfile.ZipFile(download(f"{base}/a/data.zip", work, refresh=True)).namelist()) == 2
+    first.write_bytes(b"tampered")  # a record that no longer matches its file is not trusted
+    assert len(zipfile.ZipFile(download(f"{base}/a/data.zip", work)).namelist()) == 2
