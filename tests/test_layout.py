@@ -30,14 +30,20 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_module(dotted: str) -> bool:
+    path = PACKAGE.parent.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def _imports(tree: ast.AST, module: str) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("flux_lora"))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flux_lora"):
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from flux_lora import x`
+            for alias in node.names:  # `from flux_lora.outputs import files` imports the module files
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _is_module(sub) else node.module)
     return found
 
 
