@@ -14,14 +14,18 @@ export OMP_NUM_THREADS ?= 1
 
 .PHONY: venv demo test clean
 
-$(VENV)/.installed: pyproject.toml
+# the stamp names the torch spec, so `make venv TORCH_SPEC=...` after a first make installs that torch
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || ($(PYTHON) -m pip install -q virtualenv && $(PYTHON) -m virtualenv $(VENV))
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed*
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(STAMP)
 
 demo: venv
 	rm -rf demo/cache demo/out

@@ -68,6 +68,8 @@ def test_captions_trigger_and_sidecars(cache_dir, images):
             assert cap == "sks, " + txt.read_text().strip()
         else:
             assert len(cap) > len("sks, ")  # auto-captioned
+    events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "warning" and "random weights" in e["message"] for e in events)  # said, not hidden
     # identical captions share one stored embedding
     m = load_manifest(cache_dir)
     shard = torch.load(cache_dir / "shards" / m["shards"][0]["file"], weights_only=True)

@@ -44,6 +44,8 @@ class Captioner:
             raise ModelError(f"cannot load captioner {model_id}: {first}; pass --captioner PATH of a "
                              "downloaded image-to-text model, or --captioner none with --default-caption") from None
         self.is_blip = type(self.model).__name__.startswith("Blip")
+        # make-tiny's captioner is random: what it writes is noise, and a user should hear so
+        self.random_weights = bool(getattr(self.model.config, "flux_lora_random_weights", False))
 
     @staticmethod
     def _load_model(model_id: str, dtype: torch.dtype, trust_remote_code: bool):

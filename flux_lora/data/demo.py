@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from flux_lora.outputs import files
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 SIZES = [(64, 64), (96, 64), (64, 96), (80, 80)]
 
@@ -28,8 +30,8 @@ def make_images(out_dir: str | Path, count: int = 12, seed: int = 0, caption_eve
         box = (x0, y0, x0 + w // 3, y0 + h // 3)
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=rgb)
         path = out / f"img_{i:03d}.{'png' if i % 2 else 'jpg'}"
-        im.save(path)
+        files.write_atomic(path, lambda f, im=im, kind="PNG" if i % 2 else "JPEG": im.save(f, format=kind), every_rank=True)
         if i % caption_every:
-            path.with_suffix(".txt").write_text(f"a {colour} {shape} on a plain background\n")
+            files.write_atomic(path.with_suffix(".txt"), f"a {colour} {shape} on a plain background\n", every_rank=True)
         paths.append(path)
     return paths

@@ -103,6 +103,9 @@ def caption_missing(cfg: Config, entries: list[tuple[int, SourceImage]], buckets
         return {i: cfg.data.default_caption for i, _ in missing}
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code)
+    if captioner.random_weights and di.is_main:
+        reporter.warning(f"captioner {cfg.data.captioner} has random weights (a test model from make-tiny): the "
+                         "captions it writes are gibberish; add .txt captions or pass a real --captioner")
     out, batch = {}, []
     for rec in _decoded(missing, buckets, cfg.preprocess):
         if "error" in rec:

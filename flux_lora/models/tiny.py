@@ -102,6 +102,7 @@ def build_captioner(seed: int = 0):
                            image_size=32, patch_size=8),
         projection_dim=32)
     model = BlipForConditionalGeneration(config)
+    model.config.flux_lora_random_weights = True  # saved in config.json: preprocess says its captions are noise
     return model, processor
 
 
