@@ -46,11 +46,16 @@ def test_presets_and_explicit_targets(tiny_model):
         lora.add_lora(base, 4, 4, "nonexistent_layer", 0.0, 0)
 
 
-def test_init_identical_for_same_seed(tiny_model):
-    a, _ = _lora_model(tiny_model, seed=5)
-    b, _ = _lora_model(tiny_model, seed=5)
-    sa, sb = lora.lora_state_dict(a), lora.lora_state_dict(b)
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+def test_init_identical_for_same_seed_and_different_for_another(tiny_model):
+    """Every rank builds the same LoRA from the seed (DDP starts from identical weights); another
+    seed gives other A matrices (B starts at zero, so the model's output is unchanged either way)."""
+    sa = lora.lora_state_dict(_lora_model(tiny_model, seed=5)[0])
+    sb = lora.lora_state_dict(_lora_model(tiny_model, seed=5)[0])
+    sc = lora.lora_state_dict(_lora_model(tiny_model, seed=6)[0])
+    assert sa.keys() == sb.keys() == sc.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    a_keys = [k for k in sa if "lora_A" in k]
+    assert a_keys and all(not torch.equal(sa[k], sc[k]) for k in a_keys)
+    assert all(not sa[k].any() for k in sa if "lora_B" in k)
 
 
 def _generate(pipe, seed=0):
