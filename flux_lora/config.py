@@ -7,6 +7,7 @@ key name and the valid choices, so a typo never silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,31 @@ from typing import Any
 from flux_lora.errors import ConfigError
 
 
-def doc(default: Any, text: str, **choices: Any) -> Any:
-    """A dataclass field with a default and a one-line description (shown in the README)."""
+def doc(default: Any, text: str, low: float | None = None, high: float | None = None, open_low: bool = False) -> Any:
+    """A dataclass field with a default, a one-line description (docs/config.md) and, for numbers,
+    the range it must lie in: [low, high], or (low, high] with open_low. Checked when the config
+    is built, before any model loads."""
+    meta = {"doc": text, "low": low, "high": high, "open_low": open_low}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": text, **choices})
-    return field(default=default, metadata={"doc": text, **choices})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_ranges(section: str, obj: Any) -> None:
+    """Every number finite and inside its field's range, or one line naming the key and the range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, high, open_low = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("open_low")
+        bad = not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) \
+            or (high is not None and value > high)
+        if bad:
+            bounds = ("> " if open_low else ">= ") + f"{low:g}" if low is not None else ""
+            if high is not None:
+                bounds += (" and " if bounds else "") + f"<= {high:g}"
+            raise ConfigError(f"{section}.{f.name}={value!r} is out of range; it must be a finite number"
+                              + (f" {bounds}" if bounds else "") + f" ({f.metadata.get('doc', '')})")
 
 
 @dataclass
@@ -30,6 +51,7 @@ class ModelConfig:
     revision: str = doc("", "hub revision (branch, tag or commit) when path is a hub id")
 
     def __post_init__(self) -> None:
+        check_ranges("model", self)
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _choice("model.attention", self.attention, ("auto", "cudnn", "flash", "efficient", "math", "default"))
 
@@ -38,70 +60,66 @@ class ModelConfig:
 class DataConfig:
     source: str = doc("", "images: a folder, a .zip file or an http(s) URL of a zip")
     cache_dir: str = doc("", "cache directory written by preprocess and read by train")
-    resolution: int = doc(512, "target side in pixels (multiple of 16); buckets keep about resolution² pixels")
+    resolution: int = doc(512, "target side in pixels (multiple of 16); buckets keep about resolution² pixels", low=16)
     square: bool = doc(False, "center-crop every image to resolution×resolution instead of aspect buckets")
     trigger_word: str = doc("", "prepended to every caption (once); replaces a [trigger] placeholder")
     default_caption: str = doc("", "caption for images without a .txt when captioner is none")
     captioner: str = doc("Salesforce/blip-image-captioning-large", "image-to-text model for images without a .txt caption, or none")
     trust_remote_code: bool = doc(False, "allow the captioner's own code from the hub (off: only natively supported models)")
-    max_sequence_length: int = doc(512, "T5 tokens per caption (FLUX.1-dev: 512, schnell: 256)")
+    max_sequence_length: int = doc(512, "T5 tokens per caption (FLUX.1-dev: 512, schnell: 256)", low=1)
     strict: bool = doc(False, "fail on the first unreadable image instead of skipping it with a warning")
     sample_prompts: list = doc([], "prompts encoded now so train can draw preview images without text encoders")
 
     def __post_init__(self) -> None:
+        check_ranges("data", self)
         if self.resolution <= 0 or self.resolution % 16:
             raise ConfigError(f"data.resolution={self.resolution} is not a positive multiple of 16; use e.g. 512 or 1024")
-        if self.max_sequence_length <= 0:
-            raise ConfigError("data.max_sequence_length must be positive, e.g. 512")
         self.sample_prompts = [str(p) for p in self.sample_prompts]
 
 
 @dataclass
 class PreprocessConfig:
-    batch_size: int = doc(8, "images per encoder batch on each rank")
-    caption_batch_size: int = doc(8, "images per captioner batch")
-    num_workers: int = doc(2, "worker processes decoding and resizing images while the GPU encodes")
-    chunk_items: int = doc(64, "items per shard file (T5 embeddings are ~4 MB per item at 512 tokens)")
+    batch_size: int = doc(8, "images per encoder batch on each rank", low=1)
+    caption_batch_size: int = doc(8, "images per captioner batch", low=1)
+    num_workers: int = doc(2, "worker processes decoding and resizing images while the GPU encodes", low=0)
+    chunk_items: int = doc(64, "items per shard file (T5 embeddings are ~4 MB per item at 512 tokens)", low=1)
     overwrite: bool = doc(False, "delete an existing cache in cache_dir and rebuild it")
-    max_zip_bytes: int = doc(50 * 2**30, "refuse ZIPs whose entries unpack to more than this many bytes")
-    max_image_pixels: int = doc(178_956_970, "skip (or with --strict refuse) images with more pixels than this: a decompression-bomb guard (Pillow's own limit)")
+    max_zip_bytes: int = doc(50 * 2**30, "refuse ZIPs whose entries unpack to more than this many bytes", low=1)
+    max_image_pixels: int = doc(178_956_970, "skip (or with --strict refuse) images with more pixels than this: a decompression-bomb guard (Pillow's own limit)", low=1)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "caption_batch_size", "chunk_items"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"preprocess.{name} must be positive")
+        check_ranges("preprocess", self)
 
 
 @dataclass
 class LoraConfig:
-    rank: int = doc(16, "LoRA rank r")
-    alpha: float = doc(0.0, "LoRA alpha (0 means alpha = rank, i.e. scale 1)")
+    rank: int = doc(16, "LoRA rank r", low=1)
+    alpha: float = doc(0.0, "LoRA alpha (0 means alpha = rank, i.e. scale 1)", low=0)
     targets: str = doc("attention-mlp", "attention, attention-mlp, all-linear, or a comma-separated list of module names")
-    dropout: float = doc(0.0, "LoRA dropout")
+    dropout: float = doc(0.0, "LoRA dropout", low=0, high=0.99)
 
     def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise ConfigError(f"lora.rank={self.rank} must be positive, e.g. 16")
+        check_ranges("lora", self)
         if self.alpha == 0:
             self.alpha = float(self.rank)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = doc(1000, "optimizer steps")
-    batch_size: int = doc(1, "samples per GPU per micro-step")
-    grad_accum: int = doc(1, "micro-steps per optimizer step (global batch = batch_size × ranks × grad_accum)")
-    lr: float = doc(1e-4, "AdamW learning rate")
-    lr_b_factor: float = doc(1.0, "learning-rate multiplier for the LoRA B matrices (LoRA+; 1 = off)")
-    weight_decay: float = doc(0.0, "AdamW weight decay")
-    warmup_steps: int = doc(0, "linear warm-up steps")
+    steps: int = doc(1000, "optimizer steps", low=1)
+    batch_size: int = doc(1, "samples per GPU per micro-step", low=1)
+    grad_accum: int = doc(1, "micro-steps per optimizer step (global batch = batch_size × ranks × grad_accum)", low=1)
+    lr: float = doc(1e-4, "AdamW learning rate", low=0, open_low=True)
+    lr_b_factor: float = doc(1.0, "learning-rate multiplier for the LoRA B matrices (LoRA+; 1 = off)", low=0, open_low=True)
+    weight_decay: float = doc(0.0, "AdamW weight decay", low=0)
+    warmup_steps: int = doc(0, "linear warm-up steps", low=0)
     schedule: str = doc("constant", "learning rate after warm-up: constant or cosine")
-    max_grad_norm: float = doc(1.0, "gradient clipping norm (0 = off)")
-    seed: int = doc(0, "seed for LoRA init, data order, noise and timesteps")
-    guidance: float = doc(1.0, "guidance embedding value (used when the model has one, e.g. FLUX.1-dev)")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm (0 = off)", low=0)
+    seed: int = doc(0, "seed for LoRA init, data order, noise and timesteps", low=0)
+    guidance: float = doc(1.0, "guidance embedding value (used when the model has one, e.g. FLUX.1-dev)", low=0)
     timestep_sampling: str = doc("flux-shift", "uniform, logit-normal, or flux-shift (logit-normal shifted by image size, as FLUX inference)")
     logit_mean: float = doc(0.0, "mean of the logit-normal timestep distribution")
-    logit_std: float = doc(1.0, "std of the logit-normal timestep distribution")
+    logit_std: float = doc(1.0, "std of the logit-normal timestep distribution", low=0, open_low=True)
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
     gradient_checkpointing: str = doc("auto", "auto (on in fp8/nf4; in fast mode only when the largest micro-batch would not fit the GPU without it), on or off")
     compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")
@@ -110,15 +128,16 @@ class TrainConfig:
     gc_freeze: bool = doc(True, "after the warm-up steps (compile, CUDA-graph recording, DDP's bucket rebuild) collect Python's garbage once and freeze what survives, so later full collections skip dynamo's and inductor's objects instead of stalling a step for up to ~0.7 s (under DDP every rank waits with it)")
     fuse_lora_up: bool = doc(True, "compute each LoRA up-projection and its add to the base output as one matmul (addmm, the add in its epilogue); +3-4% samples/s on an H100; off = peft's forward")
     fp8_compute: str = doc("auto", "fast mode with an fp8 frozen base (fp8 matmuls, half the weight memory; LoRA stays fp32): auto (on for GPUs with fp8 tensor cores: H100/H200/Ada), on or off")
-    save_every: int = doc(0, "write OUTPUT/lora-step-NNNNNN.safetensors every N steps (0 = only at the end)")
-    checkpoint_every: int = doc(100, "write a resumable checkpoint every N steps (and on stop)")
-    keep_checkpoints: int = doc(2, "how many checkpoints to keep")
-    sample_every: int = doc(0, "draw preview images of the sample prompts every N steps (0 = off)")
-    sample_steps: int = doc(20, "denoising steps per preview image")
-    log_every: int = doc(10, "plain progress line every N steps when stderr is not a terminal")
-    max_nonfinite: int = doc(5, "stop after this many non-finite losses in a row")
+    save_every: int = doc(0, "write OUTPUT/lora-step-NNNNNN.safetensors every N steps (0 = only at the end)", low=0)
+    checkpoint_every: int = doc(100, "write a resumable checkpoint every N steps (and on stop)", low=0)
+    keep_checkpoints: int = doc(2, "how many checkpoints to keep", low=1)
+    sample_every: int = doc(0, "draw preview images of the sample prompts every N steps (0 = off)", low=0)
+    sample_steps: int = doc(20, "denoising steps per preview image", low=1)
+    log_every: int = doc(10, "plain progress line every N steps when stderr is not a terminal", low=1)
+    max_nonfinite: int = doc(5, "stop after this many non-finite losses in a row", low=1)
 
     def __post_init__(self) -> None:
+        check_ranges("train", self)
         _choice("train.schedule", self.schedule, ("constant", "cosine"))
         _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit-normal", "flux-shift"))
         _choice("train.memory_mode", self.memory_mode, ("fast", "fp8", "nf4"))
@@ -130,11 +149,6 @@ class TrainConfig:
         if self.fp8_compute == "on" and self.memory_mode == "nf4":
             raise ConfigError("train.fp8_compute does not combine with memory_mode=nf4 (a 4-bit base); "
                               "use memory_mode=fp8 for an fp8 base with checkpointing")
-        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be positive")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr={self.lr} must be positive, e.g. 1e-4")
 
 
 @dataclass
@@ -147,18 +161,18 @@ class OutputConfig:
     overwrite: bool = doc(False, "delete earlier results in the output directory first")
 
     def __post_init__(self) -> None:
+        check_ranges("output", self)
         _choice("output.export_format", self.export_format, ("diffusers", "kohya"))
 
 
 @dataclass
 class DistConfig:
-    timeout_s: int = doc(600, "collective timeout: a dead rank ends the job after this long, not after 30 minutes")
-    bucket_mb: int = doc(0, "DDP gradient bucket size in MiB. 0 (auto): one bucket for all LoRA gradients when every rank is on one host (one all-reduce after the backward), 25 across hosts (each bucket's all-reduce overlaps the rest of the backward)")
+    timeout_s: int = doc(600, "collective timeout: a dead rank ends the job after this long, not after 30 minutes", low=1)
+    bucket_mb: int = doc(0, "DDP gradient bucket size in MiB. 0 (auto): one bucket for all LoRA gradients when every rank is on one host (one all-reduce after the backward), 25 across hosts (each bucket's all-reduce overlaps the rest of the backward)", low=0)
     average_per_bucket: bool = doc(True, "divide the summed gradients by the number of ranks once per bucket (one kernel over the bucket) instead of per LoRA tensor inside DDP (~840 small kernels a step for FLUX.1); same result")
 
     def __post_init__(self) -> None:
-        if self.bucket_mb < 0:
-            raise ConfigError("dist.bucket_mb must be 0 (auto) or a size in MiB, e.g. 25")
+        check_ranges("dist", self)
 
 
 @dataclass

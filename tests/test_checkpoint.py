@@ -148,7 +148,7 @@ def test_full_disk_keeps_previous_checkpoint(tiny_model, cache_dir, tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert "No space left on device" in line and "previous checkpoint is intact" in line
     assert [s for s, _ in checkpoint.list_checkpoints(out)] == [2]
-    assert checkpoint.latest_valid(out) is not None
+    assert checkpoint.latest_valid(out)[0] is not None
     assert not list((out / "checkpoints").glob(".*tmp"))
 
 
@@ -177,9 +177,45 @@ def test_keep_last_k_and_corrupt_latest_falls_back(tmp_path):
     with as_rank(1):
         assert checkpoint.save_checkpoint(tmp_path, 5, sd, {}, {}, keep=2) is None  # only rank 0 writes
     (checkpoint.checkpoint_dir(tmp_path, 4) / "optimizer.pt").write_bytes(b"garbage")
-    assert checkpoint.latest_valid(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 3)
+    latest, corrupt = checkpoint.latest_valid(tmp_path)
+    assert latest == checkpoint.checkpoint_dir(tmp_path, 3)
+    assert [d.name for d, _ in corrupt] == ["step-000004"] and "truncated" in corrupt[0][1]
     (tmp_path / "checkpoints" / ".step-000009.tmp").mkdir()  # a crash mid-write
-    assert checkpoint.latest_valid(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 3)
+    assert checkpoint.latest_valid(tmp_path)[0] == checkpoint.checkpoint_dir(tmp_path, 3)
+
+
+def test_pruning_keeps_the_newest_readable_checkpoints(tmp_path):
+    """A resumed run writes good checkpoints below corrupt higher-numbered ones: pruning must keep
+    the good ones and drop the corrupt ones (a corrupt file of the same size is caught by decoding)."""
+    sd = {"w": torch.ones(2)}
+    for step in (6, 8):
+        checkpoint.save_checkpoint(tmp_path, step, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=5)
+        optimizer = checkpoint.checkpoint_dir(tmp_path, step) / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:10])  # truncated
+    for step in (2, 4):
+        checkpoint.save_checkpoint(tmp_path, step, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [2, 4]
+    same_size = checkpoint.checkpoint_dir(tmp_path, 4) / "optimizer.pt"
+    same_size.write_bytes(b"\0" * same_size.stat().st_size)
+    latest, corrupt = checkpoint.latest_valid(tmp_path)
+    assert latest == checkpoint.checkpoint_dir(tmp_path, 2) and "decoding" in corrupt[0][1]
+
+
+def test_all_checkpoints_unreadable_stops_instead_of_starting_over(tmp_path):
+    from flux_lora.config import build_config
+    from flux_lora.errors import CheckpointError
+    from flux_lora.training import train
+
+    sd = {"w": torch.ones(2)}
+    for step in (2, 4):
+        checkpoint.save_checkpoint(tmp_path, step, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2)
+        (checkpoint.checkpoint_dir(tmp_path, step) / "optimizer.pt").write_bytes(b"")
+    cfg = build_config(None, {"output.dir": str(tmp_path)})
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is unreadable \(step-000004"):
+        train.choose_resume(cfg, tmp_path)
+    checkpoint.save_checkpoint(tmp_path, 1, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2)
+    resume_from, notes = train.choose_resume(cfg, tmp_path)
+    assert resume_from.endswith("step-000001") and len(notes) == 0  # pruning removed the unreadable ones
 
 
 def test_resume_reads_the_validated_checkpoint_once(tmp_path, monkeypatch):
@@ -188,7 +224,7 @@ def test_resume_reads_the_validated_checkpoint_once(tmp_path, monkeypatch):
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    d = checkpoint.latest_valid(tmp_path)
+    d = checkpoint.latest_valid(tmp_path)[0]
     assert torch.equal(checkpoint.load_checkpoint(d)["lora"]["w"], sd["w"])
     assert len(loads) == 1  # validated once, handed to the resume
     checkpoint.load_checkpoint(d)

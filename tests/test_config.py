@@ -63,6 +63,38 @@ def test_validation_messages():
         build_config(None, None, ["train.schedule=linear"])
 
 
+@pytest.mark.parametrize("setting, bound", [
+    ("train.max_nonfinite=0", ">= 1"), ("train.lr=nan", "> 0"), ("train.lr=-1e-4", "> 0"), ("train.lr=inf", "> 0"),
+    ("lora.dropout=5", ">= 0 and <= 0.99"), ("preprocess.num_workers=-2", ">= 0"), ("lora.rank=0", ">= 1"),
+    ("train.max_grad_norm=nan", ">= 0"), ("train.logit_std=0", "> 0"), ("dist.timeout_s=0", ">= 1"),
+    ("train.keep_checkpoints=0", ">= 1"), ("train.guidance=-inf", ">= 0"), ("preprocess.max_image_pixels=0", ">= 1"),
+])
+def test_every_number_is_checked_when_the_config_is_built(setting, bound):
+    """Before any model loads: one line naming the key, the value and the range."""
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}=.* out of range; it must be a finite number {bound}"):
+        build_config(None, None, [setting])
+
+
+def test_every_numeric_field_has_a_range_or_is_free_on_purpose():
+    import dataclasses
+
+    from flux_lora.config import section_types
+
+    free = {"train.logit_mean"}  # any real mean is a valid logit-normal
+    for name, cls in section_types().items():
+        for f in dataclasses.fields(cls):
+            if f.type in ("int", "float", int, float) and f"{name}.{f.name}" not in free:
+                assert f.metadata.get("low") is not None, f"{name}.{f.name} has no range"
+
+
+def test_sample_options_fail_before_loading(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("sample", "--model", tmp_path / "nowhere", "--prompt", "x", "--out", tmp_path / "x.png", "--size", "0")
+    assert proc.returncode == 2 and "--size 0 must be a positive multiple of 16" in proc.stderr
+
+
 def test_resolved_yaml_round_trips(tmp_path):
     cfg = build_config(None, {"train.steps": 9, "data.sample_prompts": ["x"]})
     y = tmp_path / "resolved.yaml"
@@ -80,8 +112,8 @@ def test_shipped_configs_load():
         build_config(path)
 
 
-def test_readme_config_reference_is_current():
+def test_config_reference_page_is_current():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate with: python -m flux_lora config-reference"
+    page = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    assert reference_markdown() in page, "regenerate docs/config.md with: python -m flux_lora config-reference"

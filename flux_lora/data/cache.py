@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,15 +120,10 @@ _IGNORED_KEYS = ("model", "source_root")  # the fingerprint and dataset identity
 
 
 def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
-    """Rank 0: make cache_dir ours. Returns True if a complete cache with these settings exists."""
-    old = files.read_json(cache_dir / "settings.json")
-    if overwrite:
-        for sub in ("shards", "progress"):
-            shutil.rmtree(cache_dir / sub, ignore_errors=True)
-        for f in ("manifest.json", "settings.json", "captions.jsonl", "samples.pt"):
-            (cache_dir / f).unlink(missing_ok=True)
-        old = None
-    elif old is None and (cache_dir / "shards").is_dir() and any((cache_dir / "shards").iterdir()):
+    """Rank 0, holding the cache's lock: record the settings this cache is built with, or refuse
+    a cache built with others. Returns True if a complete cache with these settings exists."""
+    old = None if overwrite else files.read_json(cache_dir / "settings.json")  # --overwrite emptied it first
+    if old is None and (cache_dir / "shards").is_dir() and any((cache_dir / "shards").iterdir()):
         raise CacheError(f"{cache_dir} holds shards of an unknown cache; pass --overwrite or another --cache-dir")
     if old is not None:
         diff = [k for k in settings if k not in _LAYOUT_KEYS + _IGNORED_KEYS and old.get(k) != settings[k]]

@@ -21,12 +21,12 @@ from flux_lora.data import cache
 from flux_lora.data.captions import Captioner, apply_trigger
 from flux_lora.data.images import load_rgb, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, discover, resolve_source
-from flux_lora.errors import CacheError, DataError, FluxLoraError
+from flux_lora.errors import CacheError, DataError
 from flux_lora.models import loading
 from flux_lora.models.flux1 import encode_latents, encode_prompts
-from flux_lora.outputs import files
+from flux_lora.outputs import files, run_dir
 from flux_lora.outputs.display import Display
-from flux_lora.outputs.events import make_reporter
+from flux_lora.outputs.events import ending_the_stream, make_reporter
 from flux_lora.parallel import session
 
 
@@ -264,19 +264,33 @@ def write_samples(cfg: Config, di) -> None:
 
 def run(cfg: Config) -> dict:
     loading.quiet_libraries()
-    cache_dir = Path(cfg.data.cache_dir)
     if not cfg.data.cache_dir:
         raise CacheError("no cache directory given; pass --cache-dir DIR")
+    cache_dir = Path(cfg.data.cache_dir)
     with session.process_group(cfg.dist.timeout_s) as di:
-        session.main_then_share(lambda: cache_dir.mkdir(parents=True, exist_ok=True))
-        reporter = make_reporter(di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
+        session.main_then_share(lambda: run_dir.claim(cache_dir, "cache", "--cache-dir"))
+        lock = run_dir.take_lock(cache_dir, "--cache-dir")  # before anything is removed or written
         try:
-            return _run(cfg, di, cache_dir, reporter)
-        except FluxLoraError as e:
-            reporter.error(str(e), rank=di.rank)
-            raise
+            run_id = session.main_then_share(lambda: _start_fresh_if_asked(cfg, cache_dir))
+            reporter = make_reporter(di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
+            try:
+                with ending_the_stream(reporter, di.rank, di.distributed, cache_dir, run_id):
+                    return _run(cfg, di, cache_dir, reporter)
+            finally:
+                reporter.close()
         finally:
-            reporter.close()
+            if lock is not None:
+                lock.release()
+
+
+def _start_fresh_if_asked(cfg: Config, cache_dir: Path) -> str:
+    """Rank 0, holding the lock: --overwrite removes what earlier runs of ours wrote (by name).
+    Returns this run's id (where failing ranks leave their notes)."""
+    if cfg.preprocess.overwrite:
+        run_dir.remove_ours(cache_dir, "cache")
+    run_id = f"{time.time_ns()}"
+    run_dir.clear_failures(cache_dir, keep=run_id)
+    return run_id
 
 
 def _download_display():

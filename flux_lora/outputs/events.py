@@ -8,6 +8,7 @@ Other ranks get a NullReporter, so stage code calls the reporter unconditionally
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flux_lora.outputs import files
+from flux_lora.errors import FluxLoraError, RankFailedError, StoppedError
+from flux_lora.outputs import files, run_dir
 from flux_lora.outputs.display import Display
 
 EVENT_VERSION = 1
@@ -98,3 +100,42 @@ class NullReporter:
 def make_reporter(rank: int, events_path: Path, stage: str, json_stdout: bool = False, log_every: int = 10):
     """The Reporter on the rank that writes the run's files (rank 0), a NullReporter elsewhere."""
     return Reporter(events_path, stage, json_stdout, log_every) if files.writes_here() else NullReporter(rank)
+
+
+def _looks_like_a_lost_peer(error: BaseException) -> bool:
+    """A collective that broke because another rank went away (gloo/NCCL), not this rank's own fault."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        k in text for k in ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
+
+
+@contextlib.contextmanager
+def ending_the_stream(reporter, rank: int, distributed: bool, folder: Path, run_id: str):
+    """Whatever ends a stage, its events end with `done` (the stage's own), `stopped` or `error`,
+    the error naming the rank and its own cause. A rank that fails leaves a note; a rank whose
+    collective broke because a peer went away reports that peer's note and exits 5."""
+    try:
+        yield
+    except StoppedError as e:
+        reporter.emit("stopped", message=str(e), exit_code=e.exit_code)
+        raise
+    except FluxLoraError as e:
+        if not getattr(e, "shared", False):  # an error all ranks raised together needs no note
+            run_dir.note_failure(folder, run_id, rank, e)
+        reporter.error(str(e), rank=rank, exit_code=e.exit_code)
+        raise
+    except BaseException as e:  # a crash, a broken collective, Ctrl-C
+        peer = run_dir.peer_failure(folder, run_id, rank) if distributed and _looks_like_a_lost_peer(e) else None
+        if peer is not None:
+            failed = RankFailedError(f"rank {peer['rank']} failed: {peer['type']}: {peer['message']}")
+            reporter.error(str(failed), rank=peer["rank"], exit_code=failed.exit_code)
+            raise failed from None
+        run_dir.note_failure(folder, run_id, rank, e)
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
+        reporter.error(f"rank {rank}: {type(e).__name__}: {first}".rstrip(": "), rank=rank,
+                       exit_code=3 if isinstance(e, KeyboardInterrupt) else 1)
+        raise

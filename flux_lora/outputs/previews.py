@@ -3,6 +3,7 @@ preprocess, so no text encoder is loaded) and the `flux_lora sample` command."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -77,6 +78,19 @@ class Previewer:
             self.reporter.emit("sample", step=step, path=str(path), prompts=prompts)
 
 
+def check_sample_options(size: int, steps: int, guidance: float, max_sequence_length: int) -> None:
+    from flux_lora.errors import ConfigError
+
+    if size <= 0 or size % 16:
+        raise ConfigError(f"--size {size} must be a positive multiple of 16, e.g. 512 or 1024")
+    if steps < 1:
+        raise ConfigError(f"--steps {steps} must be at least 1, e.g. 28")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ConfigError(f"--guidance {guidance} must be a finite number >= 0, e.g. 3.5")
+    if max_sequence_length < 1:
+        raise ConfigError(f"--max-sequence-length {max_sequence_length} must be at least 1, e.g. 512")
+
+
 def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path, seed: int, steps: int,
                    guidance: float, size: int, max_sequence_length: int) -> Path:
     """`flux_lora sample`: FluxPipeline.from_pretrained + load_lora_weights, one image per prompt."""
@@ -84,12 +98,11 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
 
     from flux_lora.errors import FluxLoraError
 
+    check_sample_options(size, steps, guidance, max_sequence_length)  # before seconds of loading
     loading.quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = loading.resolve_dtype("auto", device)
     loading.check_model_path(model)
-    if size % 16:
-        raise FluxLoraError(f"--size {size} is not a multiple of 16")
     with loading.load_errors(model, "the pipeline"):
         pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)

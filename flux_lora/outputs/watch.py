@@ -5,7 +5,10 @@
     GET /state    the latest state as JSON (last progress, last event, finished or not)
 
 Works before the run starts (waits for the file) and after it ended (replays, then exits).
-Exit codes: 0 after `done`, 1 after `error`, 3 after `stopped` (resumable), 124 on --timeout.
+Exit codes: 0 after `done`, the run's own code after `error` (1 crash, 2 bad input, 4 diverged,
+5 another rank failed), 3 after `stopped` (resumable), 1 when the run's process is gone without
+either, 124 on --timeout. No Access-Control-Allow-Origin header: a web page open in the user's
+browser cannot read the run's config and events through it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from flux_lora.outputs.display import Display, progress_line
+from flux_lora.outputs.run_dir import lock_state
 
 TERMINAL = {"done": 0, "error": 1, "stopped": 3}
 POLL_S = 0.2
@@ -52,6 +56,13 @@ def follow(path: Path, timeout: float = 0, stop: threading.Event | None = None) 
         time.sleep(POLL_S)
 
 
+def exit_code(ev: dict) -> int:
+    """The run's own exit code for a terminal event (an error event carries it: 2 bad input,
+    4 diverged, 5 another rank failed, 1 a crash); older events without it: 0, 1 or 3."""
+    code = ev.get("exit_code")
+    return int(code) if isinstance(code, int) else TERMINAL[ev["event"]]
+
+
 def finished(events: list[dict]) -> int | None:
     """Exit code of the last terminal event, unless a later start shows the run going on."""
     code = None
@@ -59,42 +70,83 @@ def finished(events: list[dict]) -> int | None:
         if ev.get("event") == "start":
             code = None
         elif ev.get("event") in TERMINAL:
-            code = TERMINAL[ev["event"]]
+            code = exit_code(ev)
     return code
+
+
+class Liveness:
+    """Whether a started run's process is still there, from its directory's lock: gone when the
+    lock is stale (its process died, or fell silent on another host), or was seen held and is now
+    released, without a done/error/stopped event (SIGKILL, the OOM killer, a lost node). A run
+    without a lock (older versions, hand-written events) is never declared gone."""
+
+    def __init__(self, folder: Path, every_s: float = 1.0, confirmations: int = 3):
+        self.folder, self.every_s, self.needed = folder, every_s, confirmations
+        self.last, self.misses, self.seen_held = 0.0, 0, False
+
+    def gone(self) -> bool:
+        if time.time() - self.last < self.every_s:
+            return False
+        self.last = time.time()
+        state = lock_state(self.folder)
+        self.seen_held = self.seen_held or state == "held"
+        lost = state == "stale" or (state == "absent" and self.seen_held)
+        self.misses = self.misses + 1 if lost else 0
+        return self.misses >= self.needed
+
+
+def _show(ev: dict, display: Display | None, last_progress: dict | None) -> Display | None:
+    """Print one event for a person; returns the display (a start event makes a new one)."""
+    kind = ev.get("event")
+    say = display.message if display else print
+    if kind == "start":
+        if display:
+            display.close()
+        display = Display(ev.get("total_steps") or ev.get("dataset_size") or 0, ev.get("stage", "run"), every=1)
+        display.message(f"{ev.get('stage')} started: world size {ev.get('world_size')}, {ev.get('dataset_size')} items"
+                        + (f", from step {ev['start_step']}" if ev.get("start_step") else ""))
+    elif kind == "progress" and display:
+        display.update(ev.get("step") or ev.get("done") or 0, ev)
+    elif kind in ("warning", "error", "stopped"):
+        say(f"{kind}: {ev.get('message', '')}")
+    elif kind in ("checkpoint", "sample"):
+        say(f"{kind} at step {ev.get('step')}: {ev.get('path')}")
+    elif kind == "done":
+        say(f"done: {done_line(ev, last_progress)}")
+    return display
+
+
+def done_line(ev: dict, last_progress: dict | None) -> str:
+    """The done event's own figures (for preprocess: items of all ranks, not what rank 0 saw)."""
+    if ev.get("stage") == "preprocess":
+        rate = ev.get("items_per_s")
+        return (f"preprocess {ev.get('total_items', '?')} items in the cache, {ev.get('skipped', 0)} skipped"
+                + (f", {ev['encoded_items']} encoded at {rate:.1f}/s" if ev.get("encoded_items") and rate else ""))
+    return progress_line(last_progress) if last_progress else "done"
 
 
 def watch_events(run_dir: Path, timeout: float = 0) -> int:
     path = events_path(run_dir)
     if not path.is_file():
         print(f"waiting for {path} ...", file=sys.stderr, flush=True)
-    display, state, code = None, None, None
+    display, last_progress, code, started = None, None, None, False
+    alive = Liveness(path.parent)
     for ev in follow(path, timeout):
         if ev is None:
             if code is not None:
                 break
+            if started and alive.gone():
+                print(f"the run writing {path} is gone without a done or error event (killed? out of memory?); "
+                      "see its log, then rerun the same command to resume", file=sys.stderr)
+                code = 1
+                break
             continue
+        display = _show(ev, display, last_progress)
         kind = ev.get("event")
-        if kind == "start":
-            code = None
-            if display:
-                display.close()
-            total = ev.get("total_steps") or ev.get("dataset_size") or 0
-            display = Display(total, ev.get("stage", "run"), every=1)
-            display.message(f"{ev.get('stage')} started: world size {ev.get('world_size')}, "
-                            f"{ev.get('dataset_size')} items" + (f", from step {ev['start_step']}" if ev.get("start_step") else ""))
-        elif kind == "progress":
-            state = ev
-            if display:
-                display.update(ev.get("step") or ev.get("done") or 0, ev)
-        elif kind in ("warning", "error", "stopped"):
-            (display.message if display else print)(f"{kind}: {ev.get('message', '')}")
-        elif kind in ("checkpoint", "sample"):
-            (display.message if display else print)(f"{kind} at step {ev.get('step')}: {ev.get('path')}")
+        started, code = (True, None) if kind == "start" else (started, code)
+        last_progress = ev if kind == "progress" else last_progress
         if kind in TERMINAL:
-            code = TERMINAL[kind]
-            if kind == "done":
-                summary = progress_line(state) if state else "done"
-                (display.message if display else print)(f"done: {summary}")
+            code = exit_code(ev)
     if display:
         display.close()
     if code is None:
@@ -110,8 +162,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep the terminal for the progress text
         pass
 
+    def _host_allowed(self) -> bool:
+        """Against DNS rebinding (a page whose domain is re-pointed at 127.0.0.1 reads as same-origin):
+        answer only requests addressed to this machine's loopback names or the address bound."""
+        bound = self.server.server_address[0]
+        if bound in ("0.0.0.0", "::", ""):
+            return True
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        return host in ("localhost", "127.0.0.1", "::1", bound.lower())
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path.startswith("/events"):
+        if not self._host_allowed():
+            self._send(403, "text/plain", b"flux_lora watch answers requests to localhost or its bound address only\n")
+        elif self.path.startswith("/events"):
             self._stream()
         elif self.path.startswith("/state"):
             self._state()
@@ -122,7 +185,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Access-Control-Allow-Origin", "*")
         self.end_headers()
         self.wfile.write(body)
 
@@ -143,7 +205,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Access-Control-Allow-Origin", "*")
         self.end_headers()
         seen: list[dict] = []
         try:

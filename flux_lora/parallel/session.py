@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -62,6 +63,7 @@ def process_group(timeout_s: int = 600) -> Iterator[DistInfo]:
     """Init the process group (NCCL on CUDA, gloo on CPU) and always tear it down."""
     global _INFO
     di = env_dist_info()
+    _end_with_the_launcher()
     if di.device.type == "cuda":
         torch.cuda.set_device(di.device)
     created = False
@@ -89,6 +91,19 @@ def process_group(timeout_s: int = 600) -> Iterator[DistInfo]:
         if created and dist.is_initialized() and not failed:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+def _end_with_the_launcher() -> None:
+    """Under torchrun, a worker whose agent dies (SIGKILL, a lost node) gets SIGTERM, as if it were
+    asked to stop, instead of training on as an orphan that holds the GPU (Linux prctl)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _active() -> bool:

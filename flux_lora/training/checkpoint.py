@@ -22,6 +22,7 @@ from flux_lora.outputs import files
 from flux_lora.training import faults
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+CHECKPOINT_FILES = ("lora.safetensors", "optimizer.pt", "state.json")
 
 
 def checkpoint_dir(out_dir: Path, step: int) -> Path:
@@ -39,7 +40,8 @@ def save_checkpoint(out_dir: Path, step: int, lora_sd: dict, optim_state: dict, 
         faults.before_checkpoint_write(step)
         files.write_file_from(tmp / "lora.safetensors", lambda path: save_file(lora_sd, str(path)), every_rank=True)
         files.write_atomic(tmp / "optimizer.pt", lambda f: torch.save(optim_state, f), every_rank=True)
-        files.write_atomic(tmp / "state.json", {**state, "step": step}, as_json=True, every_rank=True)
+        sizes = {name: (tmp / name).stat().st_size for name in CHECKPOINT_FILES if name != "state.json"}
+        files.write_atomic(tmp / "state.json", {**state, "step": step, "file_bytes": sizes}, as_json=True, every_rank=True)
 
     try:
         written = files.commit_dir(final, build)
@@ -57,20 +59,37 @@ def saved_step(path: str | Path) -> int:
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Every step-NNNNNN directory, oldest first, complete or not."""
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / "state.json").is_file() and (d / "lora.safetensors").is_file():
-            found.append((int(m.group(1)), d))
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir()]
     return sorted(found)
 
 
+def quick_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint without decoding it: a file missing, or a size that differs
+    from the one recorded when it was written (truncated). None when it looks whole."""
+    state = files.read_json(Path(path) / "state.json")
+    if state is None:
+        return "state.json missing or unreadable"
+    for name in CHECKPOINT_FILES:
+        if not (Path(path) / name).is_file():
+            return f"{name} missing"
+    for name, size in state.get("file_bytes", {}).items():
+        if (Path(path) / name).stat().st_size != size:
+            return f"{name} has {(Path(path) / name).stat().st_size} bytes, {size} were written (truncated?)"
+    return None
+
+
 def prune(out_dir: Path, keep: int) -> None:
-    for _, d in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
+    """Keep the newest `keep` checkpoints that look whole; remove older ones, unreadable ones (a
+    newer corrupt one must not outlive a good one) and temp directories of interrupted writes."""
+    whole = [(step, d) for step, d in list_checkpoints(out_dir) if quick_problem(d) is None]
+    kept = {d for _, d in whole[-keep:]}
+    for _, d in list_checkpoints(out_dir):
+        if d not in kept:
+            shutil.rmtree(d, ignore_errors=True)
     for stale in (Path(out_dir) / "checkpoints").glob(".step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -78,17 +97,18 @@ def prune(out_dir: Path, keep: int) -> None:
 _validated: dict[str, tuple] = {}  # what latest_valid loaded (with a stamp), for the resume that follows
 
 
-def latest_valid(out_dir: Path) -> Path | None:
-    """The newest checkpoint whose files all load (a corrupt newest one falls back to the one before).
+def latest_valid(out_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose files all load, and the newer ones that did not (with why).
     The loaded state is kept for the next load_checkpoint of that path, so resuming reads it once."""
+    corrupt = []
     for _, d in reversed(list_checkpoints(out_dir)):
         try:
             _validated.clear()
             _validated[str(d)] = (_stamp(d), load_checkpoint(d))
-            return d
-        except CheckpointError:
-            continue
-    return None
+            return d, corrupt
+        except CheckpointError as e:
+            corrupt.append((d, e.reason))
+    return None, corrupt
 
 
 def _stamp(path: Path) -> tuple:
@@ -103,15 +123,22 @@ def load_checkpoint(path: Path) -> dict:
     kept = _validated.pop(str(path), None)
     if kept is not None and kept[0] == _stamp(path):
         return kept[1]
-    state = files.read_json(path / "state.json")
-    if state is None or not (path / "lora.safetensors").is_file() or not (path / "optimizer.pt").is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (state.json, lora.safetensors, optimizer.pt)")
+    problem = quick_problem(path)
+    if problem is not None:
+        raise _unreadable(path, problem)
     try:
         lora = load_file(str(path / "lora.safetensors"))
         optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path} is corrupt ({type(e).__name__}); pick another with --resume-from") from None
+        raise _unreadable(path, f"{type(e).__name__} while decoding") from None
+    state = files.read_json(path / "state.json")
     return {"state": state, "lora": lora, "optim": optim, "path": str(path)}
+
+
+def _unreadable(path: Path, reason: str) -> CheckpointError:
+    error = CheckpointError(f"checkpoint {path} is unreadable ({reason}); pick another with --resume-from")
+    error.reason = reason
+    return error
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
 from flux_lora.models import loading
 from flux_lora.outputs import files
-from flux_lora.outputs.events import NullReporter, Reporter, make_reporter
+from flux_lora.outputs import run_dir
+from flux_lora.outputs.events import NullReporter, Reporter, ending_the_stream, make_reporter
 from flux_lora.outputs.plot import write_loss_plot
 from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
@@ -64,67 +64,78 @@ class Run:
 
 def run(cfg: Config) -> dict:
     loading.quiet_libraries()
+    if not cfg.output.dir:
+        raise CheckpointError("no output directory given; pass --output DIR")
+    out = Path(cfg.output.dir)
     with session.process_group(cfg.dist.timeout_s) as di:
-        resume_from = session.main_then_share(lambda: prepare_output(cfg))
-        out = Path(cfg.output.dir)
-        reporter = make_reporter(di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)
-        stop = checkpoint.StopFlag().install()
-        current = None
+        session.main_then_share(lambda: run_dir.claim(out, "output", "--output"))
+        lock = run_dir.take_lock(out, "--output")  # before anything is removed or written
         try:
-            t_start = time.time()
-            current = setup(cfg, di, out, reporter, resume_from)
-            setup_s = time.time() - t_start  # data, model, LoRA, DDP; compile follows, in step 1
-            with GcPauses() as pauses:
-                first_step_s = loop(current, stop, t_start, pauses)
-            summary = finish(current, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses))
-            # DDP must be torn down while the process group lives: its destructor can otherwise
-            # wait forever on a group that process_group() has already destroyed
-            current = None
-            gc.collect()
-            return summary
-        except FluxLoraError as e:
-            if isinstance(e, StoppedError):
-                reporter.emit("stopped", message=str(e))
-            else:
-                reporter.error(str(e), rank=di.rank)
-            raise
-        except Exception as e:
-            reporter.error(f"rank {di.rank}: {type(e).__name__}: {e}", rank=di.rank)
-            raise
+            run_id = session.main_then_share(lambda: start_fresh_if_asked(cfg, out))
+            reporter = make_reporter(di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)
+            try:
+                with ending_the_stream(reporter, di.rank, di.distributed, out, run_id):
+                    return _train(cfg, di, out, reporter)
+            finally:
+                reporter.close()
         finally:
-            stop.restore()
-            reporter.close()
+            if lock is not None:
+                lock.release()
+
+
+def _train(cfg: Config, di: session.DistInfo, out: Path, reporter) -> dict:
+    resume_from, notes = session.main_then_share(lambda: choose_resume(cfg, out))
+    for note in notes:
+        reporter.warning(note)
+    stop = checkpoint.StopFlag().install()
+    current = None
+    try:
+        t_start = time.time()
+        current = setup(cfg, di, out, reporter, resume_from)
+        setup_s = time.time() - t_start  # data, model, LoRA, DDP; compile follows, in step 1
+        with GcPauses() as pauses:
+            first_step_s = loop(current, stop, t_start, pauses)
+        summary = finish(current, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses))
+        # DDP must be torn down while the process group lives: its destructor can otherwise
+        # wait forever on a group that process_group() has already destroyed
+        current = None
+        gc.collect()
+        return summary
+    finally:
+        stop.restore()
 
 
 # ---------------------------------------------------------------- setup
 
-def prepare_output(cfg: Config) -> str | None:
-    """Rank 0: make the output dir usable; returns the checkpoint to resume from, if any."""
-    if not cfg.output.dir:
-        raise CheckpointError("no output directory given; pass --output DIR")
-    out = Path(cfg.output.dir)
-    if cfg.output.overwrite and out.is_dir():
-        for name in ("checkpoints", "samples"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for f in out.glob("*"):
-            if f.is_file() and (f.suffix in (".safetensors", ".png", ".jsonl", ".yaml")):
-                f.unlink()
-    try:
-        files.check_writable(out)
-    except OSError as e:
-        raise CheckpointError(f"output directory {out} is not writable ({e.strerror}); choose another --output") from None
+def start_fresh_if_asked(cfg: Config, out: Path) -> str:
+    """Rank 0, holding the lock: with --overwrite, remove what earlier runs of ours wrote in the
+    output directory (by name; nothing else, and nothing in a folder flux_lora did not make).
+    Returns this run's id (where failing ranks leave their notes)."""
+    if cfg.output.overwrite:
+        run_dir.remove_ours(out, "output")
+    run_id = f"{time.time_ns()}"
+    run_dir.clear_failures(out, keep=run_id)
+    return run_id
+
+
+def choose_resume(cfg: Config, out: Path) -> tuple[str | None, list[str]]:
+    """Rank 0: the checkpoint to resume from (or None), and warnings about corrupt checkpoints."""
     if cfg.output.resume_from:
         if not Path(cfg.output.resume_from).is_dir():
             raise CheckpointError(f"--resume-from {cfg.output.resume_from} does not exist; point it at OUTPUT/checkpoints/step-NNNNNN")
-        return cfg.output.resume_from
+        return cfg.output.resume_from, []
     has_results = any(out.glob("checkpoints/step-*")) or any(out.glob("*.safetensors"))
     if not cfg.output.resume:
         if has_results:
             raise CheckpointError(f"output directory {out} already holds a run and --no-resume was given; "
                                   "pass --overwrite to replace it or choose another --output")
-        return None
-    latest = checkpoint.latest_valid(out)
-    return str(latest) if latest else None
+        return None, []
+    latest, corrupt = checkpoint.latest_valid(out)
+    notes = [f"checkpoint {path} is unreadable ({why}); skipped" for path, why in corrupt]
+    if latest is None and corrupt:
+        raise CheckpointError(f"every checkpoint in {out / 'checkpoints'} is unreadable ({corrupt[0][0].name}: "
+                              f"{corrupt[0][1]}); pass --resume-from a good one, or --no-resume --overwrite to start over")
+    return (str(latest) if latest else None), notes
 
 
 def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
