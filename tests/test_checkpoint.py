@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def test_sigterm_single_process_checkpoints_and_exits_3(tiny_model, cache_dir, t
                                                                    "--checkpoint-every", "100000"))]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
     _wait_for_progress(out, proc)
+    second = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "3", "--overwrite"))  # one run at a time
+    assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr and "in use by another flux_lora run" in second.stderr
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 3, err
@@ -115,6 +118,32 @@ def test_sigusr1_to_workers_under_torchrun(tiny_model, cache_dir, tmp_path):
     assert _events(out)[-1]["event"] == "done"
 
 
+def test_workers_end_with_a_killed_torchrun_agent(tiny_model, cache_dir, tmp_path):
+    """SIGKILL of the agent (an OOM kill, a scancel -9) must not leave workers training on as
+    orphans holding the GPUs: they stop as if asked to (checkpoint, `stopped`)."""
+    out = tmp_path / "orphans"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "flux_lora",
+           *map(str, train_args(tiny_model, cache_dir, out, "--steps", "100000", "--checkpoint-every", "100000"))]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env=cli_env(), cwd=ROOT)
+    _wait_for_progress(out, proc)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+        assert time.time() < deadline, "workers kept running after their agent was killed"
+        time.sleep(0.2)
+    assert _events(out)[-1]["event"] == "stopped" and checkpoint.list_checkpoints(out)
+
+
+def _state(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
 def test_failing_rank_ends_the_job_fast(tiny_model, cache_dir, tmp_path):
     out = tmp_path / "fail"
     t0 = time.time()
@@ -122,6 +151,10 @@ def test_failing_rank_ends_the_job_fast(tiny_model, cache_dir, tmp_path):
                     env=cli_env(FLUX_LORA_FAULT="raise@3:1"))
     assert proc.returncode != 0 and time.time() - t0 < 60
     assert "rank 1: failed: RuntimeError: injected failure at step 3" in proc.stderr
+    assert "rank 0: error: rank 1 failed: RuntimeError: injected failure at step 3" in proc.stderr
+    end = _events(out)[-1]  # rank 0 saw only a broken connection; the event has rank 1's own cause
+    assert end["event"] == "error" and end["rank"] == 1 and end["exit_code"] == 5
+    assert end["message"] == "rank 1 failed: RuntimeError: injected failure at step 3"
 
 
 def test_non_finite_steps_skipped_then_diverged(tiny_model, cache_dir, tmp_path):
@@ -134,10 +167,20 @@ def test_non_finite_steps_skipped_then_diverged(tiny_model, cache_dir, tmp_path)
     proc = run_cli(*train_args(tiny_model, cache_dir, out2, "--steps", "20", "--set", "train.max_nonfinite=3"),
                    env=cli_env(FLUX_LORA_FAULT="nan@3-20"))
     assert proc.returncode == 4 and "non-finite 3 steps in a row" in proc.stderr
+    assert _events(out2)[-1]["event"] == "error" and _events(out2)[-1]["exit_code"] == 4
     step, path = checkpoint.list_checkpoints(out2)[-1]
     assert step == 5
     ck = checkpoint.load_checkpoint(path)
     assert all(torch.isfinite(v).all() for v in ck["lora"].values())
+
+
+def test_a_crash_that_is_not_ours_still_ends_the_events(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "crash"
+    proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "5"), env=cli_env(FLUX_LORA_FAULT="raise@2"))
+    assert proc.returncode == 1
+    end = _events(out)[-1]
+    assert end["event"] == "error" and end["exit_code"] == 1
+    assert end["message"] == "rank 0: RuntimeError: injected failure at step 2"
 
 
 def test_full_disk_keeps_previous_checkpoint(tiny_model, cache_dir, tmp_path):
@@ -152,11 +195,18 @@ def test_full_disk_keeps_previous_checkpoint(tiny_model, cache_dir, tmp_path):
     assert not list((out / "checkpoints").glob(".*tmp"))
 
 
-def test_resume_with_changed_math_is_refused(tiny_model, cache_dir, tmp_path):
+def test_resume_with_changed_math_is_refused(tiny_model, other_tiny_model, cache_dir, tmp_path):
     out = tmp_path / "changed"
     run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "2"), check=True)
     proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "4", "--lr", "5e-4"))
     assert proc.returncode == 2 and "train.lr" in proc.stderr and "0.0001 -> 0.0005" in proc.stderr
+    # another base transformer (same VAE and text encoders, so the cache still fits) is refused too
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_model, swapped)
+    shutil.rmtree(swapped / "transformer")
+    shutil.copytree(other_tiny_model / "transformer", swapped / "transformer")
+    proc = run_cli(*train_args(swapped, cache_dir, out, "--steps", "4"))
+    assert proc.returncode == 2 and "model (family, transformer config and weights)" in proc.stderr
     proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "4", "--no-resume"))
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "3", "--no-resume", "--overwrite"), check=True)

@@ -69,3 +69,14 @@ def test_folder_that_is_not_a_pipeline(tmp_path, images):
     proc = run_cli("preprocess", "--model", tmp_path / "model", "--data", images, "--cache-dir", tmp_path / "c")
     assert "is not a diffusers FLUX pipeline" in _one_error_line(proc)
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_model_folder_missing_a_part_names_it(tmp_path, tiny_model, images):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "vae")
+    proc = run_cli("preprocess", "--model", broken, "--data", images, "--cache-dir", tmp_path / "c")
+    line = _one_error_line(proc)
+    assert f"model folder {broken} has no vae/" in line and "Hub" not in line

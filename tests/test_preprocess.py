@@ -137,11 +137,25 @@ def test_unreadable_files_skipped_with_warning_or_strict_error(tmp_path, tiny_mo
         assert sum(name in line for line in proc.stderr.splitlines()) == 1, proc.stderr
     assert load_manifest(cache)["total_items"] == 8
     warnings = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines()
-                if '"warning"' in line]
+                if '"warning"' in line and "skipping" in line]
     assert len(warnings) == 3
-    strict = run_cli(*preprocess_args(tiny_model, data, tmp_path / "c2", "--strict"))
-    assert strict.returncode == 2 and "--strict" in strict.stderr
-    assert not (tmp_path / "c2" / "manifest.json").exists()
+
+
+def test_strict_failure_on_another_rank_is_reported_with_its_cause(tmp_path, tiny_model, images):
+    """Under --strict the unreadable file is rank 1's: rank 0 only sees its peer vanish, yet the
+    error event names rank 1 and its own cause, rank 0 exits 5 and nothing is marked complete."""
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "x_good.png").write_bytes((images / "img_001.png").read_bytes())  # item 8: rank 0
+    (data / "y_trunc.png").write_bytes((images / "img_001.png").read_bytes()[:50])  # item 9: rank 1
+    cache = tmp_path / "c2"
+    proc = torchrun(2, *preprocess_args(tiny_model, data, cache, "--strict"), check=False)
+    assert proc.returncode != 0
+    assert "rank 1: error: y_trunc.png: not a readable image" in proc.stderr
+    errors = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines() if '"error"' in line]
+    assert len(errors) == 1 and errors[0]["rank"] == 1 and errors[0]["exit_code"] == 5
+    assert "rank 1 failed: DataError: y_trunc.png" in errors[0]["message"]
+    assert not (cache / "manifest.json").exists()
 
 
 def test_empty_and_all_unreadable_datasets(tmp_path, tiny_model):

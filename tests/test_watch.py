@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -77,6 +78,35 @@ def test_watch_failed_run_exits_1(tmp_path):
     assert proc.returncode == 1 and "boom" in proc.stdout + proc.stderr
 
 
+def test_watch_exits_with_the_runs_own_code_and_notices_a_run_that_is_gone(tmp_path):
+    rep = Reporter(tmp_path / "events.jsonl", "train")
+    rep.start(10, "train", world_size=1, dataset_size=5, total_steps=10)
+    rep.error("loss was non-finite 5 steps in a row", exit_code=4)
+    rep.close()
+    assert run_cli("watch", tmp_path, "--timeout", "30").returncode == 4
+    gone = tmp_path / "gone"
+    rep = Reporter(gone / "events.jsonl", "train")
+    rep.start(10, "train", world_size=1, dataset_size=5, total_steps=10)
+    rep.close()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # the run's process, killed: its lock stays behind with a pid that is gone
+    (gone / ".flux_lora.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "job": ""}))
+    t0 = time.time()
+    proc = run_cli("watch", gone, "--timeout", "60")
+    assert proc.returncode == 1 and "gone without a done or error event" in proc.stderr
+    assert time.time() - t0 < 30
+
+
+def test_watch_ends_a_preprocess_with_all_ranks_totals(tmp_path):
+    rep = Reporter(tmp_path / "events.jsonl", "preprocess")
+    rep.start(12, "preprocess", world_size=2, dataset_size=12)
+    rep.progress(6, done=6, total=12, progress=0.5, items_per_s=3.0)  # what rank 0 had seen
+    rep.done(total_items=12, skipped=0, shards=2, encoded_items=12, items_per_s=5.5)
+    rep.close()
+    proc = run_cli("watch", tmp_path, "--timeout", "30")
+    assert proc.returncode == 0 and "done: preprocess 12 items in the cache" in proc.stdout + proc.stderr
+
+
 def test_watch_started_before_the_run(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "flux_lora", "watch", str(tmp_path), "--timeout", "60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
@@ -130,6 +160,10 @@ def test_sse_stream_of_a_live_run(tmp_path, tiny_model, cache_dir):
         assert not reader.is_alive(), "the stream must end after the done event"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=10) as resp:
             state = json.loads(resp.read())
+            assert "Access-Control-Allow-Origin" not in resp.headers  # other sites' pages cannot read it
+        rebound = urllib.request.Request(f"http://127.0.0.1:{port}/state", headers={"Host": "evil.example:80"})
+        with pytest.raises(urllib.error.HTTPError, match="403"):  # DNS rebinding
+            urllib.request.urlopen(rebound, timeout=10)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -158,6 +192,11 @@ def test_export_command(finished_run, tmp_path):
     keys = load_file(tmp_path / "k.safetensors").keys()
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
     assert "lora_unet_single_blocks_0_linear1.alpha" in keys
+    proc = run_cli("export", tmp_path / "k.safetensors", "--out", tmp_path / "again.safetensors")  # not diffusers'
+    assert proc.returncode == 2 and "not a diffusers-format FLUX LoRA" in proc.stderr
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    proc = run_cli("export", tmp_path / "junk.safetensors", "--out", tmp_path / "again.safetensors")
+    assert proc.returncode == 2 and "not a readable .safetensors file" in proc.stderr
 
 
 def test_json_flag_keeps_stdout_machine_readable(tiny_model, cache_dir, tmp_path):

@@ -283,4 +283,8 @@ def load_sample_prompts(cache_dir: Path) -> dict | None:
     path = Path(cache_dir) / "samples.pt"
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise CacheError(f"{path} is unreadable ({type(e).__name__}; truncated?); rerun preprocess with the same "
+                         "--sample-prompt to write it again") from None

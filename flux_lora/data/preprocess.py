@@ -253,7 +253,10 @@ def write_samples(cfg: Config, di) -> None:
     if not prompts:
         (cache_dir / "samples.pt").unlink(missing_ok=True)
         return
-    old = cache.load_sample_prompts(cache_dir)
+    try:
+        old = cache.load_sample_prompts(cache_dir)
+    except CacheError:
+        old = None  # unreadable: written again below
     if old is not None and old.get("prompts") == prompts:
         return
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
@@ -274,7 +277,9 @@ def run(cfg: Config) -> dict:
             run_id = session.main_then_share(lambda: _start_fresh_if_asked(cfg, cache_dir))
             reporter = make_reporter(di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
             try:
-                with ending_the_stream(reporter, di.rank, di.distributed, cache_dir, run_id):
+                with ending_the_stream(reporter, di.rank, di.distributed, cache_dir, run_id), \
+                        session.stop_on_sigterm("preprocess stopped (SIGTERM); rerun the same command to finish: "
+                                                "complete chunks are kept"):
                     return _run(cfg, di, cache_dir, reporter)
             finally:
                 reporter.close()

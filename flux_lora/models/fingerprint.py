@@ -1,5 +1,6 @@
-"""The fingerprint that ties a cache to the encoders that built it: VAE (shift/scale included) and
-text encoders, by config and a sample of their weights."""
+"""Identities of a model's parts: the fingerprint that ties a cache to the encoders that built it
+(VAE with its shift/scale, text encoders), and the transformer's identity that ties a checkpoint
+to its base. By config and a sample of the weights (local folders) or the hub commit."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from flux_lora.models.loading import load_errors, revision_kwargs
 def _config_dict(model: str, subfolder: str, revision: str) -> dict:
     with load_errors(model, f"{subfolder}/config.json"):
         local = Path(model) / subfolder / "config.json"
+        commit = None
         if local.is_file():
             cfg = json.loads(local.read_text())
         else:
             from huggingface_hub import hf_hub_download
 
-            cfg = json.loads(Path(hf_hub_download(model, "config.json", subfolder=subfolder, **revision_kwargs(revision))).read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+            downloaded = Path(hf_hub_download(model, "config.json", subfolder=subfolder, **revision_kwargs(revision)))
+            cfg = json.loads(downloaded.read_text())
+            commit = downloaded.parent.parent.name  # .../snapshots/COMMIT/SUBFOLDER/config.json: the weights' version
+    out = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    return {**out, "hub_commit": commit} if commit else out
 
 
 def _weights_sample(folder: Path) -> list:
@@ -33,6 +38,32 @@ def _weights_sample(folder: Path) -> list:
             fh.seek(max(0, size // 2 - 2**19))
             out.append([f.name, size, hashlib.sha256(fh.read(2**20)).hexdigest()[:16]])
     return out
+
+
+def family(model: str, revision: str = "") -> str:
+    """The pipeline class the model declares in its model_index.json (e.g. FluxPipeline)."""
+    if synthetic.is_synthetic(model):
+        return "FluxPipeline"
+    with load_errors(model, "model_index.json"):
+        local = Path(model) / "model_index.json"
+        if local.is_file():
+            index = json.loads(local.read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = json.loads(Path(hf_hub_download(model, "model_index.json", **revision_kwargs(revision))).read_text())
+    return str(index.get("_class_name", "unknown"))
+
+
+def transformer_identity(model: str, revision: str = "") -> str:
+    """What a checkpoint's LoRA was trained on: the pipeline family, the transformer's config and
+    a sample of its weights (or, from the hub, the commit). A resume onto another base is refused."""
+    if synthetic.is_synthetic(model):
+        return hashlib.sha256(model.encode()).hexdigest()[:32]
+    parts = {"family": family(model, revision), "transformer": _config_dict(model, "transformer", revision)}
+    if Path(model, "transformer").is_dir():
+        parts["weights"] = _weights_sample(Path(model, "transformer"))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def fingerprint(model: str, max_sequence_length: int, revision: str = "") -> str:

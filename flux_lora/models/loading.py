@@ -51,6 +51,23 @@ def check_model_path(model: str) -> None:
         if not (p / "model_index.json").is_file() and not (p / "transformer").is_dir():
             raise ModelError(f"{model} is not a diffusers FLUX pipeline (no model_index.json); "
                              "point --model at the folder that holds transformer/, vae/, text_encoder/")
+        _check_components(p)
+
+
+def _check_components(folder: Path) -> None:
+    """Every part model_index.json lists must be there: a copy that lost vae/ gets one line naming
+    it, not a message about the Hub from from_pretrained."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # a transformer-only folder, or from_pretrained will say what is wrong
+    for name, spec in index.items():
+        listed = isinstance(spec, list) and len(spec) == 2 and spec[0] is not None
+        if not name.startswith("_") and listed and not (folder / name).is_dir():
+            raise ModelError(f"model folder {folder} has no {name}/ although its model_index.json lists it; "
+                             "copy the whole pipeline folder, or point --model at a complete one")
 
 
 @contextlib.contextmanager

@@ -113,6 +113,15 @@ def _looks_like_a_lost_peer(error: BaseException) -> bool:
         k in text for k in ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
 
 
+def _raise_if_a_peer_failed(reporter, folder: Path, run_id: str, rank: int) -> None:
+    """Another rank's own cause, if it left one: reported as this run's error, exit 5."""
+    peer = run_dir.peer_failure(folder, run_id, rank)
+    if peer is not None:
+        failed = RankFailedError(f"rank {peer['rank']} failed: {peer['type']}: {peer['message']}")
+        reporter.error(str(failed), rank=peer["rank"], exit_code=failed.exit_code)
+        raise failed from None
+
+
 @contextlib.contextmanager
 def ending_the_stream(reporter, rank: int, distributed: bool, folder: Path, run_id: str):
     """Whatever ends a stage, its events end with `done` (the stage's own), `stopped` or `error`,
@@ -121,6 +130,10 @@ def ending_the_stream(reporter, rank: int, distributed: bool, folder: Path, run_
     try:
         yield
     except StoppedError as e:
+        # a stop all ranks agreed on is a stop; one that hit this rank alone (SIGTERM from torchrun
+        # after another worker failed) may be that failure's echo
+        if distributed and not getattr(e, "shared", False):
+            _raise_if_a_peer_failed(reporter, folder, run_id, rank)
         reporter.emit("stopped", message=str(e), exit_code=e.exit_code)
         raise
     except FluxLoraError as e:
@@ -129,11 +142,8 @@ def ending_the_stream(reporter, rank: int, distributed: bool, folder: Path, run_
         reporter.error(str(e), rank=rank, exit_code=e.exit_code)
         raise
     except BaseException as e:  # a crash, a broken collective, Ctrl-C
-        peer = run_dir.peer_failure(folder, run_id, rank) if distributed and _looks_like_a_lost_peer(e) else None
-        if peer is not None:
-            failed = RankFailedError(f"rank {peer['rank']} failed: {peer['type']}: {peer['message']}")
-            reporter.error(str(failed), rank=peer["rank"], exit_code=failed.exit_code)
-            raise failed from None
+        if distributed and _looks_like_a_lost_peer(e):
+            _raise_if_a_peer_failed(reporter, folder, run_id, rank)
         run_dir.note_failure(folder, run_id, rank, e)
         first = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
         reporter.error(f"rank {rank}: {type(e).__name__}: {first}".rstrip(": "), rank=rank,

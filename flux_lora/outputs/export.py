@@ -100,9 +100,17 @@ def export_file(src: Path, dst: Path, export_format: str = "kohya") -> Path:
         raise FluxLoraError(f"unknown export format {export_format!r}; use kohya")
     if not Path(src).is_file():
         raise FluxLoraError(f"LoRA file {src} does not exist")
-    with safe_open(str(src), framework="pt") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        raise FluxLoraError(f"{src} is not a readable .safetensors file ({type(e).__name__}); "
+                            "export reads the lora.safetensors a flux_lora run writes") from None
+    if not any(_KEY.match(k) for k in sd):
+        example = next(iter(sd), "no tensors at all")
+        raise FluxLoraError(f"{src} is not a diffusers-format FLUX LoRA (no transformer.…lora_A/B.weight keys; it "
+                            f"holds e.g. {example}); export converts the lora.safetensors a flux_lora run writes")
     r = meta.get("transformer.r")
     alpha = meta.get("transformer.lora_alpha", r)
     if alpha is None:  # no metadata: diffusers then assumes alpha = rank

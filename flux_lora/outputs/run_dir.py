@@ -39,6 +39,7 @@ OURS = {
               "shards/rank-*", "progress/rank-*", "download/*", "extracted", ".extracted.tmp", FAILURES],
 }
 _BOOKKEEPING = {MARKER, LOCK}
+_CONTAINERS = ("checkpoints", "samples", "shards", "progress", "download")  # looked into, entry by entry
 
 
 class DirectoryError(FluxLoraError):
@@ -55,7 +56,7 @@ def _entries(folder: Path) -> list[str]:
     for entry in sorted(folder.iterdir()):
         if entry.name in _BOOKKEEPING:
             continue
-        if entry.is_dir() and not entry.is_symlink() and entry.name in ("checkpoints", "samples", "shards", "progress", "download"):
+        if entry.is_dir() and not entry.is_symlink() and entry.name in _CONTAINERS:
             out += [f"{entry.name}/{sub.name}" for sub in sorted(entry.iterdir())]  # an empty one: nothing to say
         else:
             out.append(entry.name)
@@ -96,6 +97,9 @@ def remove_ours(folder: Path, kind: str) -> list[str]:
         if _ours(kind, rel):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(rel)
+    for container in _CONTAINERS:  # our folders, once empty
+        if (folder / container).is_dir() and not any((folder / container).iterdir()):
+            (folder / container).rmdir()
     return removed
 
 

@@ -106,6 +106,30 @@ def _end_with_the_launcher() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def stop_on_sigterm(message: str) -> Iterator[None]:
+    """While inside, SIGTERM (torchrun ending the other workers after one failed, scancel, a
+    dying agent) raises StoppedError(message) where the stage is, so its events and notes are
+    written on the way out instead of the process vanishing. Main thread only; restored after."""
+    import signal
+    import threading
+
+    from flux_lora.errors import StoppedError
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise StoppedError(message)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 

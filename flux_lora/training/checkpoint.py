@@ -142,8 +142,9 @@ def _unreadable(path: Path, reason: str) -> CheckpointError:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys of the math-relevant config whose value changed since the checkpoint."""
-    return [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    """Keys of the math-relevant config whose value changed since the checkpoint (a key the
+    checkpoint predates is not compared)."""
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]]
 
 
 class StopFlag:

@@ -23,7 +23,7 @@ from flux_lora.data import cache
 from flux_lora.errors import CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
-from flux_lora.models import loading
+from flux_lora.models import fingerprint, loading
 from flux_lora.outputs import files
 from flux_lora.outputs import run_dir
 from flux_lora.outputs.events import NullReporter, Reporter, ending_the_stream, make_reporter
@@ -149,7 +149,8 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "train.timestep_sampling": train_cfg.timestep_sampling, "train.logit_mean": train_cfg.logit_mean,
            "train.logit_std": train_cfg.logit_std,
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
-           "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in manifest["shards"])}
+           "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in manifest["shards"]),
+           "model (family, transformer config and weights)": fingerprint.transformer_identity(cfg.model.path, cfg.model.revision)}
     if train_cfg.schedule == "cosine":
         out["train.steps"] = train_cfg.steps
     return out
@@ -257,8 +258,7 @@ def periodic_outputs(current: Run) -> None:
     if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
         save_state(current)
     if train_cfg.save_every and step % train_cfg.save_every == 0:
-        lora.export_lora(current.out / f"lora-step-{step:06d}.safetensors", current.trainee.model,
-                         current.cfg.output.export_format)
+        export_everywhere(current, current.out / f"lora-step-{step:06d}.safetensors")
     if current.previews and train_cfg.sample_every and step % train_cfg.sample_every == 0:
         current.previews(step)
 
@@ -270,7 +270,7 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     if resume_from is None or state.step > checkpoint.saved_step(resume_from):
         save_state(current)
     final = current.out / "lora.safetensors"
-    lora.export_lora(final, model, current.cfg.output.export_format)
+    export_everywhere(current, final)
     if current.previews:
         current.previews(state.step)
     write_loss_plot(current.out / "loss.png", state.loss_history)
@@ -308,26 +308,39 @@ def resume(path: str, trainee: Trainee, current_settings: dict) -> RunState:
     return RunState(step=saved["state"]["step"], loss_history=[tuple(x) for x in saved["state"].get("loss_history", [])])
 
 
+def shared_outcome(write, what: str):
+    """Run a write that every rank calls and rank 0 performs; a failure on rank 0 (a full disk, a
+    permission) becomes every rank's error, naming the file, instead of rank 0 dying alone."""
+    failure, result = None, None
+    try:
+        result = write()
+    except CheckpointError as e:
+        failure = str(e)
+    except OSError as e:
+        failure = f"cannot write {what} ({e.strerror or e}); free disk space or fix permissions, then rerun to resume"
+    failure = session.broadcast_object(failure)
+    if failure:
+        raise _collective(CheckpointError(failure))
+    return result
+
+
+def export_everywhere(current: Run, path: Path) -> None:
+    shared_outcome(lambda: lora.export_lora(path, current.trainee.model, current.cfg.output.export_format), str(path))
+
+
 def save_state(current: Run) -> None:
     """A checkpoint of the current step (rank 0 writes; every rank learns if it failed). The
     global RNG state is kept for completeness: noise and timesteps come from (seed, step, sample
     position) and the data order from (seed, epoch), so an exact resume does not need it."""
     trainee, state = current.trainee, current.state
-    failure, path = None, None
-    try:
-        path = checkpoint.save_checkpoint(
-            current.out, state.step, lora.lora_state_dict(trainee.model),
-            {"optimizer": trainee.opt.state_dict(), "scheduler": trainee.sched.state_dict(),
-             "rng": {"cpu": torch.get_rng_state()}},
-            {"math": current.resume_settings, "loss_history": state.loss_history,
-             "sampler": {"step": state.step, "global_batch": current.sampler.global_batch,
-                         "batches_per_epoch": current.sampler.batches_per_epoch}},
-            current.cfg.train.keep_checkpoints)
-    except CheckpointError as e:
-        failure = str(e)
-    failure = session.broadcast_object(failure)
-    if failure:
-        raise _collective(CheckpointError(failure))
+    path = shared_outcome(lambda: checkpoint.save_checkpoint(
+        current.out, state.step, lora.lora_state_dict(trainee.model),
+        {"optimizer": trainee.opt.state_dict(), "scheduler": trainee.sched.state_dict(),
+         "rng": {"cpu": torch.get_rng_state()}},
+        {"math": current.resume_settings, "loss_history": state.loss_history,
+         "sampler": {"step": state.step, "global_batch": current.sampler.global_batch,
+                     "batches_per_epoch": current.sampler.batches_per_epoch}},
+        current.cfg.train.keep_checkpoints), f"the checkpoint of step {state.step}")
     if path:
         current.reporter.emit("checkpoint", step=state.step, path=str(path))
         write_loss_plot(current.out / "loss.png", state.loss_history)
