@@ -24,9 +24,9 @@ from flux_lora.data.sources import SourceImage, discover, resolve_source
 from flux_lora.errors import CacheError, DataError
 from flux_lora.models import loading
 from flux_lora.models.flux1 import encode_latents, encode_prompts
-from flux_lora.outputs import files, run_dir
+from flux_lora.outputs import files
 from flux_lora.outputs.display import Display
-from flux_lora.outputs.events import ending_the_stream, make_reporter
+from flux_lora.outputs.events import holding
 from flux_lora.parallel import session
 
 
@@ -270,32 +270,10 @@ def run(cfg: Config) -> dict:
     if not cfg.data.cache_dir:
         raise CacheError("no cache directory given; pass --cache-dir DIR")
     cache_dir = Path(cfg.data.cache_dir)
-    with session.process_group(cfg.dist.timeout_s) as di:
-        session.main_then_share(lambda: run_dir.claim(cache_dir, "cache", "--cache-dir"))
-        lock = run_dir.take_lock(cache_dir, "--cache-dir")  # before anything is removed or written
-        try:
-            run_id = session.main_then_share(lambda: _start_fresh_if_asked(cfg, cache_dir))
-            reporter = make_reporter(di.rank, cache_dir / "events.jsonl", "preprocess", cfg.output.json)
-            try:
-                with ending_the_stream(reporter, di.rank, di.distributed, cache_dir, run_id), \
-                        session.stop_on_sigterm("preprocess stopped (SIGTERM); rerun the same command to finish: "
-                                                "complete chunks are kept"):
-                    return _run(cfg, di, cache_dir, reporter)
-            finally:
-                reporter.close()
-        finally:
-            if lock is not None:
-                lock.release()
-
-
-def _start_fresh_if_asked(cfg: Config, cache_dir: Path) -> str:
-    """Rank 0, holding the lock: --overwrite removes what earlier runs of ours wrote (by name).
-    Returns this run's id (where failing ranks leave their notes)."""
-    if cfg.preprocess.overwrite:
-        run_dir.remove_ours(cache_dir, "cache")
-    run_id = f"{time.time_ns()}"
-    run_dir.clear_failures(cache_dir, keep=run_id)
-    return run_id
+    with session.process_group(cfg.dist.timeout_s) as di, \
+            holding(cache_dir, "cache", "--cache-dir", cfg.preprocess.overwrite, "preprocess", cfg.output.json) as reporter, \
+            session.stop_on_sigterm("preprocess stopped (SIGTERM); rerun the same command to finish: complete chunks are kept"):
+        return _run(cfg, di, cache_dir, reporter)
 
 
 def _download_display():

@@ -19,6 +19,7 @@ from typing import Any
 
 from flux_lora.errors import FluxLoraError, RankFailedError, StoppedError
 from flux_lora.outputs import files, run_dir
+from flux_lora.parallel import session
 from flux_lora.outputs.display import Display
 
 EVENT_VERSION = 1
@@ -149,3 +150,26 @@ def ending_the_stream(reporter, rank: int, distributed: bool, folder: Path, run_
         reporter.error(f"rank {rank}: {type(e).__name__}: {first}".rstrip(": "), rank=rank,
                        exit_code=3 if isinstance(e, KeyboardInterrupt) else 1)
         raise
+
+
+@contextlib.contextmanager
+def holding(folder: Path, kind: str, flag: str, overwrite: bool, stage: str, json_stdout: bool = False,
+            log_every: int = 10):
+    """A stage's hold on its directory, the same for preprocess (the cache) and train (the output):
+    claimed (never someone else's folder), locked (one run at a time), cleared with --overwrite
+    (only our files), the events opened; yields the reporter. On the way out the events end with
+    done, stopped or error, and the lock is released. Every rank enters; rank 0 does the writing."""
+    di = session.info()
+    session.main_then_share(lambda: run_dir.claim(folder, kind, flag))
+    lock = run_dir.take_lock(folder, flag)  # before anything is removed or written
+    try:
+        run_id = session.main_then_share(lambda: run_dir.start_fresh(folder, kind, overwrite))
+        reporter = make_reporter(di.rank, folder / "events.jsonl", stage, json_stdout, log_every)
+        try:
+            with ending_the_stream(reporter, di.rank, di.distributed, folder, run_id):
+                yield reporter
+        finally:
+            reporter.close()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -52,12 +52,10 @@ def write_atomic(path: str | Path, content: Content | Any, *, as_json: bool = Fa
     file) to `path` atomically. Returns the path, or None on a rank that does not write."""
     if not writes_here(every_rank):
         return None
-    path = Path(path)
     if as_json:
         content = json.dumps(content, indent=1) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
+
+    def fill(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             if isinstance(content, str):
                 f.write(content.encode("utf-8"))
@@ -65,13 +63,8 @@ def write_atomic(path: str | Path, content: Content | Any, *, as_json: bool = Fa
                 f.write(content)
             else:
                 content(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
+
+    return _replace_through_temp(Path(path), fill)
 
 
 def write_file_from(path: str | Path, writer: Callable[[Path], Any], *, every_rank: bool = False) -> Path | None:
@@ -79,11 +72,15 @@ def write_file_from(path: str | Path, writer: Callable[[Path], Any], *, every_ra
     diffusers' save_lora_weights): `writer(tmp_path)`, then the same fsync and rename."""
     if not writes_here(every_rank):
         return None
-    path = Path(path)
+    return _replace_through_temp(Path(path), writer)
+
+
+def _replace_through_temp(path: Path, fill: Callable[[Path], Any]) -> Path:
+    """fill(temp path in the same folder), fsync it, rename it over path; the temp never stays."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     try:
-        writer(tmp)
+        fill(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -103,6 +103,16 @@ def remove_ours(folder: Path, kind: str) -> list[str]:
     return removed
 
 
+def start_fresh(folder: Path, kind: str, overwrite: bool) -> str:
+    """Rank 0, holding the lock: with --overwrite remove what earlier runs of ours wrote (by name),
+    drop old failure notes. Returns this run's id (where failing ranks leave their notes)."""
+    if overwrite:
+        remove_ours(folder, kind)
+    run_id = f"{time.time_ns()}"
+    clear_failures(folder, keep=run_id)
+    return run_id
+
+
 # ---------------------------------------------------------------- the lock
 
 def _job() -> str:

@@ -38,14 +38,14 @@ class GlobalBatchSampler:
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         """All global batches of one epoch: each bucket shuffled and cut into full batches (the
         last one topped up by wrapping around, so small datasets repeat items), then shuffled."""
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch + 1)
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch + 1)
         batches = []
         for group in self.groups:
-            perm = [group[i] for i in torch.randperm(len(group), generator=g).tolist()]
-            n = math.ceil(len(perm) / self.global_batch) * self.global_batch
-            perm = (perm * math.ceil(n / len(perm)))[:n]
-            batches += [perm[i:i + self.global_batch] for i in range(0, n, self.global_batch)]
-        order = torch.randperm(len(batches), generator=g).tolist()
+            perm = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            padded = math.ceil(len(perm) / self.global_batch) * self.global_batch
+            perm = (perm * math.ceil(padded / len(perm)))[:padded]
+            batches += [perm[i:i + self.global_batch] for i in range(0, padded, self.global_batch)]
+        order = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in order]
 
     def global_batch_at(self, step: int) -> list[int]:

@@ -64,12 +64,12 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, drop
         torch.manual_seed(seed)
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                                      target_modules=matched, init_lora_weights=True))
-    n = 0
+    count = 0
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-            n += p.numel()
-    return n
+            count += p.numel()
+    return count
 
 
 def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -25,8 +25,7 @@ from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
 from flux_lora.models import fingerprint, loading
 from flux_lora.outputs import files
-from flux_lora.outputs import run_dir
-from flux_lora.outputs.events import NullReporter, Reporter, ending_the_stream, make_reporter
+from flux_lora.outputs.events import NullReporter, Reporter, holding
 from flux_lora.outputs.plot import write_loss_plot
 from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
@@ -67,20 +66,9 @@ def run(cfg: Config) -> dict:
     if not cfg.output.dir:
         raise CheckpointError("no output directory given; pass --output DIR")
     out = Path(cfg.output.dir)
-    with session.process_group(cfg.dist.timeout_s) as di:
-        session.main_then_share(lambda: run_dir.claim(out, "output", "--output"))
-        lock = run_dir.take_lock(out, "--output")  # before anything is removed or written
-        try:
-            run_id = session.main_then_share(lambda: start_fresh_if_asked(cfg, out))
-            reporter = make_reporter(di.rank, out / "events.jsonl", "train", cfg.output.json, cfg.train.log_every)
-            try:
-                with ending_the_stream(reporter, di.rank, di.distributed, out, run_id):
-                    return _train(cfg, di, out, reporter)
-            finally:
-                reporter.close()
-        finally:
-            if lock is not None:
-                lock.release()
+    with session.process_group(cfg.dist.timeout_s) as di, \
+            holding(out, "output", "--output", cfg.output.overwrite, "train", cfg.output.json, cfg.train.log_every) as reporter:
+        return _train(cfg, di, out, reporter)
 
 
 def _train(cfg: Config, di: session.DistInfo, out: Path, reporter) -> dict:
@@ -106,17 +94,6 @@ def _train(cfg: Config, di: session.DistInfo, out: Path, reporter) -> dict:
 
 
 # ---------------------------------------------------------------- setup
-
-def start_fresh_if_asked(cfg: Config, out: Path) -> str:
-    """Rank 0, holding the lock: with --overwrite, remove what earlier runs of ours wrote in the
-    output directory (by name; nothing else, and nothing in a folder flux_lora did not make).
-    Returns this run's id (where failing ranks leave their notes)."""
-    if cfg.output.overwrite:
-        run_dir.remove_ours(out, "output")
-    run_id = f"{time.time_ns()}"
-    run_dir.clear_failures(out, keep=run_id)
-    return run_id
-
 
 def choose_resume(cfg: Config, out: Path) -> tuple[str | None, list[str]]:
     """Rank 0: the checkpoint to resume from (or None), and warnings about corrupt checkpoints."""
