@@ -77,11 +77,15 @@ def test_only_rank_0_writes_a_runs_files_unless_every_rank_is_asked(tmp_path):
 
 
 def test_files_keep_the_users_permissions(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
     old = os.umask(0o022)
     try:
         files.write_atomic(tmp_path / "a", b"x")
         files.write_file_from(tmp_path / "b", lambda p: p.write_bytes(b"x"))
+        files.write_file_from(tmp_path / "c", lambda p: save_file({"w": torch.zeros(1)}, str(p)))  # creates 0600
     finally:
         os.umask(old)
-    for name in "ab":
+    for name in "abc":
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name

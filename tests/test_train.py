@@ -30,6 +30,8 @@ def test_reference_losses_and_outputs(tiny_model, cache_dir, tmp_path):
     losses = _losses(out)
     assert losses == pytest.approx(REFERENCE_LOSSES, rel=1e-4), losses
     assert (out / "lora.safetensors").is_file() and (out / "config.yaml").is_file() and (out / "loss.png").is_file()
+    mode = (out / "config.yaml").stat().st_mode & 0o777  # every output keeps the user's permissions
+    assert all(p.stat().st_mode & 0o777 == mode for p in out.rglob("*") if p.is_file() and p.name != ".flux_lora.lock")
     events = _events(out)
     assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
     done = events[-1]

@@ -36,6 +36,12 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (a no-op where directories cannot be opened)."""
     with contextlib.suppress(OSError):
@@ -81,6 +87,7 @@ def _replace_through_temp(path: Path, fill: Callable[[Path], Any]) -> Path:
     tmp = _temp_name(path)
     try:
         fill(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # a library may create its file 0600 (safetensors does)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
