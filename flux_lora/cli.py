@@ -161,7 +161,8 @@ def train(
     timestep_sampling: Annotated[Optional[str], typer.Option(help="uniform, logit-normal or flux-shift")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="intermediate LoRA every N steps")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="resumable checkpoint every N steps")] = None,
-    sample_every: Annotated[Optional[int], typer.Option(help="preview images every N steps")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(help="preview images every N steps (and at step 0)")] = None,
+    validation_split: Annotated[Optional[float], typer.Option(help="fraction of items held out; their loss picks best.safetensors")] = None,
     memory_mode: Annotated[Optional[str], typer.Option(help="fast, fp8 or nf4")] = None,
     compile_: Annotated[Optional[str], typer.Option("--compile", help="auto, on or off")] = None,
     export_format: Annotated[Optional[str], typer.Option(help="diffusers or kohya")] = None,
@@ -179,6 +180,7 @@ def train(
              "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.targets": targets, "train.guidance": guidance,
              "train.timestep_sampling": timestep_sampling, "train.save_every": save_every,
              "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
+             "train.validation_split": validation_split,
              "train.memory_mode": memory_mode, "train.compile": compile_, "output.export_format": export_format,
              "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
              "output.json": json_events}

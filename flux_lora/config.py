@@ -135,6 +135,8 @@ class TrainConfig:
     sample_steps: int = doc(20, "denoising steps per preview image", low=1)
     log_every: int = doc(10, "plain progress line every N steps when stderr is not a terminal", low=1)
     max_nonfinite: int = doc(5, "stop after this many non-finite losses in a row", low=1)
+    validation_split: float = doc(0.0, "fraction of the cached items held out of training; their loss at fixed timesteps and noise is measured at step 0, every checkpoint and the end, and the lowest picks OUTPUT/best.safetensors", low=0, high=0.9)
+    validation_timesteps: int = doc(4, "evenly spaced timesteps each held-out item is evaluated at", low=1, high=64)
 
     def __post_init__(self) -> None:
         check_ranges("train", self)

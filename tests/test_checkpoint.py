@@ -31,7 +31,8 @@ def _events(out):
     return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
-COMMON = ["--steps", "8", "--batch-size", "1", "--lr", "1e-2", "--checkpoint-every", "3"]
+COMMON = ["--steps", "8", "--batch-size", "1", "--lr", "1e-2", "--checkpoint-every", "3", "--validation-split", "0.25",
+          "--set", "train.keep_checkpoints=5"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,15 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, cache_dir, tmp_path, r
     assert _identical(_lora(out), _lora(reference_run))
     starts = [e for e in _events(out) if e["event"] == "start"]
     assert starts[-1]["start_step"] == 3
+    # validation across the kill: the same numbers as the uninterrupted run, and the best is its checkpoint
+    validation = {e["step"]: e["loss"] for e in _events(out) if e["event"] == "validation"}
+    reference = {e["step"]: e["loss"] for e in _events(reference_run) if e["event"] == "validation"}
+    assert validation == reference and sorted(reference) == [0, 3, 6, 8]
+    best = _events(reference_run)[-1]["best"]
+    assert best["step"] == min(reference, key=reference.get) and "lowest validation loss" in best["reason"]
+    best_lora = load_file(reference_run / "best.safetensors")
+    saved = checkpoint.load_checkpoint(checkpoint.checkpoint_dir(reference_run, best["step"]))["lora"]
+    assert _identical({k.removeprefix("transformer."): v for k, v in best_lora.items()}, saved)
 
 
 def test_torchrun_restart_resumes_by_itself(tiny_model, cache_dir, tmp_path, reference_run):

@@ -67,8 +67,12 @@ def _lora(out):
     return load_file(out / "lora.safetensors")
 
 
+def _validation(out):
+    return [(e["step"], e["loss"]) for e in _events(out) if e["event"] == "validation"]
+
+
 def test_world_size_invariance(tiny_model, cache_dir, tmp_path):
-    common = ["--steps", "6", "--lr", "1e-2", "--checkpoint-every", "100"]
+    common = ["--steps", "6", "--lr", "1e-2", "--checkpoint-every", "3", "--validation-split", "0.25"]
     a, b, c = tmp_path / "1x2", tmp_path / "2x1", tmp_path / "1x1x2"
     run_cli(*train_args(tiny_model, cache_dir, a, "--batch-size", "2", *common), check=True)
     torchrun(2, *train_args(tiny_model, cache_dir, b, "--batch-size", "1", *common))
@@ -82,6 +86,13 @@ def test_world_size_invariance(tiny_model, cache_dir, tmp_path):
     # the LoRA moved away from its initialisation (B starts at zero)
     assert any(v.abs().max() > 0 for k, v in la.items() if "lora_B" in k)
     assert _losses(a) == pytest.approx(_losses(b), rel=1e-5)
+    # validation: the same items at fixed t and noise; at step 0 the very same number on 1 or 2 ranks,
+    # later as close as the weights themselves (DDP's sums round differently, ~1e-8)
+    va, vb, vc = _validation(a), _validation(b), _validation(c)
+    assert [s for s, _ in va] == [s for s, _ in vb] == [s for s, _ in vc] == [0, 3, 6]
+    assert va[0] == vb[0] == vc[0]
+    assert [v for _, v in vb] == pytest.approx([v for _, v in va], rel=1e-6)
+    assert _events(a)[0]["dataset_size"] == 6 and _events(a)[0]["validation_items"] == 2
 
 
 def test_trained_lora_changes_generation(tiny_model, cache_dir, tmp_path):

@@ -39,7 +39,7 @@ def test_events_are_ordered_and_complete(finished_run):
     steps = [e["step"] for e in events if e["event"] == "progress"]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3, 6]
-    assert [e["step"] for e in events if e["event"] == "sample"] == [3, 6]
+    assert [e["step"] for e in events if e["event"] == "sample"] == [0, 3, 6]  # step 0: the base model
     start = events[0]
     assert start["world_size"] == 1 and start["dataset_size"] == 8 and start["config"]["train"]["steps"] == 6
 
@@ -56,7 +56,7 @@ def test_loss_plot_and_sample_grids(finished_run):
     with Image.open(finished_run / "loss.png") as im:
         assert im.format == "PNG" and im.size == (800, 450)
     grids = sorted((finished_run / "samples").glob("step-*.png"))
-    assert [g.name for g in grids] == ["step-000003.png", "step-000006.png"]
+    assert [g.name for g in grids] == ["step-000000.png", "step-000003.png", "step-000006.png"]
     with Image.open(grids[0]) as im:
         assert im.width == 2 * 64 and im.height > 64  # two prompts side by side, captions below
     assert (finished_run / "lora-kohya.safetensors").is_file()

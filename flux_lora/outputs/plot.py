@@ -20,8 +20,9 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def write_loss_plot(path: Path, history: list) -> None:
-    """history: (step, loss, lr) tuples. Written atomically by rank 0; an empty history writes nothing."""
+def write_loss_plot(path: Path, history: list, validation: list = ()) -> None:
+    """history: (step, loss, lr) tuples; validation: (step, loss) of the held-out items. Written
+    atomically by rank 0; an empty history writes nothing."""
     if not history or not files.writes_here():
         return
     import matplotlib
@@ -35,6 +36,9 @@ def write_loss_plot(path: Path, history: list) -> None:
     fig, ax = plt.subplots(figsize=SIZE_IN, dpi=DPI)
     ax.plot(steps, losses, color="0.7", linewidth=0.8, label="loss")
     ax.plot(steps, moving_average(losses, max(5, len(losses) // 20)), color="C0", label="moving average")
+    if validation:
+        ax.plot([v[0] for v in validation], [v[1] for v in validation], color="C2", marker="o", linewidth=1.2,
+                label="validation (fixed t and noise)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()

@@ -111,8 +111,12 @@ def _show(ev: dict, display: Display | None, last_progress: dict | None) -> Disp
         say(f"{kind}: {ev.get('message', '')}")
     elif kind in ("checkpoint", "sample"):
         say(f"{kind} at step {ev.get('step')}: {ev.get('path')}")
+    elif kind == "validation":
+        say(f"validation at step {ev.get('step')}: loss {ev.get('loss', float('nan')):.5f}" + ("  (best so far)" if ev.get("best") else ""))
     elif kind == "done":
         say(f"done: {done_line(ev, last_progress)}")
+        if ev.get("best"):
+            say(f"best: {ev['best']['path']}: {ev['best']['reason']}")
     return display
 
 

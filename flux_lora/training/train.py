@@ -30,7 +30,7 @@ from flux_lora.outputs.plot import write_loss_plot
 from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
-from flux_lora.training import checkpoint, faults, lora
+from flux_lora.training import checkpoint, faults, lora, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
 from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
 from flux_lora.training.optim import make_optimizer
@@ -43,6 +43,7 @@ class RunState:
     step: int = 0
     nonfinite_in_row: int = 0
     loss_history: list = field(default_factory=list)  # (step, loss, lr)
+    best: validation.Best = field(default_factory=validation.Best)  # validation losses and the lowest
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Run:
     resume_settings: dict  # what a resume must not change
     previews: Previewer | None
     state: RunState
+    train_items: list[int]  # dataset positions the sampler draws from
+    validation_items: list[int]  # held out: evaluated, never trained on
 
 
 def run(cfg: Config) -> dict:
@@ -81,6 +84,8 @@ def _train(cfg: Config, di: session.DistInfo, out: Path, reporter) -> dict:
         t_start = time.time()
         current = setup(cfg, di, out, reporter, resume_from)
         setup_s = time.time() - t_start  # data, model, LoRA, DDP; compile follows, in step 1
+        if current.state.step == 0:
+            baseline(current)
         with GcPauses() as pauses:
             first_step_s = loop(current, stop, t_start, pauses)
         summary = finish(current, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses))
@@ -124,7 +129,8 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "train.schedule": train_cfg.schedule, "train.max_grad_norm": train_cfg.max_grad_norm,
            "train.seed": train_cfg.seed, "train.guidance": train_cfg.guidance,
            "train.timestep_sampling": train_cfg.timestep_sampling, "train.logit_mean": train_cfg.logit_mean,
-           "train.logit_std": train_cfg.logit_std,
+           "train.logit_std": train_cfg.logit_std, "train.validation_split": train_cfg.validation_split,
+           "train.validation_timesteps": train_cfg.validation_timesteps,
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
            "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in manifest["shards"]),
            "model (family, transformer config and weights)": fingerprint.transformer_identity(cfg.model.path, cfg.model.revision)}
@@ -135,6 +141,11 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
 
 def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: str | None) -> Run:
     manifest, dataset = cache.open_for_training(cfg, di)
+    held = validation.held_out(list(range(len(dataset))), cfg.train.validation_split)
+    train_items = [k for k in range(len(dataset)) if k not in held]
+    if cfg.train.validation_split and not held:
+        reporter.warning(f"train.validation_split={cfg.train.validation_split} holds out nothing: the cache has "
+                         f"{len(dataset)} item(s); add images or set it to 0")
     buckets = {it.bucket for it in dataset.items}
     model, n_params = build_model(cfg, di, reporter,
                                   largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size),
@@ -146,19 +157,21 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     settings = resume_settings(cfg, di.world_size, manifest)
     state = resume(resume_from, trainee, settings) if resume_from else RunState()
     files.write_atomic(out / "config.yaml", to_yaml(cfg))
-    sampler = GlobalBatchSampler([it.bucket for it in dataset.items],
+    sampler = GlobalBatchSampler([dataset.items[k].bucket for k in train_items],
                                  train_cfg.batch_size * di.world_size * train_cfg.grad_accum, train_cfg.seed)
     has_guidance = bool(getattr(model.config, "guidance_embeds", False))
     inputs = StepInputs(train_cfg.seed, train_cfg.guidance if has_guidance else None, train_cfg.timestep_sampling,
                         train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device))
     previews = make_previewer(cfg, di, manifest, model, reporter)
-    reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(dataset),
+    reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items),
+                   validation_items=len(held),
                    total_steps=train_cfg.steps, start_step=state.step, lora_parameters=n_params,
                    global_batch=sampler.global_batch, cpu_threads=torch.get_num_threads(), resumed_from=resume_from,
                    config=to_dict(cfg))
     if resume_from:
         reporter.info(f"resuming from {resume_from} at step {state.step}")
-    return Run(cfg, di, out, reporter, trainee, dataset, sampler, inputs, settings, previews, state)
+    return Run(cfg, di, out, reporter, trainee, dataset, sampler, inputs, settings, previews, state, train_items,
+               sorted(held))
 
 
 def make_previewer(cfg: Config, di: session.DistInfo, manifest: dict, model, reporter) -> Previewer | None:
@@ -185,7 +198,7 @@ def loop(current: Run, stop: checkpoint.StopFlag, t_start: float, pauses: GcPaus
 
     def load(step: int):
         slices = current.sampler.rank_slices(step, di.rank, di.world_size, train_cfg.batch_size)
-        batches = [current.dataset.collate(part.items) for part in slices]
+        batches = [current.dataset.collate([current.train_items[i] for i in part.items]) for part in slices]
         return slices, [pinned(b) for b in batches] if pin else batches
 
     prefetch = Prefetcher(load, train_cfg.steps)
@@ -246,11 +259,12 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     state, model = current.state, current.trainee.model
     if resume_from is None or state.step > checkpoint.saved_step(resume_from):
         save_state(current)
+    evaluate(current)  # a no-op when the save above evaluated this step
     final = current.out / "lora.safetensors"
     export_everywhere(current, final)
     if current.previews:
         current.previews(state.step)
-    write_loss_plot(current.out / "loss.png", state.loss_history)
+    write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
     digests = session.gather_objects(lora.digest(lora.lora_state_dict(model)))
     if len(set(digests)) > 1:
         current.reporter.warning(f"LoRA weights differ between ranks at the end ({len(set(digests))} versions); "
@@ -258,9 +272,35 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     finite = [x[1] for x in state.loss_history if math.isfinite(x[1])]
     summary = {"lora": str(final), "steps": state.step, "ranks_agree": len(set(digests)) == 1,
                "final_loss": finite[-1] if finite else None, **timings, "elapsed_s": time.time() - t_start}
+    if state.best.history:
+        summary["best"] = {"path": str(current.out / "best.safetensors"), "step": state.best.step,
+                           "validation_loss": state.best.loss, "reason": state.best.reason()}
     current.reporter.done(**summary)
     current.reporter.info(f"LoRA written to {final}")
     return summary
+
+
+def baseline(current: Run) -> None:
+    """Step 0 of a fresh run: what the base model gives, to compare every later figure with
+    (the validation loss, and preview images at the same seeds)."""
+    evaluate(current)
+    if current.previews:
+        current.previews(0)
+
+
+def evaluate(current: Run) -> None:
+    """Validation loss at this step (once per step), its event, and best.safetensors when it is
+    the lowest so far (the step's LoRA: the checkpoint written at this step holds the same)."""
+    state, tc = current.state, current.cfg.train
+    if not current.validation_items or any(s == state.step for s, _ in state.best.history):
+        return
+    loss = validation.validation_loss(current.trainee.model, current.dataset, current.validation_items,
+                                      validation.timesteps(tc.validation_timesteps), current.inputs.guidance,
+                                      current.inputs.device, current.inputs.dtype)
+    is_best = state.best.record(state.step, loss)
+    current.reporter.emit("validation", step=state.step, loss=loss, items=len(current.validation_items), best=is_best)
+    if is_best:
+        export_everywhere(current, current.out / "best.safetensors")
 
 
 def _collective(error: FluxLoraError) -> FluxLoraError:
@@ -282,7 +322,8 @@ def resume(path: str, trainee: Trainee, current_settings: dict) -> RunState:
     trainee.sched.load_state_dict(saved["optim"]["scheduler"])
     if "rng" in saved["optim"]:
         torch.set_rng_state(saved["optim"]["rng"]["cpu"])
-    return RunState(step=saved["state"]["step"], loss_history=[tuple(x) for x in saved["state"].get("loss_history", [])])
+    return RunState(step=saved["state"]["step"], loss_history=[tuple(x) for x in saved["state"].get("loss_history", [])],
+                    best=validation.Best.from_state(saved["state"].get("validation")))
 
 
 def shared_outcome(write, what: str):
@@ -310,14 +351,15 @@ def save_state(current: Run) -> None:
     global RNG state is kept for completeness: noise and timesteps come from (seed, step, sample
     position) and the data order from (seed, epoch), so an exact resume does not need it."""
     trainee, state = current.trainee, current.state
+    evaluate(current)
     path = shared_outcome(lambda: checkpoint.save_checkpoint(
         current.out, state.step, lora.lora_state_dict(trainee.model),
         {"optimizer": trainee.opt.state_dict(), "scheduler": trainee.sched.state_dict(),
          "rng": {"cpu": torch.get_rng_state()}},
-        {"math": current.resume_settings, "loss_history": state.loss_history,
+        {"math": current.resume_settings, "loss_history": state.loss_history, "validation": state.best.to_state(),
          "sampler": {"step": state.step, "global_batch": current.sampler.global_batch,
                      "batches_per_epoch": current.sampler.batches_per_epoch}},
         current.cfg.train.keep_checkpoints), f"the checkpoint of step {state.step}")
     if path:
         current.reporter.emit("checkpoint", step=state.step, path=str(path))
-        write_loss_plot(current.out / "loss.png", state.loss_history)
+        write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
