@@ -246,6 +246,29 @@ def watch(
     guarded(go, debug)
 
 
+@app.command("learn-check")
+def learn_check(
+    out: Annotated[Path, typer.Option("--out", help="folder for the concept's images, cache, run and report.json")] = Path("runs/learn-check"),
+    model: Annotated[Optional[Path], typer.Option("--model", help="the small shapes model (default: models/flux-shapes of this repo)")] = None,
+    steps: Annotated[int, typer.Option(help="LoRA training steps")] = 160,
+    lr: Annotated[float, typer.Option(help="learning rate")] = 3e-4,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    nproc: Annotated[int, typer.Option(help="ranks for preprocess and train (torchrun)")] = 1,
+    train_set: Annotated[Optional[list[str]], typer.Option("--train-set", help="a train setting to judge, e.g. train.fp8_compute=on (repeatable)")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Teach the small shapes model a new colour with a LoRA (the real preprocess and train), then
+    measure concept score and leakage at fixed seeds; exit 1 when it did not learn or leaked."""
+    def go():
+        from flux_lora.evaluation import learn_check as lc
+        from flux_lora.models.shapes_model import PRETRAINED
+
+        report = lc.check(lc.Settings(model or PRETRAINED, out, steps, lr, rank, nproc=nproc,
+                                      train_sets=tuple(train_set or ())))
+        print(lc.report_line(report), file=sys.stderr)
+    guarded(go, debug)
+
+
 @app.command("config-reference")
 def config_reference() -> None:
     """Print every config key with its default, range and meaning (Markdown; docs/config.md is this)."""

@@ -5,7 +5,8 @@
 
 1. renders a pool of captioned scenes (data/shapes.py: 4 colours x 3 shapes x 3 backgrounds);
 2. trains the VAE on them (reconstruction + a small KL), then sets its shift/scale factors from the
-   latents' mean and std, as FLUX.1's VAE has them;
+   latents' mean and std, as FLUX.1's VAE has them (it also sees as many scenes of random colours,
+   so it can show colours the transformer never learned: the learning check teaches one);
 3. trains the whole transformer with flux_lora's flow-matching objective (training/flow.py: noisy
    latents, velocity target, FLUX's shifted logit-normal timesteps), 10% of captions dropped;
 4. samples every caption at fixed seeds through FluxPipeline and measures what the images show
@@ -40,7 +41,15 @@ def render_pool(count: int, seed: int) -> tuple[torch.Tensor, list[shapes.Scene]
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, scenes
 
 
+def any_colour_pool(count: int, seed: int) -> torch.Tensor:
+    rng = random.Random(seed)
+    pixels = np.stack([np.asarray(shapes.draw_any_colours(rng)) for _ in range(count)])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def train_vae(vae, pixels: torch.Tensor, steps: int, device: torch.device) -> dict:
+    """On the world's scenes and as many of random colours: the VAE can then show any colour."""
+    pixels = torch.cat([pixels, any_colour_pool(len(pixels), seed=5)])
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * (1 - s / steps))
@@ -62,7 +71,23 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, device: torch.device) -> di
         means = torch.cat([vae.encode(pixels[i:i + 256].to(device)).latent_dist.mean for i in range(0, len(pixels), 256)])
     shift, scale = means.mean().item(), 1.0 / means.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return {"vae_final_loss": loss.item(), "shift_factor": shift, "scaling_factor": scale}
+    return {"vae_final_loss": loss.item(), "shift_factor": shift, "scaling_factor": scale,
+            "vae_new_colours_reconstructed": vae_shows(vae, device)}
+
+
+@torch.no_grad()
+def vae_shows(vae, device: torch.device) -> dict:
+    """Share of scenes in each never-trained colour that come back out of the VAE as that colour."""
+    rng, out = random.Random(11), {}
+    for colour in shapes.NEW_COLOURS:
+        scenes = [shapes.Scene(colour, rng.choice(shapes.SHAPES), rng.choice(sorted(shapes.BACKGROUNDS))) for _ in range(32)]
+        x = torch.from_numpy(np.stack([np.asarray(shapes.draw(s, rng)) for s in scenes])).permute(0, 3, 1, 2).float()
+        y = vae.decode(vae.encode(x.to(device) / 127.5 - 1).latent_dist.mean).sample
+        images = ((y.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).byte().cpu().numpy()
+        from PIL import Image
+
+        out[colour] = sum(shapes.measure(Image.fromarray(im))["colour"] == colour for im in images) / len(scenes)
+    return out
 
 
 @torch.no_grad()
@@ -130,7 +155,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(shapes_model.PRETRAINED))
     p.add_argument("--images", type=int, default=16384)
-    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eval-seeds", type=int, default=4)

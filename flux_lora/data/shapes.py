@@ -38,17 +38,27 @@ def all_colours() -> dict[str, tuple[int, int, int]]:
 
 def draw(scene: Scene, rng: random.Random, size: int = SIZE):
     """The scene as a PIL image: one filled shape, 36-55% of the side, anywhere it fits."""
+    return draw_rgb(scene.shape, all_colours()[scene.colour], BACKGROUNDS[scene.background], rng, size)
+
+
+def draw_any_colours(rng: random.Random, size: int = SIZE):
+    """A shape and a background of random colours: what the VAE also learns from, so that it can
+    show colours the transformer has never seen (the learning check teaches one)."""
+    fill, bg = tuple(rng.randrange(256) for _ in range(3)), tuple(rng.randrange(256) for _ in range(3))
+    return draw_rgb(rng.choice(SHAPES), fill, bg, rng, size)
+
+
+def draw_rgb(shape: str, fill: tuple, background: tuple, rng: random.Random, size: int = SIZE):
     from PIL import Image, ImageDraw
 
-    im = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
+    im = Image.new("RGB", (size, size), background)
     side = rng.randint(int(0.36 * size), int(0.55 * size))
     x0, y0 = rng.randint(2, size - side - 2), rng.randint(2, size - side - 2)
     box = (x0, y0, x0 + side, y0 + side)
-    fill = all_colours()[scene.colour]
     pen = ImageDraw.Draw(im)
-    if scene.shape == "circle":
+    if shape == "circle":
         pen.ellipse(box, fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         pen.rectangle(box, fill=fill)
     else:
         pen.polygon([(x0 + side / 2, y0), (x0 + side, y0 + side), (x0, y0 + side)], fill=fill)

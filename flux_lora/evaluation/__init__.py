@@ -1,0 +1,1 @@
+"""Judging what training produced: the learning check on the small shapes model."""
