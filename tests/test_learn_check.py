@@ -8,6 +8,7 @@ import pytest
 
 from conftest import run_cli
 from flux_lora.evaluation import learn_check as lc
+from flux_lora.models.shapes_model import PRETRAINED
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,7 @@ def test_the_lora_learns_the_concept(checked):
 
 def test_sabotaged_training_fails_the_check(tmp_path):
     """A learning rate that cannot move the LoRA: the check must say it did not learn."""
-    settings = lc.Settings(lc.Path(lc.__file__).parents[2] / "models" / "flux-shapes", tmp_path / "lazy",
-                           steps=20, lr=1e-9, seeds=1)
+    settings = lc.Settings(PRETRAINED, tmp_path / "lazy", steps=20, lr=1e-9, seeds=1)
     with pytest.raises(lc.CheckFailedError, match=r"learning check failed: concept score 0\.\d+ < "):
         lc.check(settings)
 

@@ -18,7 +18,6 @@ passing their settings with --train-set.
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys
@@ -167,7 +166,3 @@ def check(settings: Settings) -> dict:
 
 def report_line(report: dict) -> str:
     return "learning check passed: " + summary(report)
-
-
-def load_report(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -9,6 +9,7 @@ the ranks share the items (rank-strided) and every rank sums them in index order
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -48,19 +49,14 @@ def item_loss(model, sample: dict, index: int, ts: list[float], guidance: float 
     _, _, h, w = x0.shape
     t5 = sample["t5"].to(device, dtype)[None].expand(len(ts), -1, -1)
     clip = sample["clip"].to(device, dtype)[None].expand(len(ts), -1)
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else _null()
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
+        else contextlib.nullcontext()
     with autocast:
         pred = model(hidden_states=flow.pack_latents(flow.noisy_latents(x0, noise, t)).to(dtype), timestep=t.to(dtype),
                      guidance=torch.full((len(ts),), guidance, device=device) if guidance is not None else None,
                      pooled_projections=clip, encoder_hidden_states=t5, txt_ids=flow.text_ids(t5.shape[1], device),
                      img_ids=flow.image_ids(h, w, device), return_dict=False)[0]
     return float(flow.flow_loss(pred, flow.pack_latents(flow.velocity_target(x0, noise))))
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def validation_loss(model, dataset, items: list[int], ts: list[float], guidance: float | None,
