@@ -81,16 +81,19 @@ def _build(config: Optional[Path], flags: dict, sets: Optional[list[str]]):
 def make_tiny_cmd(
     out_dir: Annotated[Path, typer.Argument(help="where to write the tiny pipeline")],
     seed: Annotated[int, typer.Option(help="weights seed")] = 0,
+    family: Annotated[str, typer.Option(help="flux1, flux1-kontext, flux2 (FLUX.2 [dev]) or flux2-klein")] = "flux1",
     debug: DebugOpt = False,
 ) -> None:
-    """Write a tiny random FLUX.1 pipeline (diffusers layout) plus a tiny captioner in DIR/captioner."""
+    """Write a tiny random pipeline of a model family (diffusers layout) plus a tiny captioner in DIR/captioner."""
     def go():
+        from flux_lora.models import families
+        from flux_lora.models.loading import quiet_libraries
         from flux_lora.models.tiny import make_tiny
 
-        from flux_lora.models.loading import quiet_libraries
         quiet_libraries()
-        make_tiny(out_dir, seed)
-        print(f"tiny FLUX pipeline written to {out_dir}", file=sys.stderr)
+        title = families.by_name(family).title
+        make_tiny(out_dir, seed, family)
+        print(f"tiny {title} pipeline written to {out_dir}", file=sys.stderr)
     guarded(go, debug)
 
 
@@ -194,22 +197,23 @@ def train(
 
 @app.command()
 def sample(
-    model: Annotated[str, typer.Option("--model", "-m", help="FLUX.1 diffusers directory or hub id")],
+    model: Annotated[str, typer.Option("--model", "-m", help="diffusers directory or hub id (FLUX.1, Kontext, FLUX.2)")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt (repeatable)")],
     out: Annotated[Path, typer.Option("--out", help="PNG to write (a grid for several prompts)")],
     lora: Annotated[Optional[Path], typer.Option(help="LoRA .safetensors to apply")] = None,
     seed: int = 0,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 28,
-    guidance: Annotated[float, typer.Option(help="guidance scale")] = 3.5,
+    guidance: Annotated[Optional[float], typer.Option(help="guidance scale (default: the pipeline's, 3.5 FLUX.1, 2.5 Kontext, 4 FLUX.2)")] = None,
     size: Annotated[int, typer.Option(help="image side in pixels")] = 1024,
-    max_sequence_length: Annotated[int, typer.Option(help="T5 tokens")] = 512,
+    max_sequence_length: Annotated[int, typer.Option(help="text tokens")] = 512,
+    image: Annotated[Optional[Path], typer.Option(help="control (input) image for an editing model (Kontext)")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Generate an image with FluxPipeline (+ a trained LoRA) to try a result without code."""
+    """Generate an image with the model's pipeline (+ a trained LoRA) to try a result without code."""
     def go():
         from flux_lora.outputs.previews import sample_command
 
-        sample_command(model, lora, prompt, out, seed, steps, guidance, size, max_sequence_length)
+        sample_command(model, lora, prompt, out, seed, steps, guidance, size, max_sequence_length, image)
         print(f"wrote {out}", file=sys.stderr)
     guarded(go, debug)
 

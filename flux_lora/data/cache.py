@@ -15,8 +15,10 @@ complete); after a barrier rank 0 writes captions.jsonl and manifest.json (`writ
 Reading: `open_for_training` checks the manifest against the model and every shard's checksum.
 
 A shard is a dict loaded with `torch.load(weights_only=True, mmap=True)`:
-    index [n] int64, latents list of [C, h, w] float32, bucket list of [w, h], caption / source
-    lists of str, text_id [n] int64 into t5 [U, L, D] and clip [U, P] (identical captions share a row).
+    index [n] int64, latents list of [C, h, w] float32 (the family's latent space), bucket list of
+    [w, h], caption / source lists of str, text_id [n] int64 into one [U, ...] tensor per name in
+    text_keys (FLUX.1: t5 [U, L, D] and clip [U, P]; FLUX.2: text [U, L, D]; identical captions
+    share a row); editing pairs add control, a list of [C, h, w] latents of the control images.
 """
 
 from __future__ import annotations
@@ -46,18 +48,22 @@ def shard_name(rank: int, world: int, part: int) -> str:
 
 # ---------------------------------------------------------------- writing
 
-def pack_shard(items: list[dict], t5: torch.Tensor, clip: torch.Tensor) -> dict:
-    """items: dicts with index, latents, bucket, caption, source, text_id."""
-    return {
+def pack_shard(items: list[dict], texts: dict[str, torch.Tensor]) -> dict:
+    """items: dicts with index, latents, bucket, caption, source, text_id (and control for pairs);
+    texts: the encoded unique captions, one [U, ...] tensor per text key."""
+    shard = {
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
         "latents": [it["latents"].contiguous() for it in items],
         "bucket": [list(it["bucket"]) for it in items],
         "caption": [it["caption"] for it in items],
         "source": [it["source"] for it in items],
         "text_id": torch.tensor([it["text_id"] for it in items], dtype=torch.int64),
-        "t5": t5.contiguous(),
-        "clip": clip.contiguous(),
+        "text_keys": list(texts),
+        **{k: v.contiguous() for k, v in texts.items()},
     }
+    if items and "control" in items[0]:
+        shard["control"] = [it["control"].contiguous() for it in items]
+    return shard
 
 
 def write_shard(shards_dir: Path, name: str, shard: dict, planned: list[int], skipped: list[dict]) -> dict:
@@ -101,13 +107,15 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
     h = hashlib.sha256()
     for s in sources:
         h.update(f"{s.name}\0{s.caption}\0".encode())
+        if s.control is not None:
+            h.update(f"{s.control.name}\0".encode())
     d = cfg.data
     h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
     return h.hexdigest()[:32]
 
 
-def cache_settings(cfg: Config, sources: list[SourceImage], world: int) -> dict:
-    return {"model": cfg.model.path,
+def cache_settings(cfg: Config, sources: list[SourceImage], world: int, family: str = "flux1") -> dict:
+    return {"model": cfg.model.path, "family": family,
             "fingerprint": model_fingerprint.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision),
             "resolution": cfg.data.resolution, "square": cfg.data.square,
             "buckets": [list(b) for b in make_buckets(cfg.data.resolution, cfg.data.square)],
@@ -116,7 +124,7 @@ def cache_settings(cfg: Config, sources: list[SourceImage], world: int) -> dict:
 
 
 _LAYOUT_KEYS = ("world_size", "chunk_items")
-_IGNORED_KEYS = ("model", "source_root")  # the fingerprint and dataset identity cover these
+_IGNORED_KEYS = ("model", "source_root", "family")  # the fingerprint and dataset identity cover these
 
 
 def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
@@ -237,16 +245,20 @@ class CachedDataset:
         return self._open[i]
 
     def __getitem__(self, k: int) -> dict:
+        """latents [C, h, w], each text key's row, control [C, h, w] for pairs, index, bucket."""
         item = self.items[k]
         shard = self._shard(item.shard)
         text = int(shard["text_id"][item.position])
-        return {"latents": shard["latents"][item.position], "t5": shard["t5"][text], "clip": shard["clip"][text],
-                "index": item.index, "bucket": item.bucket}
+        out = {"latents": shard["latents"][item.position], "index": item.index, "bucket": item.bucket}
+        out.update({key: shard[key][text] for key in shard.get("text_keys", ("t5", "clip"))})
+        if "control" in shard:
+            out["control"] = shard["control"][item.position]
+        return out
 
     def collate(self, positions: list[int]) -> dict:
-        """Stack items of one bucket into a batch (latents [B, C, h, w], t5 [B, L, D], clip [B, P])."""
+        """Stack items of one bucket into a batch (latents [B, C, h, w], every text key [B, ...], control)."""
         rows = [self[p] for p in positions]
-        return {k: torch.stack([r[k] for r in rows]) for k in ("latents", "t5", "clip")}
+        return {k: torch.stack([r[k] for r in rows]) for k, v in rows[0].items() if isinstance(v, torch.Tensor)}
 
 
 def open_for_training(cfg: Config, di: session.DistInfo) -> tuple[dict, CachedDataset]:
@@ -269,9 +281,15 @@ def open_for_training(cfg: Config, di: session.DistInfo) -> tuple[dict, CachedDa
     return manifest, CachedDataset(cache_dir, manifest)
 
 
-def write_sample_prompts(cache_dir: Path, prompts: list[str], t5: torch.Tensor, clip: torch.Tensor) -> None:
-    """CACHE/samples.pt: the sample prompts' embeddings, so train draws previews without text encoders."""
-    files.write_atomic(Path(cache_dir) / "samples.pt", lambda f: torch.save({"prompts": prompts, "t5": t5, "clip": clip}, f))
+def write_sample_prompts(cache_dir: Path, prompts: list[str], texts: dict[str, torch.Tensor],
+                         negative: dict[str, torch.Tensor] | None = None) -> None:
+    """CACHE/samples.pt: the sample prompts' embeddings (one [P, ...] tensor per text key, and the
+    negative prompt's where the family's previews use true CFG), so train draws previews without
+    text encoders."""
+    record = {"prompts": prompts, **texts, "text_keys": list(texts)}
+    if negative is not None:
+        record["negative"] = negative
+    files.write_atomic(Path(cache_dir) / "samples.pt", lambda f: torch.save(record, f))
 
 
 def write_config(cache_dir: Path, cfg: Config) -> None:

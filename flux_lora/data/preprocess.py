@@ -1,4 +1,6 @@
-"""Stage 1: images -> cache of VAE latents and CLIP/T5 embeddings.
+"""Stage 1: images -> cache of VAE latents and text embeddings, as the model's family encodes them
+(FLUX.1/Kontext: CLIP + T5; FLUX.2: Mistral or Qwen3 hidden states; editing pairs: the control
+image's latents beside the target's).
 
     python -m flux_lora preprocess --model M --data IMAGES --cache-dir CACHE
     torchrun --nproc_per_node=8 -m flux_lora preprocess --config configs/flux-dev-1024.yaml
@@ -20,10 +22,10 @@ from flux_lora.config import Config
 from flux_lora.data import cache
 from flux_lora.data.captions import Captioner, apply_trigger
 from flux_lora.data.images import load_rgb, nearest_bucket, resize_to_bucket
-from flux_lora.data.sources import SourceImage, discover, resolve_source
+from flux_lora.data.sources import SourceImage, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, DataError
-from flux_lora.models import loading
-from flux_lora.models.flux1 import encode_latents, encode_prompts
+from flux_lora.models import families, loading
+from flux_lora.models.families.base import Family
 from flux_lora.outputs import files
 from flux_lora.outputs.display import Display
 from flux_lora.outputs.events import holding
@@ -43,11 +45,18 @@ class DecodedImages(torch.utils.data.Dataset):
         index, src = self.entries[k]
         try:
             im = load_rgb(src.path, self.max_pixels)
+            control = load_rgb(src.control, self.max_pixels) if src.control is not None else None
         except DataError as e:
             return {"index": index, "error": str(e)}
         bucket = nearest_bucket(im.width, im.height, self.buckets)
-        im = resize_to_bucket(im, bucket)
-        return {"index": index, "pixels": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), "bucket": bucket}
+        out = {"index": index, "pixels": _tensor(resize_to_bucket(im, bucket)), "bucket": bucket}
+        if control is not None:  # the pair is bucketed by its target; the control takes the same size
+            out["control"] = _tensor(resize_to_bucket(control, bucket))
+        return out
+
+
+def _tensor(im) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
 def _decoded(entries, buckets, pre_cfg):
@@ -128,17 +137,18 @@ def _caption_batch(captioner: Captioner, batch: list[dict]) -> dict[int, str]:
 
 
 class Encoders:
-    """VAE + text encoders on this rank's device, loaded once for all chunks."""
+    """The family's VAE + text encoders on this rank's device, loaded once for all chunks."""
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, family: Family):
         dtype = loading.resolve_dtype(cfg.model.dtype, device)
-        self.vae = loading.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
-        self.text = loading.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device).to(device)
+        self.family = family
+        self.vae = family.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
+        self.text = family.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device).to(device)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
 
-    def latents(self, records: list[dict]) -> dict[int, torch.Tensor]:
-        """Latents per item index, batched within each bucket."""
+    def latents(self, records: list[dict], key: str = "pixels") -> dict[int, torch.Tensor]:
+        """Latents of records[key] per item index, batched within each bucket."""
         by_bucket: dict[tuple, list[dict]] = {}
         for r in records:
             by_bucket.setdefault(tuple(r["bucket"]), []).append(r)
@@ -148,24 +158,22 @@ class Encoders:
                 rows = group[i:i + self.batch]
                 t0 = time.perf_counter()
                 # uint8 crosses to the GPU (4x fewer bytes than float) and is normalised there
-                pixels = torch.stack([r["pixels"] for r in rows]).to(self.device, non_blocking=True)
+                pixels = torch.stack([r[key] for r in rows]).to(self.device, non_blocking=True)
                 pixels = pixels.float() / 127.5 - 1.0
-                latents = encode_latents(self.vae, pixels)
+                latents = self.family.encode_latents(self.vae, pixels)
                 self.seconds["vae"] += time.perf_counter() - t0
                 for r, lat in zip(rows, latents):
                     out[r["index"]] = lat
         return out
 
-    def prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t5 [U, L, D], clip [U, P]) for unique texts, batched."""
-        t5s, clips = [], []
+    def prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """{text key: [U, ...]} for unique texts, batched."""
+        parts: list[dict[str, torch.Tensor]] = []
         t0 = time.perf_counter()
         for i in range(0, len(texts), self.batch):
-            clip, t5 = encode_prompts(self.text, texts[i:i + self.batch], self.max_len, self.device)
-            t5s.append(t5)
-            clips.append(clip)
+            parts.append(self.family.encode_prompts(self.text, texts[i:i + self.batch], self.max_len, self.device))
         self.seconds["text"] += time.perf_counter() - t0
-        return torch.cat(t5s), torch.cat(clips)
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def close(self) -> None:
         del self.vae, self.text
@@ -175,15 +183,15 @@ class Encoders:
 
 def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, str], sources: list[SourceImage]) -> dict:
     latents = enc.latents(records)
+    controls = enc.latents(records, "control") if records and "control" in records[0] else {}
     texts = list(dict.fromkeys(captions[r["index"]] for r in records))
-    if texts:
-        t5, clip = enc.prompts(texts)
-    else:
-        t5, clip = torch.zeros(0), torch.zeros(0)
+    encoded = enc.prompts(texts)
     items = [{"index": r["index"], "latents": latents[r["index"]], "bucket": r["bucket"],
               "caption": captions[r["index"]], "source": sources[r["index"]].name,
               "text_id": texts.index(captions[r["index"]])} for r in records]
-    return cache.pack_shard(items, t5, clip)
+    for item in items if controls else []:
+        item["control"] = controls[item["index"]]
+    return cache.pack_shard(items, encoded)
 
 
 def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, str]:
@@ -194,7 +202,7 @@ def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, str]
     return out
 
 
-def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress: Progress) -> None:
+def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress: Progress, family: Family) -> None:
     """Encode and write every chunk of this rank that is not already complete on disk."""
     shards_dir = Path(cfg.data.cache_dir) / "shards"
     world = di.world_size
@@ -210,7 +218,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
         return
     entries = [(i, sources[i]) for _, planned in pending for i in planned]
     captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
-    enc = Encoders(cfg, di.device) if entries else None
+    enc = Encoders(cfg, di.device, family) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
     stream = iter(_decoded(entries, buckets, cfg.preprocess))
     writer = ThreadPoolExecutor(max_workers=1)  # serialising + hashing + fsync overlap the next chunk
@@ -228,7 +236,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
                 skipped.append({"index": rec["index"], "source": sources[rec["index"]].name, "error": rec["error"]})
             else:
                 records.append(rec)
-        shard = encode_chunk(enc, records, captions, sources) if records else cache.pack_shard([], torch.zeros(0), torch.zeros(0))
+        shard = encode_chunk(enc, records, captions, sources) if records else cache.pack_shard([], {})
         if writing is not None:
             writing.result()  # at most one chunk in flight: memory stays bounded, errors surface
         writing = writer.submit(_write_chunk, shards_dir, cache.shard_name(di.rank, world, p), shard, planned,
@@ -246,8 +254,9 @@ def _write_chunk(shards_dir: Path, name: str, shard: dict, planned: list[int], s
     progress.add(len(planned))
 
 
-def write_samples(cfg: Config, di) -> None:
-    """Rank 0: encode the sample prompts for train's preview images (once per set of prompts)."""
+def write_samples(cfg: Config, di, family: Family) -> None:
+    """Rank 0: encode the sample prompts for train's preview images (once per set of prompts),
+    and the negative prompt where the family's previews use true CFG."""
     cache_dir = Path(cfg.data.cache_dir)
     prompts = [apply_trigger(p, cfg.data.trigger_word) if "[trigger]" in p else p for p in cfg.data.sample_prompts]
     if not prompts:
@@ -257,12 +266,15 @@ def write_samples(cfg: Config, di) -> None:
         old = cache.load_sample_prompts(cache_dir)
     except CacheError:
         old = None  # unreadable: written again below
-    if old is not None and old.get("prompts") == prompts:
+    if old is not None and old.get("prompts") == prompts and old.get("text_keys", ["t5", "clip"]) == list(family.text_keys):
         return
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
-    text = loading.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device)
-    clip, t5 = encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
-    cache.write_sample_prompts(cache_dir, prompts, t5, clip)
+    text = family.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device)
+    encoded = family.encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
+    negative = None
+    if family.preview_negative is not None:
+        negative = family.encode_prompts(text, [family.preview_negative], cfg.data.max_sequence_length, di.device)
+    cache.write_sample_prompts(cache_dir, prompts, encoded, negative)
 
 
 def run(cfg: Config) -> dict:
@@ -294,17 +306,35 @@ def _download_display():
     return update
 
 
-def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
-    loading.check_model_path(cfg.model.path)
-    root = session.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
-                                                          _download_display(), refresh=cfg.preprocess.overwrite))
-    sources = discover(Path(root))
+def find_sources(root: Path, family: Family, strict: bool, reporter) -> list[SourceImage]:
+    """The dataset's items: images with captions, or for an editing family, (control, target)
+    pairs; what does not pair is warned about (reporter: rank 0's, else None) or, under
+    --strict, fails the run."""
+    sources = discover(root)
+    if family.paired:
+        sources, problems = pair_controls(sources)
+        if problems and strict:
+            raise DataError(f"{problems[0][1]} (--strict); fix the pairs or drop --strict")
+        for name, problem in problems if reporter else []:
+            reporter.warning(problem, file=name)
+        if not sources:
+            raise DataError(f"no editing pairs found in {root}: {family.title} trains on a target image with a control "
+                            "image of the same stem in a control/ folder beside it, or named STEM_control.EXT")
     if not sources:
         raise DataError(f"no images (jpg, png, webp, bmp, tiff) found in {root}; check the --data path")
+    return sources
+
+
+def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
+    loading.check_model_path(cfg.model.path)
+    family = families.of_model(cfg.model.path, cfg.model.revision)
+    root = session.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
+                                                          _download_display(), refresh=cfg.preprocess.overwrite))
+    sources = find_sources(Path(root), family, cfg.data.strict, reporter if di.is_main else None)
     for source in sources if di.is_main else []:
         if source.note:
             reporter.warning(f"{source.name}: {source.note}", file=source.name)
-    settings = {**cache.cache_settings(cfg, sources, di.world_size), "source_root": str(root)}
+    settings = {**cache.cache_settings(cfg, sources, di.world_size, family.name), "source_root": str(root)}
     complete = session.main_then_share(lambda: cache.claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
     reporter.start(len(sources), "preprocess", world_size=di.world_size, dataset_size=len(sources),
                    cache_dir=str(cache_dir), resolution=cfg.data.resolution)
@@ -314,11 +344,11 @@ def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     else:
         parts = cache.plan_parts(session.shard_indices(len(sources), di.rank, di.world_size), cfg.preprocess.chunk_items)
         progress = Progress(cache_dir, di, len(sources), reporter)
-        encode_pending(cfg, di, parts, sources, settings["buckets"], reporter, progress)
+        encode_pending(cfg, di, parts, sources, settings["buckets"], reporter, progress, family)
         rate = progress.throughput()  # also the barrier before rank 0 writes the manifest
         summary = {**session.main_then_share(lambda: cache.write_manifest(cache_dir, settings, reporter)), **rate}
     if di.is_main:
-        write_samples(cfg, di)  # encodes: only rank 0 loads the text encoders again
+        write_samples(cfg, di, family)  # encodes: only rank 0 loads the text encoders again
     cache.write_config(cache_dir, cfg)
     session.barrier()
     reporter.done(**summary, cache_dir=str(cache_dir))

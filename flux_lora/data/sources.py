@@ -29,6 +29,11 @@ class SourceImage:
     name: str  # path relative to the dataset root (stable across folder / zip)
     caption: str | None  # from a sidecar .txt, None if there is none
     note: str | None = None  # what a person should hear about this item's files (a warning)
+    control: Path | None = None  # an editing pair's control (input) image; the item is the target
+
+
+CONTROL_DIR = "control"
+CONTROL_SUFFIX = "_control"
 
 
 def _hidden(rel: PurePosixPath) -> bool:
@@ -45,7 +50,8 @@ def contained(path: Path, root: Path) -> bool:
 
 def discover(root: Path) -> list[SourceImage]:
     """Images under root, recursively, sorted by relative path; captions from same-stem .txt files.
-    Symbolic links (images or captions) are not followed: they could read outside the dataset."""
+    Symbolic links (images or captions) are not followed: they could read outside the dataset.
+    (For editing pairs, `pair_controls` then takes the control images out of this list.)"""
     items = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
@@ -63,6 +69,44 @@ def discover(root: Path) -> list[SourceImage]:
             items.append(SourceImage(p, str(rel), caption, note))
     items.sort(key=lambda s: s.name)
     return items
+
+
+def is_control(name: str) -> bool:
+    """A control image of an editing pair: under a `control/` folder, or named STEM_control.EXT."""
+    rel = PurePosixPath(name)
+    return CONTROL_DIR in rel.parts[:-1] or rel.stem.endswith(CONTROL_SUFFIX)
+
+
+def _control_candidates(target: str) -> list[str]:
+    """Where target DIR/STEM.EXT's control may be: DIR/control/STEM.* or DIR/STEM_control.*."""
+    rel = PurePosixPath(target)
+    return [str(rel.parent / CONTROL_DIR / rel.stem), str(rel.parent / (rel.stem + CONTROL_SUFFIX))]
+
+
+def pair_controls(sources: list[SourceImage]) -> tuple[list[SourceImage], list[tuple[str, str]]]:
+    """Editing pairs: each target image with the control image of the same stem, found in a
+    `control/` folder beside it or as STEM_control.EXT. Returns (targets with their control,
+    problems): a target without a control is left out, a control without a target is ignored,
+    and both are named in the problems, (file, message) (the caller warns, or fails under --strict)."""
+    controls = {str(PurePosixPath(s.name).with_suffix("")): s for s in sources if is_control(s.name)}
+    used, pairs, problems = set(), [], []
+    for s in sources:
+        if is_control(s.name):
+            continue
+        found = [controls[c] for c in _control_candidates(s.name) if c in controls]
+        if not found:
+            stem = PurePosixPath(s.name).stem
+            problems.append((s.name, f"{s.name} has no control image (control/{stem}.* or {stem}{CONTROL_SUFFIX}.* "
+                                     "beside it); pair skipped"))
+            continue
+        if len(found) > 1:
+            problems.append((s.name, f"{s.name} has two control images ({found[0].name}, {found[1].name}); "
+                                     f"using {found[0].name}"))
+        used.add(found[0].name)
+        pairs.append(SourceImage(s.path, s.name, s.caption, s.note, control=found[0].path))
+    for c in sorted(set(c.name for c in controls.values()) - used):
+        problems.append((c, f"control image {c} matches no target image; ignored"))
+    return pairs, problems
 
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:

@@ -41,18 +41,28 @@ def _weights_sample(folder: Path) -> list:
 
 
 def family(model: str, revision: str = "") -> str:
-    """The pipeline class the model declares in its model_index.json (e.g. FluxPipeline)."""
+    """The pipeline class the model declares in its model_index.json (e.g. FluxPipeline); for a
+    folder holding only transformer/, the pipeline its transformer class belongs to."""
     if synthetic.is_synthetic(model):
         return "FluxPipeline"
     with load_errors(model, "model_index.json"):
         local = Path(model) / "model_index.json"
         if local.is_file():
             index = json.loads(local.read_text())
+        elif Path(model, "transformer", "config.json").is_file():
+            return _pipeline_of_transformer(json.loads(Path(model, "transformer", "config.json").read_text()))
         else:
             from huggingface_hub import hf_hub_download
 
             index = json.loads(Path(hf_hub_download(model, "model_index.json", **revision_kwargs(revision))).read_text())
     return str(index.get("_class_name", "unknown"))
+
+
+def _pipeline_of_transformer(config: dict) -> str:
+    name = config.get("_class_name", "unknown")
+    if name == "Flux2Transformer2DModel":
+        return "Flux2Pipeline" if config.get("guidance_embeds", True) else "Flux2KleinPipeline"
+    return {"FluxTransformer2DModel": "FluxPipeline"}.get(name, name)
 
 
 def transformer_identity(model: str, revision: str = "") -> str:
@@ -67,11 +77,18 @@ def transformer_identity(model: str, revision: str = "") -> str:
 
 
 def fingerprint(model: str, max_sequence_length: int, revision: str = "") -> str:
-    """Identity of what the cache depends on: VAE (incl. shift/scale) and both text encoders."""
+    """Identity of what the cache depends on: the family, its VAE (incl. normalisation) and text
+    encoders. (FLUX.1's identity leaves the family out: caches built before there were families
+    keep theirs.)"""
+    from flux_lora.models import families
+
     parts = {"max_sequence_length": max_sequence_length}
     if synthetic.is_synthetic(model):
         return hashlib.sha256(f"{model}:{max_sequence_length}".encode()).hexdigest()[:32]
-    for sub in ("vae", "text_encoder", "text_encoder_2"):
+    fam = families.of_model(model, revision)
+    if fam.name != "flux1":
+        parts["family"] = fam.name
+    for sub in ("vae", *fam.text_parts):
         parts[sub] = _config_dict(model, sub, revision)
         if Path(model, sub).is_dir():
             parts[sub + "_weights"] = _weights_sample(Path(model, sub))

@@ -86,49 +86,32 @@ def revision_kwargs(revision: str) -> dict:
 
 
 def load_transformer(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
-    from diffusers import FluxTransformer2DModel
+    """The transformer of --model's family (models/families), from_pretrained or random:NAME."""
+    from flux_lora.models import families
 
-    check_model_path(model)
-    if synthetic.is_synthetic(model):
-        return synthetic.transformer(dtype, device or torch.device("cpu"))
-    # straight onto the GPU: eight ranks each staging 24 GB in host memory would not fit
-    placement = {"device_map": {"": device}} if device is not None and device.type == "cuda" else {}
-    with load_errors(model, "the transformer"):
-        return FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", dtype=dtype,
-                                                      **placement, **revision_kwargs(revision))
+    return families.of_model(model, revision).load_transformer(model, dtype, revision, device)
 
 
 def load_vae(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
-    from diffusers import AutoencoderKL
+    from flux_lora.models import families
 
-    check_model_path(model)
-    if synthetic.is_synthetic(model):
-        return synthetic.vae(dtype, device or torch.device("cpu"))
-    with load_errors(model, "the VAE"):
-        return AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype, **revision_kwargs(revision))
+    return families.of_model(model, revision).load_vae(model, dtype, revision, device)
 
 
 def load_text_pipeline(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
-    """A FluxPipeline holding only the text encoders, so prompts are encoded by diffusers' own
-    `encode_prompt`, exactly as at inference."""
-    from diffusers import FluxPipeline
+    """The family's pipeline holding only its text encoders (prompts encoded by diffusers' own encode_prompt)."""
+    from flux_lora.models import families
 
-    check_model_path(model)
-    if synthetic.is_synthetic(model):
-        return synthetic.text_pipeline(dtype, device or torch.device("cpu"))
-    with load_errors(model, "the text encoders"):
-        return FluxPipeline.from_pretrained(model, transformer=None, vae=None, dtype=dtype, **revision_kwargs(revision))
+    return families.of_model(model, revision).load_text_pipeline(model, dtype, revision, device)
 
 
 def load_scheduler(model: str, revision: str = ""):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from flux_lora.models import families
 
-    if synthetic.is_synthetic(model):
-        return synthetic.scheduler()
-    with load_errors(model, "the scheduler"):
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **revision_kwargs(revision))
+    return families.of_model(model, revision).load_scheduler(model, revision)
 
 
 def transformer_blocks(model) -> list[torch.nn.Module]:
-    """The double-stream then single-stream blocks: where LoRA, compile and quantization act."""
+    """The double-stream then single-stream blocks (every FLUX family has both lists): where LoRA,
+    compile and quantization act."""
     return list(model.transformer_blocks) + list(model.single_transformer_blocks)

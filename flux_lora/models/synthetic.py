@@ -1,8 +1,10 @@
-"""Full-size FLUX.1-dev components with random weights, built in code: `--model random:flux1-dev`.
+"""Full-size models with random weights, built in code: `--model random:flux1-dev` (every part of
+FLUX.1-dev), and a transformer alone for the other families (`random:flux2-dev`, ...; their
+configs live in their family modules).
 
-FLUX.1-dev weights cannot be downloaded on the benchmark machines, and random weights cost exactly
-what the real ones cost, so scripts/bench.py and the scaling runs drive the real `preprocess` and
-`train` commands with this model id. Tokenizers are the small code-built ones of flux_lora.tiny
+Weights cannot be downloaded on the benchmark machines, and random weights cost exactly what the
+real ones cost, so scripts/bench.py and the scaling runs drive the real `preprocess` and `train`
+commands with these model ids. Tokenizers are the small code-built ones of flux_lora.tiny
 (token ids stay far below the real vocabularies), and every rank builds identical weights (seeded).
 """
 
@@ -13,7 +15,6 @@ import contextlib
 import torch
 
 PREFIX = "random:"
-KNOWN = ("random:flux1-dev",)
 
 TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -34,10 +35,9 @@ def is_synthetic(model: str) -> bool:
 
 
 def check(model: str) -> None:
-    from flux_lora.errors import ModelError
+    from flux_lora.models import families
 
-    if model not in KNOWN:
-        raise ModelError(f"unknown synthetic model {model!r}; known: {', '.join(KNOWN)}")
+    families.of_model(model)  # raises for an unknown name, listing the known ones
 
 
 @contextlib.contextmanager
@@ -53,11 +53,16 @@ def _building(dtype: torch.dtype, device: torch.device, seed: int = 0):
         torch.set_default_dtype(previous)
 
 
+def build(cls, config: dict, dtype: torch.dtype, device: torch.device):
+    """A model of class cls with this config, random (seeded) weights, built in place on the device."""
+    with _building(dtype, device):
+        return cls(**config)
+
+
 def transformer(dtype: torch.dtype, device: torch.device):
     from diffusers import FluxTransformer2DModel
 
-    with _building(dtype, device):
-        return FluxTransformer2DModel(**TRANSFORMER)
+    return build(FluxTransformer2DModel, TRANSFORMER, dtype, device)
 
 
 def vae(dtype: torch.dtype, device: torch.device):

@@ -1,8 +1,8 @@
-"""A tiny random FLUX.1 pipeline (and a tiny captioner) built in code, for tests, CI and the demo.
+"""Tiny random pipelines of every family (and a tiny captioner) built in code, for tests, CI and the demo.
 
-    python -m flux_lora make-tiny tiny-flux
+    python -m flux_lora make-tiny tiny-flux [--family flux1|flux1-kontext|flux2|flux2-klein]
 
-It keeps FLUX.1-dev's structure (guidance embedding, double and single blocks, 3 rope axes, VAE
+The FLUX.1 one keeps FLUX.1-dev's structure (guidance embedding, double and single blocks, 3 rope axes, VAE
 shift/scale factors, CLIP pooled + T5 sequence text) at toy sizes, and is saved with
 `save_pretrained` so it is loaded exactly like the real model: `FluxPipeline.from_pretrained(DIR)`.
 """
@@ -52,22 +52,21 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_TOKENS)
 
 
-def build_pipeline(seed: int = 0):
-    """The tiny FluxPipeline, deterministic for a given seed."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+TEXT_HIDDEN = 16  # the FLUX.2 toy text encoders' width (the transformer reads 3 layers of it per token)
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                 "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}"
+                    "[INST]{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}"
+                    "{% endfor %}[/INST]{% endif %}{% endfor %}")
+
+
+def clip_and_t5():
+    """FLUX.1's two toy text encoders and their tokenizers: (clip, clip_tokenizer, t5, t5_tokenizer)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
     tok, tok2 = clip_tokenizer(), t5_tokenizer()
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, shift_factor=0.0609, scaling_factor=1.5035,
-        use_quant_conv=False, use_post_quant_conv=False)
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=CLIP_MAX_TOKENS, projection_dim=32,
@@ -75,11 +74,66 @@ def build_pipeline(seed: int = 0):
     t5 = T5EncoderModel(T5Config(
         vocab_size=max(len(tok2), 128), d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok,
-                        text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
+    return clip.eval(), tok, t5.eval(), tok2
+
+
+def flux1_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def qwen3(seed: int = 0):
+    """FLUX.2 [klein]'s text encoder at toy size: a Qwen3ForCausalLM deep enough for the hidden
+    layers 9/18/27 the pipeline reads, and a byte-level Qwen2 tokenizer with a chat template."""
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(_bytes_to_unicode() + specials)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=T5_MAX_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = QWEN_TEMPLATE
+    torch.manual_seed(seed + 1)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=24, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=T5_MAX_TOKENS,
+        pad_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"]))
+    return model.eval(), tokenizer
+
+
+def mistral3(seed: int = 0):
+    """FLUX.2 [dev]'s text encoder at toy size: a Mistral3ForConditionalGeneration deep enough for
+    the hidden layers 10/20/30 the pipeline reads, and a byte-level tokenizer with a chat template
+    of Mistral's shape (system prompt, [INST] ... [/INST])."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials + _bytes_to_unicode())}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", model_max_length=T5_MAX_TOKENS, chat_template=MISTRAL_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[3:8]})
+    torch.manual_seed(seed + 1)
+    model = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=24,
+                         max_position_embeddings=T5_MAX_TOKENS, num_attention_heads=2, num_hidden_layers=31,
+                         num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e9, sliding_window=None,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=8),
+        vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=24, image_size=32, patch_size=8, num_channels=3, head_dim=8),
+        image_token_index=7, spatial_merge_size=1, vision_feature_layer=-1, multimodal_projector_bias=False))
+    return model.eval(), tokenizer
+
+
+def build_pipeline(seed: int = 0, family: str = "flux1"):
+    """The tiny pipeline of a family (flux1, flux1-kontext, flux2, flux2-klein), deterministic for a seed."""
+    from flux_lora.models import families
+
+    return families.by_name(family).build_tiny(seed)
 
 
 def build_captioner(seed: int = 0):
@@ -106,9 +160,9 @@ def build_captioner(seed: int = 0):
     return model, processor
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny(out_dir: str | Path, seed: int = 0, family: str = "flux1") -> Path:
     """Write the tiny pipeline to out_dir (diffusers layout) and a tiny captioner to out_dir/captioner."""
-    pipe = build_pipeline(seed)
+    pipe = build_pipeline(seed, family)
     model, processor = build_captioner(seed)
 
     def write(folder: Path) -> None:

@@ -1,5 +1,5 @@
-"""Inference with diffusers' FluxPipeline: preview grids during training (prompts encoded by
-preprocess, so no text encoder is loaded) and the `flux_lora sample` command."""
+"""Inference with the model family's diffusers pipeline: preview grids during training (prompts
+encoded by preprocess, so no text encoder is loaded) and the `flux_lora sample` command."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 
 from flux_lora.fast.compiled_blocks import eager_stance
-from flux_lora.models import loading
+from flux_lora.models import families, loading
 from flux_lora.outputs import files
 from flux_lora.parallel import session
 
-PREVIEW_GUIDANCE = 3.5
 
 
 def make_grid(images: list, captions: list[str]):
@@ -33,26 +32,33 @@ def make_grid(images: list, captions: list[str]):
     return grid
 
 
-def _pipeline(transformer, vae, scheduler):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 class Previewer:
     """Draws the cached sample prompts with the current LoRA. Prompts are split over the ranks and
-    the images gathered on rank 0, so no rank idles long enough to hit a collective timeout."""
+    the images gathered on rank 0, so no rank idles long enough to hit a collective timeout. An
+    editing family draws prompt i on the control image of cached item i (mod the items)."""
 
-    def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter):
+    def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter, family=None, dataset=None):
+        self.family = family or families.of_model(cfg.model.path, cfg.model.revision)
         dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
-        self.vae = loading.load_vae(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device).eval()
-        self.scheduler = loading.load_scheduler(cfg.model.path, cfg.model.revision)
+        self.vae = self.family.load_vae(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device).eval()
+        self.scheduler = self.family.load_scheduler(cfg.model.path, cfg.model.revision)
         self.model, self.samples, self.reporter, self.di, self.dtype = model, samples, reporter, di, dtype
         self.size, self.steps, self.seed = manifest["resolution"], cfg.train.sample_steps, cfg.train.seed
+        self.dataset = dataset
         self.out_dir = Path(cfg.output.dir) / "samples"
+
+    def _inputs(self, i: int) -> dict:
+        """Pipeline arguments of prompt i: its cached embeddings (and control, size)."""
+        device = self.di.device
+        keys = self.samples.get("text_keys", ["t5", "clip"])
+        text = {k: self.samples[k][i:i + 1].to(device, self.dtype) for k in keys}
+        negative = self.samples.get("negative")
+        negative = {k: v.to(device, self.dtype) for k, v in negative.items()} if negative else None
+        control, height, width = None, self.size, self.size
+        if self.family.paired and self.dataset is not None and len(self.dataset):
+            control = self.dataset[i % len(self.dataset)]["control"][None].to(device, self.dtype)
+            height, width = (s * 8 for s in control.shape[-2:])
+        return {**self.family.preview_kwargs(text, negative, control), "height": height, "width": width}
 
     @torch.no_grad()
     def __call__(self, step: int) -> None:
@@ -60,15 +66,13 @@ class Previewer:
         mine = session.shard_indices(len(prompts), self.di.rank, self.di.world_size)
         was_training = self.model.training
         self.model.eval()
-        pipe = _pipeline(self.model, self.vae, self.scheduler)
+        pipe = self.family.inference_pipeline(self.model, self.vae, self.scheduler)
         images = {}
         with eager_stance(self.model):
             for i in mine:
                 gen = torch.Generator(device=self.di.device).manual_seed(self.seed + i)
-                images[i] = pipe(prompt_embeds=self.samples["t5"][i:i + 1].to(self.di.device, self.dtype),
-                                 pooled_prompt_embeds=self.samples["clip"][i:i + 1].to(self.di.device, self.dtype),
-                                 height=self.size, width=self.size, num_inference_steps=self.steps,
-                                 guidance_scale=PREVIEW_GUIDANCE, generator=gen).images[0]
+                images[i] = pipe(**self._inputs(i), num_inference_steps=self.steps,
+                                 guidance_scale=self.family.preview_guidance, generator=gen).images[0]
         self.model.train(was_training)
         gathered = {k: v for part in session.gather_objects(images) for k, v in part.items()}
         path = self.out_dir / f"step-{step:06d}.png"
@@ -92,31 +96,60 @@ def check_sample_options(size: int, steps: int, guidance: float, max_sequence_le
 
 
 def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path, seed: int, steps: int,
-                   guidance: float, size: int, max_sequence_length: int) -> Path:
-    """`flux_lora sample`: FluxPipeline.from_pretrained + load_lora_weights, one image per prompt."""
-    from diffusers import FluxPipeline
+                   guidance: float | None, size: int, max_sequence_length: int, image: Path | None = None) -> Path:
+    """`flux_lora sample`: the family's pipeline from_pretrained + load_lora_weights, one image per
+    prompt; `image` is the control (input) image of an editing model (required for Kontext)."""
+    from flux_lora.errors import ConfigError, FluxLoraError
 
-    from flux_lora.errors import FluxLoraError
-
-    check_sample_options(size, steps, guidance, max_sequence_length)  # before seconds of loading
+    check_sample_options(size, steps, 0.0 if guidance is None else guidance, max_sequence_length)  # before loading
     loading.quiet_libraries()
+    loading.check_model_path(model)
+    family = families.of_model(model)
+    control = _control_image(image, family)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = loading.resolve_dtype("auto", device)
-    loading.check_model_path(model)
     with loading.load_errors(model, "the pipeline"):
-        pipe = FluxPipeline.from_pretrained(model, dtype=dtype).to(device)
+        pipe = family.diffusers_class(family.pipeline_class).from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         if not Path(lora).is_file():
             raise FluxLoraError(f"LoRA file {lora} does not exist")
-        pipe.load_lora_weights(str(lora), adapter_name="trained")
+        try:
+            pipe.load_lora_weights(str(lora), adapter_name="trained")
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise FluxLoraError(f"{lora} does not load into this {family.title} model ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); was it trained on another model?") from None
         if not pipe.get_list_adapters().get("transformer"):
-            raise FluxLoraError(f"{lora} loaded no LoRA weights into the transformer; is it a FLUX LoRA?")
+            raise FluxLoraError(f"{lora} loaded no LoRA weights into the transformer; is it a {family.title} LoRA?")
+    extra = {"image": control} if control is not None else {}
+    if control is None and image is not None:
+        raise ConfigError(f"--image is for editing models; {model} is {family.title}")
     images = []
     for i, p in enumerate(prompts):
         gen = torch.Generator(device=device).manual_seed(seed + i)
-        images.append(pipe(p, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=gen, max_sequence_length=max_sequence_length).images[0])
-    image = images[0] if len(images) == 1 else make_grid(images, prompts)
-    files.write_atomic(out, lambda f: image.save(f, format="PNG"))
+        images.append(pipe(prompt=p, height=size, width=size, num_inference_steps=steps,
+                           guidance_scale=family.preview_guidance if guidance is None else guidance,
+                           generator=gen, max_sequence_length=max_sequence_length, **extra).images[0])
+    result = images[0] if len(images) == 1 else make_grid(images, prompts)
+    files.write_atomic(out, lambda f: result.save(f, format="PNG"))
     return out
+
+
+def _control_image(image: Path | None, family):
+    """The control image for an editing family (required there), as an RGB PIL image (EXIF
+    orientation applied); None otherwise."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from flux_lora.errors import ConfigError
+
+    if not family.paired:
+        return None
+    if image is None:
+        raise ConfigError(f"{family.title} edits an input image: pass --image CONTROL.png")
+    if not Path(image).is_file():
+        raise ConfigError(f"--image {image} does not exist")
+    try:
+        with Image.open(image) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"--image {image} is not a readable image ({type(e).__name__})") from None

@@ -2,8 +2,8 @@
 
     x_t = (1 - t)·x0 + t·ε,   v_target = ε - x0,   loss = ‖v_θ(x_t, t, text) - v_target‖²
 (Esser et al. 2024, "Scaling Rectified Flow Transformers", eqs. 1-3; t = 1 is pure noise, as in
-diffusers' FlowMatchEulerDiscreteScheduler.) Latents are packed into 2×2 patches with the
-position ids FluxPipeline builds; text ids are all zero, as at inference.
+diffusers' FlowMatchEulerDiscreteScheduler.) The same for every family; how latents become tokens
+is the family's (models/families). FLUX.1's packing is re-exported here for scripts and tests.
 """
 
 from __future__ import annotations
@@ -12,33 +12,9 @@ import math
 
 import torch
 
+from flux_lora.models.families.flux1 import image_ids, pack_latents, text_ids, unpack_latents  # noqa: F401
+
 MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates consecutive seeds
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/2)(W/2), 4C], as FluxPipeline._pack_latents."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, (h/2)(w/2), 4C] -> [B, C, h, w] with h, w in latent pixels (inverse of pack_latents)."""
-    b, _, c4 = x.shape
-    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, h, w)
-
-
-def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[(h/2)(w/2), 3] ids (0, row, col) for a latent of h×w, as FluxPipeline._prepare_latent_image_ids."""
-    rows = torch.arange(h // 2, device=device, dtype=dtype)[:, None].expand(h // 2, w // 2)
-    cols = torch.arange(w // 2, device=device, dtype=dtype)[None, :].expand(h // 2, w // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
-
-
-def text_ids(length: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[L, 3] zeros: FLUX gives every text token the same position (0, 0, 0) at inference."""
-    return torch.zeros(length, 3, device=device, dtype=dtype)
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:

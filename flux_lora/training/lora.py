@@ -1,5 +1,6 @@
-"""LoRA on the FLUX transformer with peft: target presets, freezing, fp32 trainables, and saving
-in diffusers' format (keys `transformer.…lora_A/lora_B`, alpha kept in the adapter metadata)."""
+"""LoRA on the transformer with peft: target presets (the family's), freezing, fp32 trainables, and
+saving in diffusers' format through the family's pipeline (keys `transformer.…lora_A/lora_B`,
+alpha kept in the adapter metadata)."""
 
 from __future__ import annotations
 
@@ -10,28 +11,16 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.errors import ConfigError
+from flux_lora.errors import ConfigError, FluxLoraError
+from flux_lora.models.families.base import Family
+from flux_lora.models.families.flux1 import FAMILY as FLUX1
 from flux_lora.outputs import files
 
-_DOUBLE = r"transformer_blocks\.\d+\."
-_SINGLE = r"single_transformer_blocks\.\d+\."
-_DOUBLE_ATTN = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_DOUBLE_MLP = r"(ff|ff_context)\.net\.(0\.proj|2)"
-_SINGLE_ATTN = r"attn\.(to_q|to_k|to_v)"
-_SINGLE_MLP = r"(proj_mlp|proj_out)"
+PRESETS = FLUX1.lora_presets  # FLUX.1's, the default where no family is given
 
-# Qualified patterns (peft full-matches a string target against module names), so the final
-# top-level proj_out is never wrapped.
-PRESETS = {
-    "attention": rf"({_DOUBLE}{_DOUBLE_ATTN}|{_SINGLE}{_SINGLE_ATTN})",
-    "attention-mlp": rf"({_DOUBLE}({_DOUBLE_ATTN}|{_DOUBLE_MLP})|{_SINGLE}({_SINGLE_ATTN}|{_SINGLE_MLP}))",
-    "all-linear": rf"({_DOUBLE}|{_SINGLE}).*",
-}
-
-
-def target_pattern(targets: str) -> str:
-    if targets in PRESETS:
-        return PRESETS[targets]
+def target_pattern(targets: str, presets: dict[str, str] = PRESETS) -> str:
+    if targets in presets:
+        return presets[targets]
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:
         raise ConfigError(f"lora.targets={targets!r} is empty; use attention, attention-mlp, all-linear or module names")
@@ -43,19 +32,20 @@ def matched_modules(model: torch.nn.Module, pattern: str) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.fullmatch(name)]
 
 
-def unmatched_targets(model: torch.nn.Module, targets: str) -> list[str]:
+def unmatched_targets(model: torch.nn.Module, targets: str, presets: dict[str, str] = PRESETS) -> list[str]:
     """Entries of an explicit target list that match no Linear layer (for a warning)."""
-    if targets in PRESETS:
-        return [] if matched_modules(model, PRESETS[targets]) else [targets]
+    if targets in presets:
+        return [] if matched_modules(model, presets[targets]) else [targets]
     return [t.strip() for t in targets.split(",") if t.strip() and not matched_modules(model, target_pattern(t.strip()))]
 
 
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, dropout: float, seed: int) -> int:
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, dropout: float, seed: int,
+             presets: dict[str, str] = PRESETS) -> int:
     """Freeze the base, inject LoRA in place (clean keys, no `base_model.model.` prefix), make the
     LoRA params fp32. The seed makes the initial LoRA identical on every rank. Returns #params."""
     from peft import LoraConfig
 
-    matched = matched_modules(model, target_pattern(targets))
+    matched = matched_modules(model, target_pattern(targets, presets))
     if not matched:
         raise ConfigError(f"lora.targets={targets!r} matches no Linear layer of this transformer; "
                           "use attention, attention-mlp, all-linear or names such as attn.to_q")
@@ -98,14 +88,14 @@ def adapter_metadata(model: torch.nn.Module) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
 
 
-def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> Path | None:
-    """Write a diffusers-format LoRA file atomically through diffusers' own writer (rank 0)."""
-    from diffusers import FluxPipeline
+def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict, family: Family = FLUX1) -> Path | None:
+    """Write a diffusers-format LoRA file atomically through the family pipeline's own writer (rank 0)."""
+    pipeline = family.diffusers_class(family.pipeline_class)
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            FluxPipeline.save_lora_weights(tmp.parent, transformer_lora_layers=sd, weight_name=tmp.name,
+            pipeline.save_lora_weights(tmp.parent, transformer_lora_layers=sd, weight_name=tmp.name,
                                            transformer_lora_adapter_metadata=metadata)
 
     return files.write_file_from(path, write)
@@ -126,12 +116,16 @@ def verify_saved(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> Non
         raise RuntimeError(f"self-check failed: rank/alpha metadata was not stored in {path}")
 
 
-def export_lora(path: Path, model: torch.nn.Module, export_format: str = "diffusers") -> Path | None:
+def export_lora(path: Path, model: torch.nn.Module, export_format: str = "diffusers",
+                family: Family = FLUX1) -> Path | None:
     """Write the LoRA (diffusers format) on rank 0, check it round-trips, and optionally write the
     kohya/ComfyUI version beside it. Every rank calls it; other ranks return None."""
+    if export_format == "kohya" and not family.kohya_export:
+        raise FluxLoraError(f"output.export_format=kohya covers FLUX.1 and Kontext, not {family.title}; "
+                            "use diffusers (ComfyUI reads that file through its diffusers key mapping)")
     sd = lora_state_dict(model)
     meta = adapter_metadata(model)
-    written = save_lora(path, sd, meta)
+    written = save_lora(path, sd, meta, family)
     if written is None:
         return None
     verify_saved(written, sd, meta)

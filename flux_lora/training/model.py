@@ -8,19 +8,21 @@ import torch
 
 from flux_lora.config import Config
 from flux_lora.fast import attention, compiled_blocks, fused_qkv, lora_up, memory, quantize
-from flux_lora.models import loading, synthetic
+from flux_lora.models import families, loading, synthetic
+from flux_lora.models.families.base import Family
 from flux_lora.parallel.session import DistInfo
 from flux_lora.training import lora
 
 
 def image_token_counts(buckets: set[tuple[int, int]]) -> set[int]:
-    """Image tokens (one per 16×16 pixels) of each (width, height) bucket."""
+    """Image tokens (one per 16×16 pixels, in every family) of each (width, height) bucket."""
     return {(w // 16) * (h // 16) for w, h in buckets}
 
 
-def largest_micro_batch_tokens(buckets: set[tuple[int, int]], text_len: int, batch_size: int) -> int:
-    """Tokens of the largest micro-batch: image tokens + text tokens, times the batch."""
-    return batch_size * (max(image_token_counts(buckets)) + text_len)
+def largest_micro_batch_tokens(buckets: set[tuple[int, int]], text_len: int, batch_size: int, paired: bool = False) -> int:
+    """Tokens of the largest micro-batch: image tokens (twice for a control image of the same
+    size) + text tokens, times the batch."""
+    return batch_size * ((2 if paired else 1) * max(image_token_counts(buckets)) + text_len)
 
 
 def micro_batch_shapes(buckets: set[tuple[int, int]]) -> int:
@@ -28,36 +30,40 @@ def micro_batch_shapes(buckets: set[tuple[int, int]]) -> int:
     return len(image_token_counts(buckets))
 
 
-def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: int = 1) -> tuple[torch.nn.Module, int]:
+def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: int = 1,
+                family: Family | None = None) -> tuple[torch.nn.Module, int]:
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
     `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory, `shapes`
     (distinct micro-batch shapes) lets cuda_graphs=auto decide. Returns (model, LoRA params)."""
+    family = family or families.of_model(cfg.model.path, cfg.model.revision)
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     stage = quantize.load_device(cfg.train, di.device, dtype, synthetic.is_synthetic(cfg.model.path))
-    transformer = loading.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
+    transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
     attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
-    for name in lora.unmatched_targets(transformer, cfg.lora.targets):
+    for name in lora.unmatched_targets(transformer, cfg.lora.targets, family.lora_presets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
     quantize.quantize_base(transformer, cfg.train.memory_mode, di.device)
-    n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, cfg.train.seed)
+    n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout,
+                             cfg.train.seed, family.lora_presets)
     if n_fp8 := quantize.fp8_base(transformer, cfg.train, di.device, dtype):
         where = "on fp8 tensor cores" if di.device.type == "cuda" else f"in fp8 on the {di.device.type}"
         reporter.info(f"frozen base in fp8: {n_fp8} Linear layers multiply {where}"
                       + (" (train.fp8_compute=off keeps bf16)" if cfg.train.memory_mode == "fast" else ""))
     transformer.to(di.device)
-    why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes)
+    why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes, family.fuses_qkv)
     if why:
         reporter.info(f"gradient checkpointing on ({why})")
     return transformer, n_params
 
 
-def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: int = 1) -> str | None:
+def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: int = 1,
+                        fuses_qkv: bool = True) -> str | None:
     """Fused LoRA-up and q/k/v, gradient checkpointing and per-block compile (compiling each
     block, not the whole model, keeps compile time short and the graphs reusable across the
     identical blocks). Returns why checkpointing was turned on, or None."""
     if train_cfg.fuse_lora_up:
         lora_up.install(model)
-    if train_cfg.fuse_qkv:
+    if train_cfg.fuse_qkv and fuses_qkv:  # FLUX.2's single blocks come fused; its double blocks stay separate
         fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up)
     checkpointing, why = memory.use_checkpointing(train_cfg, model, max_tokens, memory.gpu_bytes(device))
     if checkpointing:

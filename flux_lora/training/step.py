@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import torch
 
 from flux_lora.fast.compiled_blocks import zero_grad
+from flux_lora.models.families.base import Family
+from flux_lora.models.families.flux1 import FAMILY as FLUX1
 from flux_lora.parallel import session
 from flux_lora.training import faults, flow, lora
 from flux_lora.training.batches import Slice
@@ -26,26 +28,25 @@ class StepInputs:
     logit_std: float
     device: torch.device
     dtype: torch.dtype
+    family: Family = FLUX1  # how latents become tokens and how the transformer is called
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
+        else contextlib.nullcontext()
 
 
 def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: StepInputs) -> torch.Tensor:
-    """Rectified-flow loss of one micro-batch (one bucket)."""
+    """Rectified-flow loss of one micro-batch (one bucket), over the target image's tokens."""
     x0 = batch["latents"].to(inputs.device, non_blocking=True).float()  # [B, C, h, w]
-    _, _, h, w = x0.shape
-    seq_len = (h // 2) * (w // 2)
+    family = inputs.family
     noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), inputs.seed, step, positions, inputs.sampling,
-                                       inputs.logit_mean, inputs.logit_std, seq_len, inputs.device)
-    xt = flow.pack_latents(flow.noisy_latents(x0, noise, t))
-    t5 = batch["t5"].to(inputs.device, inputs.dtype, non_blocking=True)
-    guidance = torch.full((x0.shape[0],), inputs.guidance, device=inputs.device) if inputs.guidance is not None else None
-    autocast = torch.autocast("cuda", dtype=inputs.dtype) \
-        if inputs.device.type == "cuda" and inputs.dtype != torch.float32 else contextlib.nullcontext()
-    with autocast:
-        pred = model(hidden_states=xt.to(inputs.dtype), timestep=t.to(inputs.dtype), guidance=guidance,
-                     pooled_projections=batch["clip"].to(inputs.device, inputs.dtype, non_blocking=True),
-                     encoder_hidden_states=t5, txt_ids=flow.text_ids(t5.shape[1], inputs.device),
-                     img_ids=flow.image_ids(h, w, inputs.device), return_dict=False)[0]
-    return flow.flow_loss(pred, flow.pack_latents(flow.velocity_target(x0, noise)))
+                                       inputs.logit_mean, inputs.logit_std, family.image_tokens(x0.shape),
+                                       inputs.device)
+    with autocast(inputs.device, inputs.dtype):
+        pred = family.predict(model, flow.noisy_latents(x0, noise, t), t, batch, inputs.guidance, inputs.device,
+                              inputs.dtype)
+    return flow.flow_loss(pred, family.pack(flow.velocity_target(x0, noise)))
 
 
 def train_step(ddp_model, batches: list[dict], slices: list[Slice], step: int, inputs: StepInputs) -> torch.Tensor:

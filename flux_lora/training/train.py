@@ -23,7 +23,8 @@ from flux_lora.data import cache
 from flux_lora.errors import CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
-from flux_lora.models import fingerprint, loading
+from flux_lora.models import families, fingerprint, loading
+from flux_lora.models.families.base import Family
 from flux_lora.outputs import files
 from flux_lora.outputs.events import NullReporter, Reporter, holding
 from flux_lora.outputs.plot import write_loss_plot
@@ -54,6 +55,7 @@ class Run:
     out: Path
     reporter: Reporter | NullReporter
     trainee: Trainee
+    family: Family
     dataset: cache.CachedDataset
     sampler: GlobalBatchSampler
     inputs: StepInputs
@@ -147,9 +149,13 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
         reporter.warning(f"train.validation_split={cfg.train.validation_split} holds out nothing: the cache has "
                          f"{len(dataset)} item(s); add images or set it to 0")
     buckets = {it.bucket for it in dataset.items}
+    family = families.of_model(cfg.model.path, cfg.model.revision)
+    if cfg.output.export_format == "kohya" and not family.kohya_export:
+        raise ConfigError(f"output.export_format=kohya covers FLUX.1 and Kontext, not {family.title}; use diffusers")
     model, n_params = build_model(cfg, di, reporter,
-                                  largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size),
-                                  micro_batch_shapes(buckets))
+                                  largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size,
+                                                             family.paired),
+                                  micro_batch_shapes(buckets), family)
     ddp = wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = make_optimizer(model, cfg.train, di.device)
     trainee = Trainee(model, ddp, opt, sched)
@@ -161,20 +167,22 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
                                  train_cfg.batch_size * di.world_size * train_cfg.grad_accum, train_cfg.seed)
     has_guidance = bool(getattr(model.config, "guidance_embeds", False))
     inputs = StepInputs(train_cfg.seed, train_cfg.guidance if has_guidance else None, train_cfg.timestep_sampling,
-                        train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device))
-    previews = make_previewer(cfg, di, manifest, model, reporter)
-    reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items),
+                        train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device),
+                        family)
+    previews = make_previewer(cfg, di, manifest, model, reporter, family, dataset)
+    reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items), family=family.name,
                    validation_items=len(held),
                    total_steps=train_cfg.steps, start_step=state.step, lora_parameters=n_params,
                    global_batch=sampler.global_batch, cpu_threads=torch.get_num_threads(), resumed_from=resume_from,
                    config=to_dict(cfg))
     if resume_from:
         reporter.info(f"resuming from {resume_from} at step {state.step}")
-    return Run(cfg, di, out, reporter, trainee, dataset, sampler, inputs, settings, previews, state, train_items,
+    return Run(cfg, di, out, reporter, trainee, family, dataset, sampler, inputs, settings, previews, state, train_items,
                sorted(held))
 
 
-def make_previewer(cfg: Config, di: session.DistInfo, manifest: dict, model, reporter) -> Previewer | None:
+def make_previewer(cfg: Config, di: session.DistInfo, manifest: dict, model, reporter, family: Family,
+                   dataset: cache.CachedDataset) -> Previewer | None:
     """Preview images of the cached sample prompts, or None when off."""
     if not cfg.train.sample_every:
         return None
@@ -183,7 +191,7 @@ def make_previewer(cfg: Config, di: session.DistInfo, manifest: dict, model, rep
         reporter.warning("train.sample_every is set but the cache has no sample prompts; "
                          "pass --sample-prompt to preprocess to get preview images")
         return None
-    return Previewer(cfg, di, manifest, model, samples, reporter)
+    return Previewer(cfg, di, manifest, model, samples, reporter, family, dataset)
 
 
 # ---------------------------------------------------------------- the loop
@@ -296,7 +304,7 @@ def evaluate(current: Run) -> None:
         return
     loss = validation.validation_loss(current.trainee.model, current.dataset, current.validation_items,
                                       validation.timesteps(tc.validation_timesteps), current.inputs.guidance,
-                                      current.inputs.device, current.inputs.dtype)
+                                      current.inputs.device, current.inputs.dtype, current.family)
     is_best = state.best.record(state.step, loss)
     current.reporter.emit("validation", step=state.step, loss=loss, items=len(current.validation_items), best=is_best)
     if is_best:
@@ -343,7 +351,8 @@ def shared_outcome(write, what: str):
 
 
 def export_everywhere(current: Run, path: Path) -> None:
-    shared_outcome(lambda: lora.export_lora(path, current.trainee.model, current.cfg.output.export_format), str(path))
+    shared_outcome(lambda: lora.export_lora(path, current.trainee.model, current.cfg.output.export_format,
+                                            current.family), str(path))
 
 
 def save_state(current: Run) -> None:

@@ -9,7 +9,6 @@ the ranks share the items (rank-strided) and every rank sums them in index order
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -18,7 +17,9 @@ import torch
 
 from flux_lora.fast.compiled_blocks import eager_stance
 from flux_lora.parallel import session
-from flux_lora.training import flow
+from flux_lora.models.families.base import Family
+from flux_lora.models.families.flux1 import FAMILY as FLUX1
+from flux_lora.training import flow, step
 
 VALIDATION_SEED = 0x5EED5EED
 
@@ -40,34 +41,27 @@ def timesteps(count: int) -> list[float]:
 
 @torch.no_grad()
 def item_loss(model, sample: dict, index: int, ts: list[float], guidance: float | None, device: torch.device,
-              dtype: torch.dtype) -> float:
+              dtype: torch.dtype, family: Family = FLUX1) -> float:
     """Flow-matching loss of one item averaged over the fixed timesteps (one forward, batch = len(ts))."""
     x0 = sample["latents"].to(device).float()[None].expand(len(ts), -1, -1, -1)  # [T, C, h, w]
     gen = torch.Generator(device=device).manual_seed(flow.sample_seed(VALIDATION_SEED, 0, index))
     noise = torch.randn(x0.shape[1:], generator=gen, device=device)[None].expand_as(x0)
     t = torch.tensor(ts, device=device)
-    _, _, h, w = x0.shape
-    t5 = sample["t5"].to(device, dtype)[None].expand(len(ts), -1, -1)
-    clip = sample["clip"].to(device, dtype)[None].expand(len(ts), -1)
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
-        else contextlib.nullcontext()
-    with autocast:
-        pred = model(hidden_states=flow.pack_latents(flow.noisy_latents(x0, noise, t)).to(dtype), timestep=t.to(dtype),
-                     guidance=torch.full((len(ts),), guidance, device=device) if guidance is not None else None,
-                     pooled_projections=clip, encoder_hidden_states=t5, txt_ids=flow.text_ids(t5.shape[1], device),
-                     img_ids=flow.image_ids(h, w, device), return_dict=False)[0]
-    return float(flow.flow_loss(pred, flow.pack_latents(flow.velocity_target(x0, noise))))
+    batch = {k: v[None].expand(len(ts), *v.shape) for k, v in sample.items() if isinstance(v, torch.Tensor)}
+    with step.autocast(device, dtype):
+        pred = family.predict(model, flow.noisy_latents(x0, noise, t), t, batch, guidance, device, dtype)
+    return float(flow.flow_loss(pred, family.pack(flow.velocity_target(x0, noise))))
 
 
 def validation_loss(model, dataset, items: list[int], ts: list[float], guidance: float | None,
-                    device: torch.device, dtype: torch.dtype) -> float:
+                    device: torch.device, dtype: torch.dtype, family: Family = FLUX1) -> float:
     """Mean loss over the held-out items; every rank evaluates its share and gets the same mean."""
     di = session.info()
     was_training = model.training
     model.eval()
     try:
         with eager_stance(model):
-            mine = {i: item_loss(model, dataset[i], dataset.items[i].index, ts, guidance, device, dtype)
+            mine = {i: item_loss(model, dataset[i], dataset.items[i].index, ts, guidance, device, dtype, family)
                     for i in sorted(items)[di.rank::di.world_size]}
     finally:
         model.train(was_training)

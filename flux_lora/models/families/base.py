@@ -1,0 +1,136 @@
+"""What a model family is: everything that differs between FLUX.1, Kontext and FLUX.2 behind one
+interface (loading, the encoders preprocess runs, the latent space and packing, the transformer
+call, LoRA targets, the inference pipeline). Cache, sampler, DDP, resume, events and checkpoints
+never look past it; a new family is one subclass in its own module plus one line in the registry."""
+
+from __future__ import annotations
+
+import torch
+
+from flux_lora.errors import ModelError
+from flux_lora.models import synthetic
+from flux_lora.models.loading import check_model_path, load_errors, revision_kwargs
+
+
+class Family:
+    name = ""  # how people and the cache name it, e.g. "flux1"
+    title = ""  # e.g. "FLUX.1"
+    pipelines: tuple[str, ...] = ()  # model_index.json `_class_name`s of this family
+    pipeline_class = ""  # diffusers pipeline for previews, `sample` and the LoRA file format
+    transformer_class = ""
+    vae_class = ""
+    text_parts: tuple[str, ...] = ()  # text encoder folders the cache fingerprint covers
+    text_keys: tuple[str, ...] = ()  # cache entries of one encoded prompt
+    paired = False  # trains on (control, target) image pairs
+    kohya_export = False  # the kohya/ComfyUI key names of outputs/export.py fit its blocks
+    fuses_qkv = False  # fast/fused_qkv.py understands its attention layers
+    lora_presets: dict[str, str] = {}
+    preview_guidance = 3.5
+    preview_negative: str | None = None  # a prompt cached for previews' true CFG (None: not used)
+    synthetic: dict[str, dict] = {}  # random:NAME -> full-size transformer config (scripts/bench.py)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    @staticmethod
+    def diffusers_class(name: str):
+        import diffusers
+
+        return getattr(diffusers, name)
+
+    # ------------------------------------------------------------ loading
+
+    def load_transformer(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
+        if synthetic.is_synthetic(model):
+            return synthetic.build(self.diffusers_class(self.transformer_class), self.synthetic[model], dtype,
+                                   device or torch.device("cpu"))
+        check_model_path(model)
+        # straight onto the GPU: eight ranks each staging 24 GB in host memory would not fit
+        placement = {"device_map": {"": device}} if device is not None and device.type == "cuda" else {}
+        with load_errors(model, "the transformer"):
+            return self.diffusers_class(self.transformer_class).from_pretrained(
+                model, subfolder="transformer", dtype=dtype, **placement, **revision_kwargs(revision))
+
+    def load_vae(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
+        self._needs_files(model, "a VAE")
+        with load_errors(model, "the VAE"):
+            return self.diffusers_class(self.vae_class).from_pretrained(model, subfolder="vae", dtype=dtype,
+                                                                         **revision_kwargs(revision))
+
+    def load_text_pipeline(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
+        """The family's pipeline holding only its text encoder(s) and tokenizer(s), so prompts are
+        encoded by diffusers' own `encode_prompt`, exactly as at inference."""
+        self._needs_files(model, "text encoders")
+        with load_errors(model, "the text encoders"):
+            return self.diffusers_class(self.pipeline_class).from_pretrained(
+                model, transformer=None, vae=None, dtype=dtype, **revision_kwargs(revision))
+
+    def load_scheduler(self, model: str, revision: str = ""):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if synthetic.is_synthetic(model):
+            return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        with load_errors(model, "the scheduler"):
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **revision_kwargs(revision))
+
+    def _needs_files(self, model: str, what: str) -> None:
+        if synthetic.is_synthetic(model):
+            raise ModelError(f"{model} is a random transformer for scripts/bench.py train and has no {what}; "
+                             "preprocess and previews need a real model folder or hub id")
+        check_model_path(model)
+
+    # ------------------------------------------------------------ preprocess
+
+    @torch.no_grad()
+    def encode_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> the latents the transformer is trained on (float32, CPU)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompts(self, text_pipe, prompts: list[str], max_sequence_length: int,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+        """{key: [B, ...]} for each of `text_keys`, from the pipeline's own encode_prompt (CPU)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ training
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] cached latents -> [B, tokens, channels], the transformer's image tokens."""
+        raise NotImplementedError
+
+    def image_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        """Image tokens of one cached latent [C, h, w] (the sequence length the time shift uses)."""
+        raise NotImplementedError
+
+    def transformer_kwargs(self, batch: dict, h: int, w: int, device: torch.device, dtype: torch.dtype) -> dict:
+        """Text inputs and position ids of a micro-batch (and any tokens appended after the image's)."""
+        raise NotImplementedError
+
+    def predict(self, model, xt: torch.Tensor, t: torch.Tensor, batch: dict, guidance: float | None,
+                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The velocity the transformer predicts for the noisy latents xt [B, C, h, w] at t [B],
+        packed like `pack(xt)`: the target image's tokens only (appended condition tokens are cut)."""
+        tokens = self.pack(xt)
+        kwargs = self.transformer_kwargs(batch, xt.shape[-2], xt.shape[-1], device, dtype)
+        extra = kwargs.pop("extra_tokens", None)
+        hidden = tokens if extra is None else torch.cat([tokens, extra], dim=1)
+        g = torch.full((xt.shape[0],), guidance, device=device) if guidance is not None else None
+        out = model(hidden_states=hidden.to(dtype), timestep=t.to(dtype), guidance=g, return_dict=False, **kwargs)[0]
+        return out[:, :tokens.shape[1]]
+
+    # ------------------------------------------------------------ inference
+
+    def inference_pipeline(self, transformer, vae, scheduler):
+        """The family's pipeline around the training transformer, without text encoders (previews)."""
+        raise NotImplementedError
+
+    def preview_kwargs(self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
+                       control: torch.Tensor | None) -> dict:
+        """Pipeline call arguments for one cached prompt (tensors [1, ...] on the device)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ tiny model
+
+    def build_tiny(self, seed: int = 0):
+        """A toy pipeline of this family built in code (tests, CI, `make-tiny --family`)."""
+        raise NotImplementedError
