@@ -57,8 +57,9 @@ class Previewer:
         control, height, width = None, self.size, self.size
         if self.family.paired and self.dataset is not None and len(self.dataset):
             control = self.dataset[i % len(self.dataset)]["control"][None].to(device, self.dtype)
-            height, width = (s * 8 for s in control.shape[-2:])
-        return {**self.family.preview_kwargs(text, negative, control), "height": height, "width": width}
+            scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's pixels per latent pixel
+            height, width = (s * scale for s in control.shape[-2:])
+        return {**self.family.preview_kwargs(text, negative, control), **self.family.size_kwargs(height, width)}
 
     @torch.no_grad()
     def __call__(self, step: int) -> None:
@@ -127,7 +128,7 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
     images = []
     for i, p in enumerate(prompts):
         gen = torch.Generator(device=device).manual_seed(seed + i)
-        images.append(pipe(prompt=p, height=size, width=size, num_inference_steps=steps,
+        images.append(pipe(prompt=p, **family.size_kwargs(size, size), num_inference_steps=steps,
                            guidance_scale=family.preview_guidance if guidance is None else guidance,
                            generator=gen, max_sequence_length=max_sequence_length, **extra).images[0])
     result = images[0] if len(images) == 1 else make_grid(images, prompts)

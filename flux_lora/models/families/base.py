@@ -129,6 +129,10 @@ class Family:
         """Pipeline call arguments for one cached prompt (tensors [1, ...] on the device)."""
         raise NotImplementedError
 
+    def size_kwargs(self, height: int, width: int) -> dict:
+        """Pipeline call arguments that fix the output size."""
+        return {"height": height, "width": width}
+
     # ------------------------------------------------------------ tiny model
 
     def build_tiny(self, seed: int = 0):

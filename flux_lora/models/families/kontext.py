@@ -30,6 +30,10 @@ class Kontext(flux1.Flux1):
         # a tensor with the VAE's latent channels is taken as the control image's latents as they are
         return {**super().preview_kwargs(text, negative, control), "image": control}
 
+    def size_kwargs(self, height, width):
+        # FluxKontextPipeline rescales its output to max_area (default 1024²) whatever height/width say
+        return {"height": height, "width": width, "max_area": height * width}
+
     def build_tiny(self, seed=0):
         pipe = super().build_tiny(seed)
         return self.diffusers_class(self.pipeline_class)(**pipe.components)
