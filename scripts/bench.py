@@ -8,8 +8,10 @@
     python scripts/bench.py train --tiny                                      # CPU, seconds (tests run it)
 
 `train` drives the code `flux_lora train` runs (build_model, wrap_ddp, make_optimizer and the
-pipelined step loop of flux_lora.training.step) on a full-size random FLUX.1-dev transformer (`random:flux1-dev`) with inputs
-shaped like the cache (latents, T5 512×4096, CLIP pooled), excludes warm-up, and reports samples/s,
+pipelined step loop of flux_lora.training.step) on a full-size random transformer (`--model
+random:flux1-dev`, or random:flux1-kontext-dev, random:flux2-klein-4b, random:flux2-klein-9b,
+random:flux2-dev) with inputs shaped like that family's cache (FLUX.1: latents, T5 512×4096, CLIP
+pooled; Kontext: plus the control latents; FLUX.2: 128-channel latents at 1/16, text 512×3·hidden), excludes warm-up, and reports samples/s,
 TFLOP/s and MFU against a bf16 matmul peak it measures, peak memory and time to first step. Unless
 --no-baseline, it also runs the setting of diffusers' train_dreambooth_lora_flux.py (batch 1,
 gradient checkpointing, bf16 LoRA weights, unfused AdamW, eager) in the same process, so the
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux_lora.config import build_config  # noqa: E402
 from flux_lora.fast import attention, compiled_blocks, fused_qkv, gc_freeze  # noqa: E402
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
-from flux_lora.models import loading  # noqa: E402
+from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
 from flux_lora.parallel import session  # noqa: E402
 from flux_lora.parallel.ddp import wrap_ddp  # noqa: E402
@@ -50,13 +52,15 @@ from flux_lora.training.step import StepInputs, Trainee, pipelined_steps, train_
 
 
 class ShapedData:
-    """Cache-shaped batches (what CachedDataset.collate returns), random, on the host."""
+    """Cache-shaped batches of the model's family (what CachedDataset.collate returns), random, on the host."""
 
-    def __init__(self, batch: int, latent_hw: int, text_len: int, text_dim: int, pooled_dim: int, channels: int):
+    def __init__(self, family, conf, batch: int, resolution: int, text_len: int):
         g = torch.Generator().manual_seed(0)
-        self.batch = {"latents": torch.randn(batch, channels, latent_hw, latent_hw, generator=g),
-                      "t5": torch.randn(batch, text_len, text_dim, generator=g).to(torch.bfloat16),
-                      "clip": torch.randn(batch, pooled_dim, generator=g)}
+        shapes = family.cache_shapes(conf, resolution, resolution, text_len)
+        self.batch = {k: torch.randn(batch, *shape, generator=g) for k, shape in shapes.items()}
+        for k in family.text_keys:
+            if len(shapes[k]) == 2:  # sequences are cached in the encoders' dtype
+                self.batch[k] = self.batch[k].to(torch.bfloat16)
         if torch.cuda.is_available():
             self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
 
@@ -183,9 +187,10 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    hw = setting["resolution"] // 8
-    tokens = setting["batch"] * ((hw // 2) ** 2 + args.text_len)
-    model, n_params = build_model(cfg, di, NullReporter(di.rank), tokens)
+    family = families.of_model(args.model)
+    image_tokens = (setting["resolution"] // 16) ** 2 * (2 if family.paired else 1)  # a control image doubles them
+    tokens = setting["batch"] * (image_tokens + args.text_len)
+    model, n_params = build_model(cfg, di, NullReporter(di.rank), tokens, family=family)
     load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
@@ -193,14 +198,13 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         for _, p in lora.lora_parameters(model):
             p.data = p.data.to(torch.bfloat16)
     conf = model.config
-    data = ShapedData(setting["batch"], hw, args.text_len, conf.joint_attention_dim, conf.pooled_projection_dim,
-                      conf.in_channels // 4)
+    data = ShapedData(family, conf, setting["batch"], setting["resolution"], args.text_len)
     inputs = StepInputs(0, 1.0 if conf.guidance_embeds else None, "flux-shift", 0.0, 1.0, di.device,
-                          loading.resolve_dtype("auto", di.device))
+                        loading.resolve_dtype("auto", di.device), family)
     slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
     # counted on one sample (FLOPs grow linearly with the batch): the counting pass runs eagerly
     # through Python dispatch and needs far more memory than a compiled step
-    one_sample = ShapedData(1, hw, args.text_len, conf.joint_attention_dim, conf.pooled_projection_dim, conf.in_channels // 4)
+    one_sample = ShapedData(family, conf, 1, setting["resolution"], args.text_len)
     flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"] \
         if setting.get("count_flops", True) else None
     if di.device.type == "cuda":

@@ -122,18 +122,28 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
                                 f"{str(e).splitlines()[0][:200]}); was it trained on another model?") from None
         if not pipe.get_list_adapters().get("transformer"):
             raise FluxLoraError(f"{lora} loaded no LoRA weights into the transformer; is it a {family.title} LoRA?")
-    extra = {"image": control} if control is not None else {}
     if control is None and image is not None:
         raise ConfigError(f"--image is for editing models; {model} is {family.title}")
+    height = width = size
+    extra = {}
+    if control is not None:  # as in training: the control has the output's size, about size² pixels
+        width, height = _area_size(control.width, control.height, size)
+        extra = {"image": control.resize((width, height), resample=3)}
     images = []
     for i, p in enumerate(prompts):
         gen = torch.Generator(device=device).manual_seed(seed + i)
-        images.append(pipe(prompt=p, **family.size_kwargs(size, size), num_inference_steps=steps,
+        images.append(pipe(prompt=p, **family.size_kwargs(height, width), num_inference_steps=steps,
                            guidance_scale=family.preview_guidance if guidance is None else guidance,
                            generator=gen, max_sequence_length=max_sequence_length, **extra).images[0])
     result = images[0] if len(images) == 1 else make_grid(images, prompts)
     files.write_atomic(out, lambda f: result.save(f, format="PNG"))
     return out
+
+
+def _area_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(w, h) of about side² pixels with the image's aspect ratio, multiples of 16."""
+    scale = (side * side / (width * height)) ** 0.5
+    return max(16, round(width * scale / 16) * 16), max(16, round(height * scale / 16) * 16)
 
 
 def _control_image(image: Path | None, family):

@@ -102,6 +102,11 @@ class Family:
         """Image tokens of one cached latent [C, h, w] (the sequence length the time shift uses)."""
         raise NotImplementedError
 
+    def cache_shapes(self, config, height: int, width: int, text_len: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of one cached item of a height×width image for a transformer of this config
+        (scripts/bench.py feeds random data of these shapes; a full-size VAE compresses 8×)."""
+        raise NotImplementedError
+
     def transformer_kwargs(self, batch: dict, h: int, w: int, device: torch.device, dtype: torch.dtype) -> dict:
         """Text inputs and position ids of a micro-batch (and any tokens appended after the image's)."""
         raise NotImplementedError

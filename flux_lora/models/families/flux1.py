@@ -99,6 +99,10 @@ class Flux1(Family):
     def image_tokens(self, latent_shape):
         return (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
 
+    def cache_shapes(self, config, height, width, text_len):
+        return {"latents": (config.in_channels // 4, height // 8, width // 8), "t5": (text_len, config.joint_attention_dim),
+                "clip": (config.pooled_projection_dim,)}
+
     def transformer_kwargs(self, batch, h, w, device, dtype):
         t5 = batch["t5"].to(device, dtype, non_blocking=True)
         return {"encoder_hidden_states": t5, "pooled_projections": batch["clip"].to(device, dtype, non_blocking=True),

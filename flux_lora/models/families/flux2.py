@@ -124,6 +124,9 @@ class Flux2(Family):
     def image_tokens(self, latent_shape):
         return latent_shape[-2] * latent_shape[-1]
 
+    def cache_shapes(self, config, height, width, text_len):
+        return {"latents": (config.in_channels, height // 16, width // 16), "text": (text_len, config.joint_attention_dim)}
+
     def transformer_kwargs(self, batch, h, w, device, dtype):
         text = batch["text"].to(device, dtype, non_blocking=True)
         return {"encoder_hidden_states": text, "txt_ids": text_ids(text.shape[1], device),

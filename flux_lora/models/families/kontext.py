@@ -18,6 +18,10 @@ class Kontext(flux1.Flux1):
     preview_guidance = 2.5  # FluxKontextPipeline's default
     synthetic = {"random:flux1-kontext-dev": flux1.DEV_TRANSFORMER}
 
+    def cache_shapes(self, config, height, width, text_len):
+        shapes = super().cache_shapes(config, height, width, text_len)
+        return {**shapes, "control": shapes["latents"]}
+
     def transformer_kwargs(self, batch, h, w, device, dtype):
         out = super().transformer_kwargs(batch, h, w, device, dtype)
         control = batch["control"].to(device, non_blocking=True).float()
@@ -31,8 +35,10 @@ class Kontext(flux1.Flux1):
         return {**super().preview_kwargs(text, negative, control), "image": control}
 
     def size_kwargs(self, height, width):
-        # FluxKontextPipeline rescales its output to max_area (default 1024²) whatever height/width say
-        return {"height": height, "width": width, "max_area": height * width}
+        # FluxKontextPipeline rescales its output to max_area (default 1024²) whatever height/width
+        # say, and its control image to a preferred ~1 MP size unless told not to: keep both as
+        # trained, where the control has the output's size
+        return {"height": height, "width": width, "max_area": height * width, "_auto_resize": False}
 
     def build_tiny(self, seed=0):
         pipe = super().build_tiny(seed)
