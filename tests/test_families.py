@@ -211,3 +211,17 @@ def test_editing_pairs_missing_extra_and_two_controls(tmp_path):
     assert "c.png has no control image" in named["c.png"]
     assert "matches no target" in named["control/x.png"]
     assert "two control images" in named["d.png"]
+
+
+def test_text_encoder_offload_decision_and_same_embeddings(pipes):
+    from flux_lora.models import placement
+
+    assert placement.choose_offload("auto", 48 * 2**30, 40 * 2**30)[0]  # FLUX.2 [dev]'s Mistral on a 40 GB card
+    assert not placement.choose_offload("auto", 48 * 2**30, 139 * 2**30)[0]
+    assert not placement.choose_offload("auto", 48 * 2**30, 0)[0]  # no GPU: nothing to stream to
+    assert placement.choose_offload("on", 1, 2**40) == (True, "preprocess.text_encoder_offload=on")
+    pipe, family = pipes["flux2"], flux2.DEV
+    want = family.encode_prompts(pipe, ["a red circle"], 16, CPU)["text"]
+    placed = placement.place(pipe, CPU, offload=True)  # weights leave the module; hooks bring each layer back
+    assert any(p.device.type == "meta" for p in placed.text_encoder.parameters())
+    assert torch.equal(family.encode_prompts(placed, ["a red circle"], 16, CPU)["text"], want)

@@ -24,7 +24,7 @@ from flux_lora.data.captions import Captioner, apply_trigger
 from flux_lora.data.images import load_rgb, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, DataError
-from flux_lora.models import families, loading
+from flux_lora.models import families, loading, placement
 from flux_lora.models.families.base import Family
 from flux_lora.outputs import files
 from flux_lora.outputs.display import Display
@@ -139,11 +139,11 @@ def _caption_batch(captioner: Captioner, batch: list[dict]) -> dict[int, str]:
 class Encoders:
     """The family's VAE + text encoders on this rank's device, loaded once for all chunks."""
 
-    def __init__(self, cfg: Config, device: torch.device, family: Family):
+    def __init__(self, cfg: Config, device: torch.device, family: Family, reporter=None):
         dtype = loading.resolve_dtype(cfg.model.dtype, device)
         self.family = family
         self.vae = family.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
-        self.text = family.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device).to(device)
+        self.text = load_text_encoders(cfg, device, family, reporter)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
 
@@ -179,6 +179,18 @@ class Encoders:
         del self.vae, self.text
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def load_text_encoders(cfg: Config, device: torch.device, family: Family, reporter=None):
+    """The family's text pipeline on the device, or streamed to it from host memory when its
+    encoders do not fit (preprocess.text_encoder_offload); rank 0 says which and why."""
+    dtype = loading.resolve_dtype(cfg.model.dtype, device)
+    text = family.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    offload, why = placement.choose_offload(cfg.preprocess.text_encoder_offload, placement.weight_bytes(text), free)
+    if offload and reporter is not None:
+        reporter.info(f"text encoders streamed from host memory ({why})")
+    return placement.place(text, device, offload)
 
 
 def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, str], sources: list[SourceImage]) -> dict:
@@ -218,7 +230,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
         return
     entries = [(i, sources[i]) for _, planned in pending for i in planned]
     captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
-    enc = Encoders(cfg, di.device, family) if entries else None
+    enc = Encoders(cfg, di.device, family, reporter if di.is_main else None) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
     stream = iter(_decoded(entries, buckets, cfg.preprocess))
     writer = ThreadPoolExecutor(max_workers=1)  # serialising + hashing + fsync overlap the next chunk
@@ -268,8 +280,7 @@ def write_samples(cfg: Config, di, family: Family) -> None:
         old = None  # unreadable: written again below
     if old is not None and old.get("prompts") == prompts and old.get("text_keys", ["t5", "clip"]) == list(family.text_keys):
         return
-    dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
-    text = family.load_text_pipeline(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device)
+    text = load_text_encoders(cfg, di.device, family)
     encoded = family.encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
     negative = None
     if family.preview_negative is not None:

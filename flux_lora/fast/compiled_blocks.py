@@ -75,6 +75,8 @@ def _strided_like_later_single_blocks(block, args, kwargs):
         image, text, rest = kwargs["hidden_states"], kwargs["encoder_hidden_states"], None
     else:
         return None
+    if text is None:  # FLUX.2's single blocks receive the joined stream already
+        return None
     joint = torch.cat([text, image], dim=1)
     text, image = joint[:, :text.shape[1]], joint[:, text.shape[1]:]
     if rest is not None:
