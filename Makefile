@@ -39,7 +39,7 @@ demo: venv
 	@echo "try it:  $(PY) -m flux_lora sample --model demo/tiny --lora demo/out/lora.safetensors --prompt 'sks, a red circle' --size 64 --steps 4 --max-sequence-length 32 --out demo/out/try.png"
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf demo .pytest_cache
