@@ -201,6 +201,7 @@ def test_editing_pairs_missing_extra_and_two_controls(tmp_path):
     for name in ("a.png", "b.jpg", "c.png", "d.png", "sub/e.png", "control/a.png", "b_control.png",
                  "control/x.png", "sub/control/e.webp", "d_control.png", "control/d.png"):
         _png(tmp_path / name)
+    _png(tmp_path / "b_control.png", size=(64, 32))  # another aspect ratio: stretched, and said so
     (tmp_path / "a.txt").write_text("make it blue")
     pairs, problems = pair_controls(discover(tmp_path))
     got = {p.name: p.control.relative_to(tmp_path).as_posix() for p in pairs}
@@ -211,6 +212,9 @@ def test_editing_pairs_missing_extra_and_two_controls(tmp_path):
     assert "c.png has no control image" in named["c.png"]
     assert "matches no target" in named["control/x.png"]
     assert "two control images" in named["d.png"]
+    b = next(p for p in pairs if p.name == "b.jpg")
+    assert "b_control.png is 64×32, its target 32×32" in b.note
+    assert next(p for p in pairs if p.name == "a.png").note is None
 
 
 def test_text_encoder_offload_decision_and_same_embeddings(pipes):

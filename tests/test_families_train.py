@@ -101,8 +101,10 @@ def test_family_trains_resumes_and_its_lora_loads(family_setup, tmp_path, family
 
     model, cache, _ = family_setup(family)
     a = tmp_path / "a"
-    lora_a = _train(model, cache, a, "--steps", "4", "--batch-size", "2", "--sample-every", "4")
+    kohya = ["--export-format", "kohya"] if family == "flux1-kontext" else []  # Kontext has FLUX.1's blocks
+    lora_a = _train(model, cache, a, "--steps", "4", "--batch-size", "2", "--sample-every", "4", *kohya)
     assert (a / "samples" / "step-000004.png").is_file() and (a / "samples" / "step-000000.png").is_file()
+    assert (a / "lora-kohya.safetensors").is_file() == bool(kohya)
     start = json.loads((a / "events.jsonl").read_text().splitlines()[0])
     assert start["family"] == family
     # exact resume: the same run restarted from its step-2 checkpoint ends at the very same LoRA
@@ -130,3 +132,22 @@ def _check_resume(model, cache, a, b, lora_a):
         f.unlink()
     lora_b = _train(model, cache, b, "--steps", "4", "--batch-size", "2")
     assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+
+def test_kontext_sample_edits_the_given_image(family_setup, tmp_path, images):
+    model, _, _ = family_setup("flux1-kontext")
+    args = ["sample", "--model", model, "--prompt", "make it blue", "--size", "32", "--steps", "2",
+            "--max-sequence-length", "32", "--out", tmp_path / "edit.png"]
+    proc = run_cli(*args)
+    assert proc.returncode != 0 and "pass --image CONTROL.png" in proc.stderr
+    run_cli(*args, "--image", next(images.glob("*.png")), check=True)
+    assert Image.open(tmp_path / "edit.png").size == (32, 32)
+
+
+def test_kohya_export_refused_for_flux2_in_one_line(tmp_path):
+    from flux_lora.errors import FluxLoraError
+    from flux_lora.models.families import flux2
+    from flux_lora.training import lora
+
+    with pytest.raises(FluxLoraError, match="kohya covers FLUX.1 and Kontext, not FLUX.2 \\[klein\\]"):
+        lora.export_lora(tmp_path / "x.safetensors", torch.nn.Linear(2, 2), "kohya", flux2.KLEIN)

@@ -103,10 +103,33 @@ def pair_controls(sources: list[SourceImage]) -> tuple[list[SourceImage], list[t
             problems.append((s.name, f"{s.name} has two control images ({found[0].name}, {found[1].name}); "
                                      f"using {found[0].name}"))
         used.add(found[0].name)
-        pairs.append(SourceImage(s.path, s.name, s.caption, s.note, control=found[0].path))
+        note = "; ".join(n for n in (s.note, _shape_mismatch(s, found[0])) if n) or None
+        pairs.append(SourceImage(s.path, s.name, s.caption, note, control=found[0].path))
     for c in sorted(set(c.name for c in controls.values()) - used):
         problems.append((c, f"control image {c} matches no target image; ignored"))
     return pairs, problems
+
+
+def _oriented_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as displayed (EXIF rotation applied), from the header only; None if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def _shape_mismatch(target: SourceImage, control: SourceImage) -> str | None:
+    """A note when a control's aspect ratio differs from its target's by more than 5%: it is
+    resized to the target's bucket, i.e. stretched."""
+    a, b = _oriented_size(target.path), _oriented_size(control.path)
+    if a is None or b is None or abs(a[0] / a[1] - b[0] / b[1]) <= 0.05 * a[0] / a[1]:
+        return None
+    return (f"control {control.name} is {b[0]}×{b[1]}, its target {a[0]}×{a[1]}: the control is stretched to the "
+            "target's size; crop it to the same aspect ratio")
 
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:
