@@ -229,3 +229,21 @@ def test_text_encoder_offload_decision_and_same_embeddings(pipes):
     placed = placement.place(pipe, CPU, offload=True)  # weights leave the module; hooks bring each layer back
     assert any(p.device.type == "meta" for p in placed.text_encoder.parameters())
     assert torch.equal(family.encode_prompts(placed, ["a red circle"], 16, CPU)["text"], want)
+
+
+def test_flux2_dev_tokenizer_loads_without_torchvision(tmp_path, monkeypatch):
+    """FLUX.2 [dev]'s tokenizer is a PixtralProcessor, which needs torchvision for images; prompts
+    only need its tokenizer and chat template, which are then loaded alone (same embeddings)."""
+    from flux_lora.models.families.base import Family
+    from flux_lora.models.tiny import make_tiny
+
+    folder = make_tiny(tmp_path / "dev", family="flux2")
+    want = flux2.DEV.encode_prompts(flux2.DEV.load_text_pipeline(str(folder), torch.float32), ["a red circle"], 16, CPU)
+    def as_without_torchvision(self, model, dtype, revision="", device=None):
+        raise ImportError("PixtralProcessor requires the Torchvision library but it was not found in your environment.")
+
+    monkeypatch.setattr(Family, "load_text_pipeline", as_without_torchvision)
+    chat = (folder / "tokenizer" / "tokenizer_config.json").read_text()
+    assert "chat_template" in chat or (folder / "tokenizer" / "chat_template.jinja").is_file()
+    got = flux2.DEV.encode_prompts(flux2.DEV.load_text_pipeline(str(folder), torch.float32), ["a red circle"], 16, CPU)
+    assert torch.equal(got["text"], want["text"])
