@@ -19,13 +19,13 @@ import typer
 from flux_lora.errors import FluxLoraError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train FLUX.1 LoRA adapters: preprocess images into a cache, then train with DDP.")
+                  help="Train FLUX LoRA adapters (FLUX.1, Kontext, FLUX.2): preprocess images into a cache, then train with DDP.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections: model, data, preprocess, lora, train, output, dist)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override any key: --set train.lr=2e-4 (repeatable; wins over flags)")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks (or set FLUX_LORA_DEBUG=1)")]
 JsonOpt = Annotated[Optional[bool], typer.Option("--json/--no-json", help="JSON-lines events on stdout; human text stays on stderr")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="FLUX.1 diffusers directory or hub id")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="diffusers directory or hub id: FLUX.1, FLUX.1 Kontext, FLUX.2 [klein] or [dev] (the family is read from its model_index.json)")]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="cache directory (preprocess writes, train reads)")]
 
 
@@ -113,14 +113,14 @@ def demo_data_cmd(
 @app.command()
 def preprocess(
     model: ModelOpt = None,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="image folder, .zip, or http(s) URL of a zip")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="image folder, .zip, or http(s) URL of a zip (Kontext: targets + control/ images of the same stem, or NAME_control.EXT)")] = None,
     cache_dir: CacheOpt = None,
     resolution: Annotated[Optional[int], typer.Option(help="target side in pixels (multiple of 16)")] = None,
     square: Annotated[Optional[bool], typer.Option("--square/--buckets", help="center-crop squares instead of aspect buckets")] = None,
     trigger_word: Annotated[Optional[str], typer.Option(help="word prepended to every caption")] = None,
     captioner: Annotated[Optional[str], typer.Option(help="captioner model id/path for images without .txt, or none")] = None,
     default_caption: Annotated[Optional[str], typer.Option(help="caption when --captioner none")] = None,
-    max_sequence_length: Annotated[Optional[int], typer.Option(help="T5 tokens per caption")] = None,
+    max_sequence_length: Annotated[Optional[int], typer.Option(help="text tokens per caption (T5 for FLUX.1, Mistral/Qwen3 for FLUX.2)")] = None,
     sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="prompt for train's preview images (repeatable)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="images per encoder batch")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="image decoding worker processes")] = None,
