@@ -105,6 +105,8 @@ def test_family_trains_resumes_and_its_lora_loads(family_setup, tmp_path, family
     lora_a = _train(model, cache, a, "--steps", "4", "--batch-size", "2", "--sample-every", "4", *kohya)
     assert (a / "samples" / "step-000004.png").is_file() and (a / "samples" / "step-000000.png").is_file()
     assert (a / "lora-kohya.safetensors").is_file() == bool(kohya)
+    card = (a / "README.md").read_text()  # the model card names the family's pipeline and the trigger word
+    assert f"from diffusers import {PIPELINES[family]}" in card and "instance_prompt: \"sks\"" in card
     start = json.loads((a / "events.jsonl").read_text().splitlines()[0])
     assert start["family"] == family
     # exact resume: the same run restarted from its step-2 checkpoint ends at the very same LoRA

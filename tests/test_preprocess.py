@@ -153,7 +153,7 @@ def test_strict_failure_on_another_rank_is_reported_with_its_cause(tmp_path, tin
     assert proc.returncode != 0
     assert "rank 1: error: y_trunc.png: not a readable image" in proc.stderr
     errors = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines() if '"error"' in line]
-    assert len(errors) == 1 and errors[0]["rank"] == 1 and errors[0]["exit_code"] == 5
+    assert len(errors) == 1 and errors[0]["rank"] == 1 and errors[0]["exit_code"] == 5, (errors, proc.stderr[-2000:])
     assert "rank 1 failed: DataError: y_trunc.png" in errors[0]["message"]
     assert not (cache / "manifest.json").exists()
 

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.config import Config, to_dict, to_yaml
+from flux_lora.config import Config, load_yaml, to_dict, to_yaml
 from flux_lora.data import cache
 from flux_lora.errors import CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
 from flux_lora.models import families, fingerprint, loading
 from flux_lora.models.families.base import Family
-from flux_lora.outputs import files
+from flux_lora.outputs import files, model_card
 from flux_lora.outputs.events import NullReporter, Reporter, holding
 from flux_lora.outputs.plot import write_loss_plot
 from flux_lora.outputs.previews import Previewer
@@ -273,6 +273,7 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     if current.previews:
         current.previews(state.step)
     write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
+    shared_outcome(lambda: model_card.write_model_card(current.out, card_info(current)), "the model card README.md")
     digests = session.gather_objects(lora.digest(lora.lora_state_dict(model)))
     if len(set(digests)) > 1:
         current.reporter.warning(f"LoRA weights differ between ranks at the end ({len(set(digests))} versions); "
@@ -286,6 +287,27 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     current.reporter.done(**summary)
     current.reporter.info(f"LoRA written to {final}")
     return summary
+
+
+def card_info(current: Run) -> model_card.CardInfo:
+    """What the model card says: the base, the trigger word and resolution the cache was built
+    with, the settings that shaped the LoRA, the latest preview, the files."""
+    cfg, out = current.cfg, current.out
+    cache_dir = Path(cfg.data.cache_dir)
+    built = load_yaml(cache_dir / "config.yaml") if (cache_dir / "config.yaml").is_file() else {}
+    trigger = str((built.get("data") or {}).get("trigger_word") or "")
+    resolution = (files.read_json(cache_dir / "settings.json") or {}).get("resolution", cfg.data.resolution)
+    settings = {"steps": current.state.step, "global batch": current.sampler.global_batch, "resolution": resolution,
+                "learning rate": cfg.train.lr, "LoRA rank / alpha": f"{cfg.lora.rank} / {cfg.lora.alpha:g}",
+                "LoRA targets": cfg.lora.targets, "images": len(current.train_items), "GPUs": current.di.world_size}
+    if current.state.best.history:
+        settings["best validation loss"] = f"{current.state.best.loss:.5f} at step {current.state.best.step}"
+    previews = sorted((out / "samples").glob("step-*.png"))
+    lora_files = [p.name for p in (out / "lora.safetensors", out / "lora-kohya.safetensors", out / "best.safetensors")
+                  if p.is_file()]
+    return model_card.CardInfo(cfg.model.path, current.family.title, current.family.pipeline_class, trigger, settings,
+                               f"samples/{previews[-1].name}" if previews else None, lora_files,
+                               "lora-kohya.safetensors" in lora_files, current.family.paired)
 
 
 def baseline(current: Run) -> None:
