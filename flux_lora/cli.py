@@ -169,6 +169,7 @@ def train(
     memory_mode: Annotated[Optional[str], typer.Option(help="fast, fp8 or nf4")] = None,
     compile_: Annotated[Optional[str], typer.Option("--compile", help="auto, on or off")] = None,
     export_format: Annotated[Optional[str], typer.Option(help="diffusers or kohya")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="upload the model card, LoRA and previews to this Hugging Face repo at the end (OWNER/NAME)")] = None,
     resume_from: Annotated[Optional[str], typer.Option(help="checkpoint directory to resume from")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="resume from the latest checkpoint in --output")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="delete earlier results in --output")] = None,
@@ -185,6 +186,7 @@ def train(
              "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
              "train.validation_split": validation_split,
              "train.memory_mode": memory_mode, "train.compile": compile_, "output.export_format": export_format,
+             "output.push_to_hub": push_to_hub,
              "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
              "output.json": json_events}
 

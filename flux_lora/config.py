@@ -163,9 +163,12 @@ class OutputConfig:
     resume: bool = doc(True, "resume from the latest checkpoint in the output directory")
     resume_from: str = doc("", "resume from this checkpoint directory")
     overwrite: bool = doc(False, "delete earlier results in the output directory first")
+    push_to_hub: str = doc("", "at the end of a run, upload the model card, LoRA files and previews to this Hugging Face repo (OWNER/NAME; needs `hf auth login`)")
 
     def __post_init__(self) -> None:
         check_ranges("output", self)
+        if self.push_to_hub and self.push_to_hub.count("/") != 1:
+            raise ConfigError(f"output.push_to_hub={self.push_to_hub!r} is not a repo id; use OWNER/NAME")
         _choice("output.export_format", self.export_format, ("diffusers", "kohya"))
 
 

@@ -34,3 +34,38 @@ def test_a_users_readme_is_never_replaced(tmp_path):
     assert model_card.write_model_card(tmp_path, _info()).name == "README.md"
     assert model_card.write_model_card(tmp_path, _info(trigger_word="zzz")).name == "README.md"  # ours: rewritten
     assert "zzz" in (tmp_path / "README.md").read_text()
+
+
+class _FakeHub:
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+
+    def create_repo(self, repo, **kw):
+        if self.fail:
+            raise self.fail
+        self.calls.append(("create", repo, kw))
+        return f"https://huggingface.co/{repo}"
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload", kw))
+
+
+def test_push_uploads_the_card_lora_and_previews_only(tmp_path):
+    hub = _FakeHub()
+    assert model_card.push_to_hub(tmp_path, "me/my-lora", hub) == "https://huggingface.co/me/my-lora"
+    (_, repo, created), (_, upload) = hub.calls
+    assert repo == "me/my-lora" and created["exist_ok"] and created["private"]
+    assert upload["folder_path"] == str(tmp_path) and "README.md" in upload["allow_patterns"]
+    assert "lora.safetensors" in upload["allow_patterns"] and not any("checkpoints" in p for p in upload["allow_patterns"])
+
+
+def test_push_failure_is_one_line_and_a_bad_repo_id_is_refused():
+    import pytest
+
+    from flux_lora.config import build_config
+    from flux_lora.errors import ConfigError
+
+    with pytest.raises(OSError, match="^PermissionError: not logged in$"):
+        model_card.push_to_hub(".", "me/x", _FakeHub(fail=PermissionError("not logged in\ntraceback...")))
+    with pytest.raises(ConfigError, match="not a repo id; use OWNER/NAME"):
+        build_config(None, {"output.push_to_hub": "just-a-name"})

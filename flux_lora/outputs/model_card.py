@@ -95,6 +95,25 @@ def card_path(out: Path) -> Path:
     return readme
 
 
+PUBLISHED = ["README.md", "lora.safetensors", "lora-kohya.safetensors", "best.safetensors", "samples/*.png", "loss.png"]
+
+
+def push_to_hub(out: Path, repo: str, api=None) -> str:
+    """Upload the card, the LoRA files and the previews of a finished run to a model repo
+    (created private if missing). Returns the repo's URL; raises OSError with the reason."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    try:
+        url = api.create_repo(repo, repo_type="model", private=True, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(out), allow_patterns=PUBLISHED, repo_type="model",
+                          commit_message="flux_lora: LoRA, model card and previews")
+    except Exception as e:  # noqa: BLE001 - network, auth and Hub errors all end in one line
+        raise OSError(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+    return str(url)
+
+
 def write_model_card(out: Path, info: CardInfo) -> Path | None:
     """Rank 0 writes the card (atomically); other ranks return None."""
     return files.write_atomic(card_path(out), card_text(info)) if files.writes_here() else None

@@ -284,9 +284,23 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     if state.best.history:
         summary["best"] = {"path": str(current.out / "best.safetensors"), "step": state.best.step,
                            "validation_loss": state.best.loss, "reason": state.best.reason()}
+    publish(current)
     current.reporter.done(**summary)
     current.reporter.info(f"LoRA written to {final}")
     return summary
+
+
+def publish(current: Run) -> None:
+    """--push-to-hub: rank 0 uploads the finished run; a failure is a warning (the LoRA is written)."""
+    repo = current.cfg.output.push_to_hub
+    if not repo or not current.di.is_main:
+        return
+    try:
+        url = model_card.push_to_hub(current.out, repo)
+        current.reporter.info(f"pushed to {url}")
+    except OSError as e:
+        current.reporter.warning(f"could not push to {repo} ({e}); the run is complete in {current.out}: "
+                                 f"`hf auth login`, then `hf upload {repo} {current.out}`")
 
 
 def card_info(current: Run) -> model_card.CardInfo:
