@@ -4,6 +4,7 @@ to its base. By config and a sample of the weights (local folders) or the hub co
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -52,10 +53,17 @@ def family(model: str, revision: str = "") -> str:
         elif Path(model, "transformer", "config.json").is_file():
             return _pipeline_of_transformer(json.loads(Path(model, "transformer", "config.json").read_text()))
         else:
-            from huggingface_hub import hf_hub_download
-
-            index = json.loads(Path(hf_hub_download(model, "model_index.json", **revision_kwargs(revision))).read_text())
+            index = _hub_index(model, revision)
     return str(index.get("_class_name", "unknown"))
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_index(model: str, revision: str) -> dict:
+    """A hub model's model_index.json, fetched once per process (the family is asked for by the
+    cache check, the checkpoint identity and the model build)."""
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(model, "model_index.json", **revision_kwargs(revision))).read_text())
 
 
 def _pipeline_of_transformer(config: dict) -> str:
