@@ -168,6 +168,7 @@ def train(
     validation_split: Annotated[Optional[float], typer.Option(help="fraction of items held out; their loss picks best.safetensors")] = None,
     memory_mode: Annotated[Optional[str], typer.Option(help="fast, fp8 or nf4")] = None,
     compile_: Annotated[Optional[str], typer.Option("--compile", help="auto, on or off")] = None,
+    sharding: Annotated[Optional[str], typer.Option(help="ddp (a copy of the base per GPU, fastest), fsdp (FSDP2: base sharded across the GPUs, for a model one GPU cannot hold) or auto (ddp while it fits)")] = None,
     export_format: Annotated[Optional[str], typer.Option(help="diffusers or kohya")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="upload the model card, LoRA and previews to this Hugging Face repo at the end (OWNER/NAME)")] = None,
     resume_from: Annotated[Optional[str], typer.Option(help="checkpoint directory to resume from")] = None,
@@ -178,14 +179,15 @@ def train(
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Stage 2: train a LoRA on the cached shards with DDP; rank 0 writes OUTPUT/lora.safetensors."""
+    """Stage 2: train a LoRA on the cached shards with DDP or FSDP2; rank 0 writes OUTPUT/lora.safetensors."""
     flags = {"model.path": model, "data.cache_dir": cache_dir, "output.dir": output, "train.steps": steps,
              "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.lr": lr, "train.seed": seed,
              "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.targets": targets, "train.guidance": guidance,
              "train.timestep_sampling": timestep_sampling, "train.save_every": save_every,
              "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
              "train.validation_split": validation_split,
-             "train.memory_mode": memory_mode, "train.compile": compile_, "output.export_format": export_format,
+             "train.memory_mode": memory_mode, "train.compile": compile_, "dist.sharding": sharding,
+             "output.export_format": export_format,
              "output.push_to_hub": push_to_hub,
              "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
              "output.json": json_events}

@@ -12,13 +12,33 @@ from flux_lora.models.loading import transformer_blocks
 # of hidden size: 6.1 MiB per token for FLUX.1 (57 blocks × 3072) in bench/results, bf16 or fp8 base.
 ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM = 37
 HEADROOM = 0.9  # of the GPU's memory: the allocator's fragmentation and cuBLAS/compile workspaces
+# With checkpointing a block keeps only its inputs (bf16 image and text streams) for the backward,
+# and one block at a time holds its full activations while it is recomputed.
+CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM = 4
 
 
-def step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blocks: int, hidden: int) -> int:
-    """Estimated peak of a training step without checkpointing: frozen weights, fp32 LoRA with
-    its gradient and two AdamW moments (16 bytes/param), and the activations of `tokens` tokens
-    (a micro-batch's image + text tokens)."""
-    return weight_bytes + 16 * trainable_params + ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM * tokens * blocks * hidden
+def activation_bytes(tokens: int, blocks: int, hidden: int, checkpointing: bool = False) -> int:
+    """What the backward keeps of a micro-batch of `tokens` tokens (image + text)."""
+    if checkpointing:
+        return tokens * hidden * (CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM * blocks + ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM)
+    return ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM * tokens * blocks * hidden
+
+
+def step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blocks: int, hidden: int,
+                      checkpointing: bool = False) -> int:
+    """Estimated peak of a DDP training step: frozen weights, fp32 LoRA with its gradient and two
+    AdamW moments (16 bytes/param), and the activations of `tokens` tokens (a micro-batch's
+    image + text tokens)."""
+    return weight_bytes + 16 * trainable_params + activation_bytes(tokens, blocks, hidden, checkpointing)
+
+
+def sharded_step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blocks: int, hidden: int,
+                              largest_block_bytes: int, ranks: int, checkpointing: bool = False) -> int:
+    """The same under FSDP2 over `ranks` GPUs: each holds 1/ranks of the weights, the LoRA and its
+    optimizer state, plus two whole blocks at a time (the one computing and the next one being
+    all-gathered), and its own micro-batch's activations."""
+    return (weight_bytes + 16 * trainable_params) // ranks + 2 * largest_block_bytes + \
+        activation_bytes(tokens, blocks, hidden, checkpointing)
 
 
 def model_sizes(model) -> tuple[int, int, int, int]:
@@ -32,9 +52,10 @@ def model_sizes(model) -> tuple[int, int, int, int]:
     return frozen, trainable, len(transformer_blocks(model)), conf.num_attention_heads * conf.attention_head_dim
 
 
-def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int = 0) -> tuple[bool, str]:
+def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int = 0, shards: int = 1) -> tuple[bool, str]:
     """auto: on for the fp8/nf4 modes (memory first); in the fast mode only when the largest
-    micro-batch (max_tokens) would not fit a GPU of gpu_bytes without it. Returns (on, why)."""
+    micro-batch (max_tokens) would not fit a GPU of gpu_bytes without it (the weights sharded
+    over `shards` GPUs under FSDP). Returns (on, why)."""
     if train_cfg.gradient_checkpointing != "auto":
         return train_cfg.gradient_checkpointing == "on", f"train.gradient_checkpointing={train_cfg.gradient_checkpointing}"
     if train_cfg.memory_mode != "fast":
@@ -42,12 +63,23 @@ def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int
     if model is None or not max_tokens or not gpu_bytes:
         return False, "auto"
     weights, trainable, blocks, hidden = model_sizes(model)
-    need = step_memory_bytes(weights, trainable, max_tokens, blocks, hidden)
+    if shards > 1:
+        need = sharded_step_memory_bytes(weights, trainable, max_tokens, blocks, hidden,
+                                         max(block_bytes(b) for b in transformer_blocks(model)), shards)
+    else:
+        need = step_memory_bytes(weights, trainable, max_tokens, blocks, hidden)
     if need > HEADROOM * gpu_bytes:
         return True, (f"auto: a step of {max_tokens} tokens needs ~{need / 2**30:.0f} GiB without it, "
                       f"the GPU has {gpu_bytes / 2**30:.0f} GiB")
     return False, "auto"
 
 
-def gpu_bytes(device: torch.device) -> int:
+def block_bytes(block) -> int:
+    return sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
+
+
+def gpu_bytes(device: torch.device, budget_gib: float = 0.0) -> int:
+    """The memory a run plans for: dist.gpu_memory_gib when set, else the GPU's size (0 on a CPU)."""
+    if budget_gib:
+        return int(budget_gib * 2**30)
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0

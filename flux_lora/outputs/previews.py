@@ -12,7 +12,7 @@ import torch
 from flux_lora.fast.compiled_blocks import eager_stance
 from flux_lora.models import families, loading
 from flux_lora.outputs import files
-from flux_lora.parallel import session
+from flux_lora.parallel import fsdp, session
 
 
 
@@ -74,7 +74,11 @@ class Previewer:
                 gen = torch.Generator(device=self.di.device).manual_seed(self.seed + i)
                 images[i] = pipe(**self._inputs(i), num_inference_steps=self.steps,
                                  guidance_scale=self.family.preview_guidance, generator=gen).images[0]
+            for _ in range(fsdp.lockstep_extra(self.model, len(mine), len(prompts), self.di.world_size)):
+                pipe(**self._inputs(0), num_inference_steps=self.steps, guidance_scale=self.family.preview_guidance,
+                     generator=torch.Generator(device=self.di.device).manual_seed(self.seed))
         self.model.train(was_training)
+        fsdp.reshard(self.model)
         gathered = {k: v for part in session.gather_objects(images) for k, v in part.items()}
         path = self.out_dir / f"step-{step:06d}.png"
         if files.writes_here():

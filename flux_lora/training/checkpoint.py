@@ -1,11 +1,16 @@
-"""Resumable train state: OUTPUT/checkpoints/step-NNNNNN/ written atomically by rank 0, keep-last-k,
-and the stop flag that signals set.
+"""Resumable train state: OUTPUT/checkpoints/step-NNNNNN/ written atomically, keep-last-k, and the
+stop flag that signals set. A DDP run's checkpoint is written by rank 0:
 
     step-NNNNNN/lora.safetensors   LoRA tensors (fp32)
     step-NNNNNN/optimizer.pt       optimizer + LR scheduler state (torch.load weights_only=True)
     step-NNNNNN/state.json         step, sampler position, the math-relevant config, RNG seeds
-A directory is renamed into place only after all three are written and fsynced, so a crash or a
-full disk mid-write leaves the previous checkpoint as the latest valid one.
+An FSDP2 run's by every rank, each its own shard, through torch.distributed.checkpoint:
+
+    step-NNNNNN/dcp/               .metadata + one __R_0.distcp per rank: LoRA and optimizer state
+    step-NNNNNN/state.json         as above, with the LR scheduler and "format": "dcp"
+Either is built under a temp name and renamed into place only after every file is written and
+fsynced, so a crash or a full disk mid-write leaves the previous checkpoint as the latest valid
+one. Either resumes on any number of ranks, sharded or not (resume_into).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.errors import CheckpointError
+from flux_lora.errors import CheckpointError, ConfigError
 from flux_lora.outputs import files
 from flux_lora.training import faults
 
@@ -53,6 +58,111 @@ def save_checkpoint(out_dir: Path, step: int, lora_sd: dict, optim_state: dict, 
     return written
 
 
+SHARDED_DIR = "dcp"
+
+
+def save_sharded_checkpoint(out_dir: Path, step: int, model, opt, state: dict, keep: int) -> Path | None:
+    """Every rank writes its shards of the LoRA and optimizer state (torch.distributed.checkpoint);
+    rank 0 then writes state.json and renames the directory into place. Returns the path on rank 0."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    from flux_lora.parallel import session
+
+    final = checkpoint_dir(out_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    main = session.info().is_main
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    session.barrier()
+    try:
+        faults.before_checkpoint_write(step)
+        model_sd, optim_sd = _sharded_state(model, opt)
+        dcp.save({"lora": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
+        if not main:
+            return None
+        written = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files.write_atomic(tmp / "state.json", {**state, "step": step, "format": "dcp", "file_bytes": written},
+                           as_json=True, every_rank=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final} ({e.strerror or e}); free disk space or fix "
+                              f"permissions; the previous checkpoint is intact") from None
+    except Exception as e:  # noqa: BLE001 - torch.distributed.checkpoint wraps a rank's I/O error
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "free disk space or fix permissions; the previous checkpoint is intact") from None
+    files._fsync_dir(final.parent)
+    prune(out_dir, keep)
+    return final
+
+
+def _state_options(full: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # not strict: the frozen base is not in the checkpoint (_set_lora_and_optim checks the LoRA's keys)
+    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, strict=False)
+
+
+def _set_lora_and_optim(model, opt, model_sd: dict, optim_sd: dict, full: bool = False) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    result = set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_state_options(full))
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ConfigError(f"checkpoint LoRA does not fit this model ({len(missing)} missing keys, e.g. {missing[0]})")
+
+
+def _sharded_state(model, opt) -> tuple[dict, dict]:
+    """The LoRA's and the optimizer's state keyed by parameter name (DTensor shards under FSDP2,
+    whole tensors otherwise): the form torch.distributed.checkpoint saves and reshards."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, opt, options=_state_options())
+
+
+def resume_into(saved: dict, model, opt, sched) -> None:
+    """Load a checkpoint of either format into the model, optimizer and LR schedule of this run,
+    whatever its number of ranks and sharding (every rank calls it)."""
+    if "dcp" in saved:
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = _sharded_state(model, opt)
+        both = {"lora": model_sd, "optim": optim_sd}
+        dcp.load(both, checkpoint_id=saved["dcp"])  # resharded to this run's ranks
+        _set_lora_and_optim(model, opt, both["lora"], both["optim"])
+        sched.load_state_dict(saved["state"]["scheduler"])
+        return
+    from flux_lora.parallel.fsdp import is_sharded
+    from flux_lora.training import lora
+
+    if is_sharded(model):  # a DDP run's whole tensors into this run's shards
+        names = [n for n, _ in lora.lora_parameters(model)]
+        order = optim_order(names)
+        model_sd = {n: saved["lora"][lora.peft_key(n)] for n in names}
+        optim = saved["optim"]["optimizer"]
+        optim_sd = {"state": {order[int(i)]: v for i, v in optim["state"].items()},
+                    "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]}
+        _set_lora_and_optim(model, opt, model_sd, optim_sd, full=True)
+    else:
+        lora.load_lora_state_dict(model, saved["lora"])
+        opt.load_state_dict(saved["optim"]["optimizer"])
+    sched.load_state_dict(saved["optim"]["scheduler"])
+    if "rng" in saved["optim"]:
+        torch.set_rng_state(saved["optim"]["rng"]["cpu"])
+
+
+def optim_order(names: list[str]) -> list[str]:
+    """The LoRA parameters in the optimizer's order (training.optim: the A group, then the B group)."""
+    return [n for n in names if "lora_B" not in n] + [n for n in names if "lora_B" in n]
+
+
 def saved_step(path: str | Path) -> int:
     """The step a checkpoint directory holds, or -1 if its state.json cannot be read."""
     return int((files.read_json(Path(path) / "state.json") or {}).get("step", -1))
@@ -73,7 +183,8 @@ def quick_problem(path: Path) -> str | None:
     state = files.read_json(Path(path) / "state.json")
     if state is None:
         return "state.json missing or unreadable"
-    for name in CHECKPOINT_FILES:
+    expected = state.get("file_bytes", {}) if state.get("format") == "dcp" else CHECKPOINT_FILES
+    for name in expected:
         if not (Path(path) / name).is_file():
             return f"{name} missing"
     for name, size in state.get("file_bytes", {}).items():
@@ -126,12 +237,20 @@ def load_checkpoint(path: Path) -> dict:
     problem = quick_problem(path)
     if problem is not None:
         raise _unreadable(path, problem)
+    state = files.read_json(path / "state.json")
+    if state.get("format") == "dcp":
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            FileSystemReader(str(path / SHARDED_DIR)).read_metadata()
+        except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt checkpoint
+            raise _unreadable(path, f"{type(e).__name__} while reading its metadata") from None
+        return {"state": state, "dcp": str(path / SHARDED_DIR), "path": str(path)}
     try:
         lora = load_file(str(path / "lora.safetensors"))
         optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt checkpoint
         raise _unreadable(path, f"{type(e).__name__} while decoding") from None
-    state = files.read_json(path / "state.json")
     return {"state": state, "lora": lora, "optim": optim, "path": str(path)}
 
 

@@ -70,8 +70,16 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`transformer_blocks.0.attn.to_q.lora_A.weight` -> tensor (fp32, CPU, contiguous)."""
     from peft.utils import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(model)
-    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+    from flux_lora.parallel.fsdp import full
+
+    sd = get_peft_model_state_dict(model)  # under FSDP2 each rank's shards: gathered (every rank calls this)
+    return {k: full(v.detach()).float().cpu().contiguous() for k, v in sd.items()}
+
+
+def peft_key(name: str) -> str:
+    """A LoRA parameter's name in the model (`…to_q.lora_A.default.weight`) as peft's state dict
+    and the LoRA file name it (`…to_q.lora_A.weight`)."""
+    return re.sub(r"\.(lora_[A-Za-z_]+)\.default\.", r".\1.", name)
 
 
 def load_lora_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:

@@ -10,6 +10,7 @@ from flux_lora.config import Config
 from flux_lora.fast import attention, compiled_blocks, fused_qkv, lora_up, memory, quantize
 from flux_lora.models import families, loading, synthetic
 from flux_lora.models.families.base import Family
+from flux_lora.parallel import fsdp
 from flux_lora.parallel.session import DistInfo
 from flux_lora.training import lora
 
@@ -30,14 +31,33 @@ def micro_batch_shapes(buckets: set[tuple[int, int]]) -> int:
     return len(image_token_counts(buckets))
 
 
+def choose_sharding(cfg: Config, di: DistInfo, family: Family, tokens: int) -> fsdp.ShardingChoice:
+    """dist.sharding resolved (auto decided from the model's config and the GPU's memory), and the
+    combinations FSDP2 does not take refused in one line."""
+    dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
+    choice = fsdp.choose_sharding(
+        cfg, di, lambda: fsdp.planned_sizes(family, cfg.model.path, cfg.model.revision, dtype, cfg.lora), tokens,
+        quantize.uses_fp8_base(cfg.train, di.device, dtype))
+    if choice.mode == "fsdp":
+        fsdp.check_combination(cfg.train, di)
+    return choice
+
+
 def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: int = 1,
-                family: Family | None = None) -> tuple[torch.nn.Module, int]:
+                family: Family | None = None, sharding: str = "ddp") -> tuple[torch.nn.Module, int]:
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
     `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory, `shapes`
-    (distinct micro-batch shapes) lets cuda_graphs=auto decide. Returns (model, LoRA params)."""
+    (distinct micro-batch shapes) lets cuda_graphs=auto decide. Under sharding=fsdp the model is
+    left where it was loaded (the CPU, for a real model) for wrap_fsdp to shard onto the GPUs.
+    Returns (model, LoRA params)."""
     family = family or families.of_model(cfg.model.path, cfg.model.revision)
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
-    stage = quantize.load_device(cfg.train, di.device, dtype, synthetic.is_synthetic(cfg.model.path))
+    sharded = sharding == "fsdp" and di.distributed
+    synthetic_model = synthetic.is_synthetic(cfg.model.path)
+    if sharded:  # whole on no GPU: a real model loads to host memory, random weights build on the GPU (bench)
+        stage = di.device if synthetic_model else torch.device("cpu")
+    else:
+        stage = quantize.load_device(cfg.train, di.device, dtype, synthetic_model)
     transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
     attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets, family.lora_presets):
@@ -45,30 +65,42 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     quantize.quantize_base(transformer, cfg.train.memory_mode, di.device)
     n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout,
                              cfg.train.seed, family.lora_presets)
-    if n_fp8 := quantize.fp8_base(transformer, cfg.train, di.device, dtype):
+    if sharded:
+        # FSDP2 shards parameters; the fp8 copy of a block and the q/k/v group's concatenated
+        # weight are buffers it would keep whole on every GPU
+        if quantize.uses_fp8_base(cfg.train, di.device, dtype):
+            reporter.info("fp8 compute is off under dist.sharding=fsdp (the bf16 base is sharded instead)")
+    elif n_fp8 := quantize.fp8_base(transformer, cfg.train, di.device, dtype):
         where = "on fp8 tensor cores" if di.device.type == "cuda" else f"in fp8 on the {di.device.type}"
         reporter.info(f"frozen base in fp8: {n_fp8} Linear layers multiply {where}"
                       + (" (train.fp8_compute=off keeps bf16)" if cfg.train.memory_mode == "fast" else ""))
-    transformer.to(di.device)
-    why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes, family.fuses_qkv)
+    if not sharded:
+        transformer.to(di.device)
+    why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes, family.fuses_qkv and not sharded,
+                              di.world_size if sharded else 1, cfg.dist.gpu_memory_gib)
     if why:
         reporter.info(f"gradient checkpointing on ({why})")
+    if sharded:
+        fsdp.wrap_fsdp(transformer, di, dtype)
     return transformer, n_params
 
 
 def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: int = 1,
-                        fuses_qkv: bool = True) -> str | None:
+                        fuses_qkv: bool = True, shards: int = 1, budget_gib: float = 0.0) -> str | None:
     """Fused LoRA-up and q/k/v, gradient checkpointing and per-block compile (compiling each
     block, not the whole model, keeps compile time short and the graphs reusable across the
-    identical blocks). Returns why checkpointing was turned on, or None."""
+    identical blocks). `shards` > 1: the model will be sharded over that many GPUs (FSDP2), which
+    the memory estimate counts and CUDA graphs do not survive. Returns why checkpointing was turned
+    on, or None."""
     if train_cfg.fuse_lora_up:
         lora_up.install(model)
     if train_cfg.fuse_qkv and fuses_qkv:  # FLUX.2's single blocks come fused; its double blocks stay separate
         fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up)
-    checkpointing, why = memory.use_checkpointing(train_cfg, model, max_tokens, memory.gpu_bytes(device))
+    checkpointing, why = memory.use_checkpointing(train_cfg, model, max_tokens, memory.gpu_bytes(device, budget_gib),
+                                                  shards)
     if checkpointing:
         model.enable_gradient_checkpointing()
-    graphs = compiled_blocks.use_cuda_graphs(train_cfg, device, checkpointing, shapes)  # an impossible "on" fails here
+    graphs = shards == 1 and compiled_blocks.use_cuda_graphs(train_cfg, device, checkpointing, shapes)  # an impossible "on" fails here
     if compiled_blocks.use_compile(train_cfg, device):
         compiled_blocks.compile_blocks(model, graphs)
     return why if checkpointing else None

@@ -13,7 +13,7 @@ import torch
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.models.families.base import Family
 from flux_lora.models.families.flux1 import FAMILY as FLUX1
-from flux_lora.parallel import session
+from flux_lora.parallel import fsdp, session
 from flux_lora.training import faults, flow, lora
 from flux_lora.training.batches import Slice
 
@@ -51,12 +51,10 @@ def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: Step
 
 def train_step(ddp_model, batches: list[dict], slices: list[Slice], step: int, inputs: StepInputs) -> torch.Tensor:
     """Forward/backward over this rank's micro-batches (batches[k] holds slices[k]'s items);
-    gradients sync only on the last one."""
+    gradients sync (DDP's all-reduce, FSDP2's reduce-scatter) only on the last one."""
     total = torch.zeros((), device=inputs.device)
     for k, (part, batch) in enumerate(zip(slices, batches)):
-        last = k == len(slices) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()
-        with sync:
+        with fsdp.gradient_sync(ddp_model, k == len(slices) - 1):
             loss = micro_loss(ddp_model, batch, part.positions, step, inputs) / len(slices)
             loss.backward()
         total += loss.detach()
@@ -103,8 +101,8 @@ def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_no
            device: torch.device, world: int) -> PendingStep:
     """Clip, agree across ranks (the loop's one all-reduce), then step or skip: on the device
     where the optimizer can (no host sync), else after reading the votes."""
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
-                                               max_grad_norm if max_grad_norm > 0 else float("inf"))
+    grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
+                                                         max_grad_norm if max_grad_norm > 0 else float("inf")))
     local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
     votes = session.all_sum_on_device(
         torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),

@@ -1,4 +1,4 @@
-"""Stage 2: LoRA training on the cached shards with DistributedDataParallel.
+"""Stage 2: LoRA training on the cached shards with DistributedDataParallel (or FSDP2, parallel.fsdp).
 
     python -m flux_lora train --model M --cache-dir CACHE --output OUT          # 1 process (CPU or 1 GPU)
     torchrun --nproc_per_node=8 -m flux_lora train --config configs/flux-dev-512.yaml
@@ -31,9 +31,10 @@ from flux_lora.outputs.plot import write_loss_plot
 from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
+from flux_lora.parallel.fsdp import is_sharded
 from flux_lora.training import checkpoint, faults, lora, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
-from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
+from flux_lora.training.model import build_model, choose_sharding, largest_micro_batch_tokens, micro_batch_shapes
 from flux_lora.training.optim import make_optimizer
 from flux_lora.training.step import StepInputs, StepResult, Trainee, pipelined_steps
 from flux_lora.training.timing import Meter, step_timings
@@ -152,11 +153,12 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     family = families.of_model(cfg.model.path, cfg.model.revision)
     if cfg.output.export_format == "kohya" and not family.kohya_export:
         raise ConfigError(f"output.export_format=kohya covers FLUX.1 and Kontext, not {family.title}; use diffusers")
-    model, n_params = build_model(cfg, di, reporter,
-                                  largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size,
-                                                             family.paired),
-                                  micro_batch_shapes(buckets), family)
-    ddp = wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
+    tokens = largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size, family.paired)
+    sharding = choose_sharding(cfg, di, family, tokens)
+    if sharding.why:
+        reporter.info(sharding.why)
+    model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, sharding.mode)
+    ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = make_optimizer(model, cfg.train, di.device)
     trainee = Trainee(model, ddp, opt, sched)
     train_cfg = cfg.train
@@ -171,6 +173,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
                         family)
     previews = make_previewer(cfg, di, manifest, model, reporter, family, dataset)
     reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items), family=family.name,
+                   sharding="fsdp" if is_sharded(model) else "ddp",
                    validation_items=len(held),
                    total_steps=train_cfg.steps, start_step=state.step, lora_parameters=n_params,
                    global_batch=sampler.global_batch, cpu_threads=torch.get_num_threads(), resumed_from=resume_from,
@@ -361,11 +364,7 @@ def resume(path: str, trainee: Trainee, current_settings: dict) -> RunState:
     if diffs:
         raise ConfigError(f"cannot resume from {path}: settings changed ({'; '.join(diffs)}); "
                           "restore them, or pass --no-resume --overwrite to start over")
-    lora.load_lora_state_dict(trainee.model, saved["lora"])
-    trainee.opt.load_state_dict(saved["optim"]["optimizer"])
-    trainee.sched.load_state_dict(saved["optim"]["scheduler"])
-    if "rng" in saved["optim"]:
-        torch.set_rng_state(saved["optim"]["rng"]["cpu"])
+    checkpoint.resume_into(saved, trainee.model, trainee.opt, trainee.sched)
     return RunState(step=saved["state"]["step"], loss_history=[tuple(x) for x in saved["state"].get("loss_history", [])],
                     best=validation.Best.from_state(saved["state"].get("validation")))
 
@@ -397,14 +396,20 @@ def save_state(current: Run) -> None:
     position) and the data order from (seed, epoch), so an exact resume does not need it."""
     trainee, state = current.trainee, current.state
     evaluate(current)
-    path = shared_outcome(lambda: checkpoint.save_checkpoint(
-        current.out, state.step, lora.lora_state_dict(trainee.model),
-        {"optimizer": trainee.opt.state_dict(), "scheduler": trainee.sched.state_dict(),
-         "rng": {"cpu": torch.get_rng_state()}},
-        {"math": current.resume_settings, "loss_history": state.loss_history, "validation": state.best.to_state(),
-         "sampler": {"step": state.step, "global_batch": current.sampler.global_batch,
-                     "batches_per_epoch": current.sampler.batches_per_epoch}},
-        current.cfg.train.keep_checkpoints), f"the checkpoint of step {state.step}")
+    about = {"math": current.resume_settings, "loss_history": state.loss_history, "validation": state.best.to_state(),
+             "sampler": {"step": state.step, "global_batch": current.sampler.global_batch,
+                         "batches_per_epoch": current.sampler.batches_per_epoch},
+             "world_size": current.di.world_size}
+    keep = current.cfg.train.keep_checkpoints
+    if is_sharded(trainee.model):
+        path = shared_outcome(lambda: checkpoint.save_sharded_checkpoint(
+            current.out, state.step, trainee.model, trainee.opt, {**about, "scheduler": trainee.sched.state_dict()},
+            keep), f"the checkpoint of step {state.step}")
+    else:
+        path = shared_outcome(lambda: checkpoint.save_checkpoint(
+            current.out, state.step, lora.lora_state_dict(trainee.model),
+            {"optimizer": trainee.opt.state_dict(), "scheduler": trainee.sched.state_dict(),
+             "rng": {"cpu": torch.get_rng_state()}}, about, keep), f"the checkpoint of step {state.step}")
     if path:
         current.reporter.emit("checkpoint", step=state.step, path=str(path))
         write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flux_lora.fast.compiled_blocks import eager_stance
-from flux_lora.parallel import session
+from flux_lora.parallel import fsdp, session
 from flux_lora.models.families.base import Family
 from flux_lora.models.families.flux1 import FAMILY as FLUX1
 from flux_lora.training import flow, step
@@ -61,10 +61,15 @@ def validation_loss(model, dataset, items: list[int], ts: list[float], guidance:
     model.eval()
     try:
         with eager_stance(model):
+            share = sorted(items)[di.rank::di.world_size]
             mine = {i: item_loss(model, dataset[i], dataset.items[i].index, ts, guidance, device, dtype, family)
-                    for i in sorted(items)[di.rank::di.world_size]}
+                    for i in share}
+            for _ in range(fsdp.lockstep_extra(model, len(share), len(items), di.world_size)):
+                first = min(items)
+                item_loss(model, dataset[first], dataset.items[first].index, ts, guidance, device, dtype, family)
     finally:
         model.train(was_training)
+        fsdp.reshard(model)
     losses = {}
     for part in session.gather_objects(mine):
         losses.update(part)

@@ -51,6 +51,14 @@ class Family:
             return self.diffusers_class(self.transformer_class).from_pretrained(
                 model, subfolder="transformer", dtype=dtype, **placement, **revision_kwargs(revision))
 
+    def transformer_config(self, model: str, revision: str = "") -> dict:
+        """The transformer's config (no weights read): what the memory plan needs."""
+        if synthetic.is_synthetic(model):
+            return dict(self.synthetic[model])
+        with load_errors(model, "the transformer's config"):
+            return dict(self.diffusers_class(self.transformer_class).load_config(
+                model, subfolder="transformer", **revision_kwargs(revision)))
+
     def load_vae(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
         self._needs_files(model, "a VAE")
         with load_errors(model, "the VAE"):
