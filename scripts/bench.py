@@ -4,6 +4,8 @@
     python scripts/bench.py train --resolution 512 --batch-size 4 --compare-bf16 --profile
     python scripts/bench.py train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline
     torchrun --nproc_per_node=2 scripts/bench.py train --resolution 512 --batch-size 4 --no-baseline
+    torchrun --nproc_per_node=2 scripts/bench.py train --resolution 1024 --batch-size 1 --no-baseline \
+        --fp8-compute off --fuse-qkv off --sharding fsdp --compare-sharding     # FSDP2 against DDP, same GPUs
     python scripts/bench.py preprocess --resolution 1024 --images 128
     python scripts/bench.py train --tiny                                      # CPU, seconds (tests run it)
 
@@ -42,7 +44,7 @@ from flux_lora.fast import attention, compiled_blocks, fused_qkv, gc_freeze  # n
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
 from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
-from flux_lora.parallel import session  # noqa: E402
+from flux_lora.parallel import fsdp, session  # noqa: E402
 from flux_lora.parallel.ddp import wrap_ddp  # noqa: E402
 from flux_lora.training import lora  # noqa: E402
 from flux_lora.training.batches import Slice  # noqa: E402
@@ -181,7 +183,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
-             "dist.average_per_bucket": setting.get("average_per_bucket", True)}
+             "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp")}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -190,7 +192,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     family = families.of_model(args.model)
     image_tokens = (setting["resolution"] // 16) ** 2 * (2 if family.paired else 1)  # a control image doubles them
     tokens = setting["batch"] * (image_tokens + args.text_len)
-    model, n_params = build_model(cfg, di, NullReporter(di.rank), tokens, family=family)
+    model, n_params = build_model(cfg, di, NullReporter(di.rank), tokens, family=family,
+                                  sharding=setting.get("sharding", "ddp"))
     load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
@@ -213,7 +216,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     compiled = compiled_blocks.use_compile(train_cfg, di.device)
     if compiled:
         compiled_blocks.compile_blocks(model, compiled_blocks.use_cuda_graphs(train_cfg, di.device, model.is_gradient_checkpointing))
-    ddp = wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)  # as train does
+    ddp = model if fsdp.is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)  # as train does
     opt, sched = make_optimizer(model, cfg.train, di.device)
     if setting.get("unfused_adamw"):
         opt = torch.optim.AdamW([p for _, p in lora.lora_parameters(model)], lr=1e-4, foreach=True)
@@ -242,7 +245,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
            "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
            "cuda_graphs_on": compiled_blocks.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
-           "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules())}
+           "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules()),
+           "sharded": fsdp.is_sharded(model)}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     out["compile_report"] = compile_report()
@@ -252,6 +256,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         if peak:
             out["mfu"] = out["tflops_per_gpu"] / peak
     if di.device.type == "cuda":
+        # every rank's step peak (the largest decides whether a card fits)
+        out["peak_mem_gib_per_rank"] = session.gather_objects(torch.cuda.max_memory_allocated(di.device) / 2**30)
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(di.device) / 2**30
         out["weights_gib"] = torch.cuda.memory_allocated(di.device) / 2**30
         out["load_peak_gib"] = load_peak
@@ -280,10 +286,12 @@ def loss_comparison(test: list[float], reference: list[float]) -> dict:
 
 
 def train_settings(args) -> list[dict]:
+    other_sharding = "ddp" if args.sharding == "fsdp" else "fsdp"
     ours = {"name": f"flux_lora {args.memory_mode} fp8_compute={args.fp8_compute}",
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
-            "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on"}
+            "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
+            "sharding": args.sharding}
     runs = [] if args.only_baseline else [ours]
     # (asked for, what changes, the report key comparing the losses)
     variants = ((args.compare_bf16, "bf16 base (loss reference)", {"fp8_compute": "off"}, "loss_vs_bf16_base"),
@@ -291,7 +299,10 @@ def train_settings(args) -> list[dict]:
                 (args.compare_graphs, "without CUDA graphs", {"cuda_graphs": "off"}, "loss_vs_no_graphs"),
                 (args.compare_up_add, "peft's LoRA forward" if ours["fuse_lora_up"] else "LoRA up-projection as one addmm", {"fuse_lora_up": not ours["fuse_lora_up"]}, "loss_vs_up_add_toggled"),
                 (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
-                (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"))
+                (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"),
+                (args.compare_sharding, f"sharding={other_sharding}", {"sharding": other_sharding}, "loss_vs_other_sharding"),
+                (args.compare_sharding_checkpointed, "sharding=fsdp, gradient checkpointing", {"sharding": "fsdp", "checkpointing": "on"},
+                 "loss_vs_fsdp_checkpointed"))
     for wanted, what, change, key in variants:
         if wanted:
             runs.append({**ours, **change, "name": f"flux_lora {args.memory_mode} {what}", "loss_key": key})
@@ -384,6 +395,9 @@ def main() -> None:
     p.add_argument("--compare-up-add", action="store_true", help="also run with --fuse-lora-up toggled; compare the losses")
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
+    p.add_argument("--sharding", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (dist.sharding)")
+    p.add_argument("--compare-sharding", action="store_true", help="under torchrun: also run the other sharding; compare the losses")
+    p.add_argument("--compare-sharding-checkpointed", action="store_true", help="also run FSDP2 with gradient checkpointing (its memory floor)")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

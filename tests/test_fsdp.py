@@ -1,0 +1,184 @@
+"""FSDP2 (--sharding fsdp) on CPU with gloo: the same LoRA as DDP and as one rank, exact resume
+after SIGKILL, resume on other numbers of ranks (from either checkpoint format), the auto choice,
+and the refused combinations.
+    pytest -q tests/test_fsdp.py"""
+
+import json
+import shutil
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import cli_env, run_cli, torchrun, train_args
+from flux_lora.config import Config
+from flux_lora.fast import memory
+from flux_lora.parallel import fsdp
+from flux_lora.parallel.session import DistInfo
+from flux_lora.training import checkpoint
+
+# global batch 6 = 2 ranks × 3 = 3 ranks × 2 = 1 rank × 6; previews and validation run between steps
+COMMON = ["--steps", "8", "--lr", "1e-2", "--checkpoint-every", "3", "--validation-split", "0.25",
+          "--sample-every", "3", "--set", "train.keep_checkpoints=5"]
+# auto, on the CPU, with a 1 KiB "GPU": DDP cannot fit, so auto shards
+AUTO_SHARDS = ["--sharding", "auto", "--set", "dist.gpu_memory_gib=0.000001"]
+
+
+def _events(out):
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def _relative_gap(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    num = sum((a[k] - b[k]).pow(2).sum() for k in a).sqrt()
+    return float(num / sum(b[k].pow(2).sum() for k in b).sqrt())
+
+
+def _lora(out):
+    return load_file(out / "lora.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tiny_model, cache_dir, tmp_path_factory):
+    """2 ranks × batch 3 under FSDP2, chosen by auto."""
+    out = tmp_path_factory.mktemp("fsdp") / "out"
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, out, "--batch-size", "3", *COMMON, *AUTO_SHARDS))
+    return SimpleNamespace(out=out, stderr=proc.stderr)
+
+
+def test_auto_shards_when_ddp_does_not_fit_and_says_why(sharded_run):
+    assert "dist.sharding=auto chose fsdp: DDP needs ~" in sharded_run.stderr
+    start = _events(sharded_run.out)[0]
+    assert start["sharding"] == "fsdp" and start["world_size"] == 2
+    # each rank wrote its own shard, and the LoRA file is the plain single file a DDP run writes
+    dcp = checkpoint.checkpoint_dir(sharded_run.out, 3) / "dcp"
+    assert sorted(p.name for p in dcp.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_fsdp_equals_ddp_and_one_rank(tiny_model, cache_dir, tmp_path, sharded_run):
+    """Same global batch, same data and noise per sample: only the order of float sums differs
+    (reduce-scatter vs all-reduce vs one rank's batch), ~1e-7 relative after 8 Adam steps at a
+    high learning rate; a real difference (a stale or missing gradient) is > 1e-3."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    torchrun(2, *train_args(tiny_model, cache_dir, ddp, "--batch-size", "3", *COMMON, "--sharding", "ddp"))
+    run_cli(*train_args(tiny_model, cache_dir, single, "--batch-size", "6", *COMMON, "--sharding", "fsdp"), check=True)
+    sharded = _lora(sharded_run.out)
+    assert _relative_gap(sharded, _lora(ddp)) < 1e-5
+    assert _relative_gap(sharded, _lora(single)) < 1e-5
+    assert any(v.abs().max() > 0 for k, v in sharded.items() if "lora_B" in k)
+    assert _events(ddp)[0]["sharding"] == "ddp"
+    losses = [[e["loss"] for e in _events(o) if e["event"] == "progress"] for o in (sharded_run.out, ddp)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # the same file format: keys, dtype and the adapter metadata
+    with safe_open(str(sharded_run.out / "lora.safetensors"), "pt") as a, safe_open(str(ddp / "lora.safetensors"), "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert {k: a.get_tensor(k).dtype for k in a.keys()} == {k: b.get_tensor(k).dtype for k in b.keys()}
+    # previews and validation ran under FSDP2 (every rank in step) and gave DDP's numbers
+    validation = [[(e["step"], e["loss"]) for e in _events(o) if e["event"] == "validation"] for o in (sharded_run.out, ddp)]
+    assert [s for s, _ in validation[0]] == [0, 3, 6, 8]
+    assert [v for _, v in validation[0]] == pytest.approx([v for _, v in validation[1]], rel=1e-5)
+    assert (sharded_run.out / "samples" / "step-000006.png").is_file()
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model, cache_dir, tmp_path, sharded_run):
+    out = tmp_path / "killed"
+    args = train_args(tiny_model, cache_dir, out, "--batch-size", "3", *COMMON, *AUTO_SHARDS)
+    proc = torchrun(2, *args, check=False, env=cli_env(FLUX_LORA_FAULT="kill@5"))
+    assert proc.returncode != 0 and not (out / "lora.safetensors").exists()
+    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3]
+    proc = torchrun(2, *args)
+    assert "resuming from" in proc.stderr and "at step 3" in proc.stderr
+    resumed, reference = _lora(out), _lora(sharded_run.out)
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_resume_on_one_and_on_three_ranks(tiny_model, cache_dir, tmp_path, sharded_run):
+    """A 2-rank FSDP2 run killed after step 4 resumes from its step-3 checkpoint on 1 rank (whole
+    model) and on 3 ranks (resharded), each at global batch 6; the 1-rank run's own checkpoint (DDP's
+    format) then resumes under FSDP2 on 2 ranks. All end at the uninterrupted run's LoRA."""
+    killed = tmp_path / "killed"
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, killed, "--batch-size", "3", *COMMON, "--sharding", "fsdp"),
+                    check=False, env=cli_env(FLUX_LORA_FAULT="kill@4"))
+    assert proc.returncode != 0
+    one, three = tmp_path / "one", tmp_path / "three"
+    shutil.copytree(killed, one)
+    shutil.copytree(killed, three)
+    proc = run_cli(*train_args(tiny_model, cache_dir, one, "--batch-size", "6", *COMMON, "--sharding", "fsdp"), check=True)
+    assert "at step 3" in proc.stderr and "nothing to shard over" in proc.stderr
+    torchrun(3, *train_args(tiny_model, cache_dir, three, "--batch-size", "2", *COMMON, "--sharding", "fsdp"))
+    reference = _lora(sharded_run.out)
+    assert _relative_gap(_lora(one), reference) < 1e-5
+    assert _relative_gap(_lora(three), reference) < 1e-5
+    whole = checkpoint.checkpoint_dir(one, 6)
+    assert (whole / "lora.safetensors").is_file() and not (whole / "dcp").exists()
+    again = tmp_path / "again"
+    torchrun(2, *train_args(tiny_model, cache_dir, again, "--batch-size", "3", *COMMON, "--sharding", "fsdp",
+                            "--resume-from", whole))
+    assert _relative_gap(_lora(again), reference) < 1e-5
+
+
+def test_failing_rank_ends_a_sharded_job_fast(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "fail"
+    t0 = time.time()
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, out, "--steps", "50", "--sharding", "fsdp"), check=False,
+                    env=cli_env(FLUX_LORA_FAULT="raise@3:1"))
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    assert "rank 1: failed: RuntimeError: injected failure at step 3" in proc.stderr
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"memory_mode": "fp8"}, "memory_mode=fp8 keeps a quantized base"),
+    ({"memory_mode": "nf4"}, "memory_mode=nf4 keeps a quantized base"),
+    ({"fp8_compute": "on"}, "fp8_compute=on keeps an fp8 copy"),
+    ({"cuda_graphs": "on"}, "cuda_graphs=on records fixed addresses"),
+])
+def test_combinations_fsdp_does_not_take_are_one_line(settings, words):
+    from flux_lora.config import TrainConfig
+    from flux_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        fsdp.check_combination(TrainConfig(**settings), DistInfo(0, 2, 0, torch.device("cpu")))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_auto_choice_from_the_memory_estimate():
+    """FLUX.1-dev's sizes: DDP fits an 80 GB card and not a 24 GB one; on 24 GB cards FSDP2 over
+    two ranks fits with checkpointing; one rank never shards; a quantized base never shards."""
+    sizes = fsdp.PlannedSizes(weight_bytes=23_800_000_000, lora_params=65_000_000, blocks=57, hidden=3072,
+                              largest_block_bytes=340_000_000)
+    tokens = 4096 + 512
+
+    def choose(gib, world=2, mode="fast", ckpt="auto"):
+        cfg = Config()
+        cfg.dist.gpu_memory_gib, cfg.train.memory_mode, cfg.train.gradient_checkpointing = gib, mode, ckpt
+        return fsdp.choose_sharding(cfg, DistInfo(0, world, 0, torch.device("cpu")), lambda: sizes, tokens, False)
+
+    assert choose(80).mode == "ddp"
+    pick = choose(24)
+    assert pick.mode == "fsdp" and "DDP needs ~" in pick.why and "still more" not in pick.why
+    assert choose(24, world=1).mode == "ddp"
+    assert choose(24, mode="fp8").mode == "ddp"
+    assert "still more than fits" in choose(8).why
+    # the sharded estimate: half the weights and LoRA state, two whole blocks, the same activations
+    whole = memory.step_memory_bytes(sizes.weight_bytes, sizes.lora_params, tokens, sizes.blocks, sizes.hidden, True)
+    half = memory.sharded_step_memory_bytes(sizes.weight_bytes, sizes.lora_params, tokens, sizes.blocks, sizes.hidden,
+                                            sizes.largest_block_bytes, 2, True)
+    assert half == whole - (sizes.weight_bytes + 16 * sizes.lora_params) // 2 + 2 * sizes.largest_block_bytes
+
+
+def test_planned_sizes_match_the_built_model(tiny_model):
+    """The plan reads only the config (meta device); its sizes are the loaded model's."""
+    from flux_lora.models import families
+    from flux_lora.training.lora import add_lora
+
+    family = families.of_model(str(tiny_model))
+    cfg = Config()
+    planned = fsdp.planned_sizes(family, str(tiny_model), "", torch.float32, cfg.lora)
+    model = family.load_transformer(str(tiny_model), torch.float32)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    n_lora = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, 0.0, 0, family.lora_presets)
+    assert (planned.weight_bytes, planned.lora_params) == (weights, n_lora)
+    assert planned.blocks == len(model.transformer_blocks) + len(model.single_transformer_blocks)
