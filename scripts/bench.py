@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import sys
@@ -195,6 +196,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     model, n_params = build_model(cfg, di, NullReporter(di.rank), tokens, family=family,
                                   sharding=setting.get("sharding", "ddp"))
     load_peak = torch.cuda.max_memory_allocated(di.device) / 2**30 if di.device.type == "cuda" else None
+    note = (lambda what: print(f"[bench] {setting['name']}: {what} at {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                               flush=True)) if di.is_main else (lambda what: None)
+    note("model built")
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
     if setting.get("lora_bf16"):
@@ -210,12 +214,16 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     one_sample = ShapedData(family, conf, 1, setting["resolution"], args.text_len)
     flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"] \
         if setting.get("count_flops", True) else None
+    note("FLOPs counted")
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
     train_cfg = dataclasses.replace(cfg.train, compile=setting["compile"])
     compiled = compiled_blocks.use_compile(train_cfg, di.device)
     if compiled:
-        compiled_blocks.compile_blocks(model, compiled_blocks.use_cuda_graphs(train_cfg, di.device, model.is_gradient_checkpointing))
+        # as train does: FSDP2 gathers each block's weights into new memory every step, which
+        # recorded graphs cannot follow (measured: 15 s a step at 512 px with them on)
+        compiled_blocks.compile_blocks(model, not fsdp.is_sharded(model) and compiled_blocks.use_cuda_graphs(
+            train_cfg, di.device, model.is_gradient_checkpointing))
     ddp = model if fsdp.is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)  # as train does
     opt, sched = make_optimizer(model, cfg.train, di.device)
     if setting.get("unfused_adamw"):
@@ -231,6 +239,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
 
     losses = steps(0, 1)
     first_step_s = time.perf_counter() - t0
+    note("first step done")
     losses += steps(1, args.warmup - 1)
     with gc_freeze.frozen_gc_after_warmup(cfg.train.gc_freeze, 0) as after_step:
         after_step(gc_freeze.WARMUP_STEPS)  # the warm-up steps above are done: freeze as train does
@@ -270,6 +279,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         # dynamo's code cache would hand the next model's blocks the graphs bound to the trees
         # just shut down ("Running CUDAGraph after shutdown"); they recompile from inductor's caches
         torch._dynamo.reset()
+        # a sharded model holds reference cycles (FSDP2's hooks and states): without a collection
+        # its shards stay allocated into the next setting's build and steps (seen: +30 GiB)
+        gc.collect()
         torch.cuda.empty_cache()
     return out
 

@@ -38,11 +38,11 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         # FSDP2 against DDP on the same GPUs (bf16 base: FSDP2 shards no fp8 copy), FSDP2 with
         # checkpointing (its memory floor), and one GPU with the same settings (the scaling base)
         fsdp1024) run_ddp fsdp-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off --fuse-qkv off \
-            --sharding fsdp --compare-sharding --compare-sharding-checkpointed --steps 20 ;;
-        whole1024) run whole-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off --fuse-qkv off --steps 20 ;;
+            --sharding fsdp --compare-sharding --compare-sharding-checkpointed --steps 10 ;;
+        whole1024) run whole-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off --fuse-qkv off --steps 10 ;;
         # FLUX.2 [dev] (32 B) sharded over all GPUs, without and with checkpointing
         fsdpflux2) run_ddp fsdp-flux2-dev-1024 train --model random:flux2-dev --resolution 1024 --batch-size 1 --no-baseline \
-            --fp8-compute off --sharding fsdp --compare-sharding-checkpointed --steps 10 ;;
+            --fp8-compute off --sharding fsdp --compare-sharding-checkpointed --steps 6 --warmup 2 ;;
         pre1024) run preprocess-1024 preprocess --resolution 1024 --images 128 --batch-size 8 ;;
         pre1024b16) run preprocess-1024-b16 preprocess --resolution 1024 --images 128 --batch-size 16 ;;
     esac

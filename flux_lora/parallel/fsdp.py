@@ -109,8 +109,10 @@ def wrap_fsdp(model: torch.nn.Module, di: DistInfo, compute_dtype: torch.dtype) 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(di.device.type, (di.world_size,))
+    # inputs are left as the model makes them (autocast decides, as under DDP): FSDP2 would cast
+    # them in the forward but not in a checkpointed block's recompute, which then fails
     policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                                  reduce_dtype=torch.float32)
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
     # A single block returns its two streams as views of one tensor (diffusers' design); FSDP2
     # warns that an in-place op on such a view would skip its hook. Nothing here writes into them
     # (tests/test_fsdp.py: FSDP2's LoRA equals DDP's).
