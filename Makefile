@@ -1,11 +1,13 @@
 # make demo : tiny FLUX model -> synthetic images -> preprocess + train under torchrun (2 CPU ranks)
 # make test : the test suite (CPU, gloo, tiny model; no downloads)
+# make demo SHARDING=fsdp NPROC=3 : the demo with the model sharded over 3 ranks (FSDP2)
 # GPU users: make venv TORCH_SPEC="torch==2.11.0" (or any CUDA build) before anything else.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 NPROC ?= 2
+SHARDING ?= auto
 PY := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
 export HF_HUB_OFFLINE := 1
@@ -32,7 +34,7 @@ demo: venv
 	$(PY) -m flux_lora make-tiny demo/tiny
 	$(PY) -m flux_lora demo-data demo/images --count 12
 	$(TORCHRUN) --nproc_per_node=$(NPROC) -m flux_lora preprocess --config configs/tiny.yaml
-	$(TORCHRUN) --nproc_per_node=$(NPROC) -m flux_lora train --config configs/tiny.yaml
+	$(TORCHRUN) --nproc_per_node=$(NPROC) -m flux_lora train --config configs/tiny.yaml --sharding $(SHARDING)
 	@echo
 	@echo "LoRA:    demo/out/lora.safetensors   (ComfyUI/kohya: demo/out/lora-kohya.safetensors)"
 	@echo "loss:    demo/out/loss.png   previews: demo/out/samples/   events: demo/out/events.jsonl"

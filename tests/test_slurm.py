@@ -73,13 +73,19 @@ def test_two_nodes_match_one_node(tmp_path, tiny_model, images, cache_dir):
     assert m["world_size"] == 2 and m["total_items"] == 8
     one_node = load_manifest(cache_dir)
     assert [r[0] for r in m["items"]] == [r[0] for r in one_node["items"]]
-    proc = _sbatch("train.sbatch", env)
+    # two nodes train sharded (FSDP2), one node under DDP: the same LoRA
+    proc = _sbatch("train.sbatch", {**env, "SHARDING": "fsdp"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "events.jsonl").read_text().splitlines()[0])["sharding"] == "fsdp"
     single = tmp_path / "single"
     torchrun(2, "train", "--config", cfg, "--output", single)
     a, b = load_file(tmp_path / "out" / "lora.safetensors"), load_file(single / "lora.safetensors")
     assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    # FSDP2 sums the gradient norm from per-shard norms, DDP from whole tensors: the clip factor
+    # differs in its last bits, which Adam's normalisation lifts to ~1e-5 absolute on the smallest
+    # entries after 6 steps at lr 1e-2; the whole LoRA agrees to ~2e-6 relative
+    gap = sum((a[k] - b[k]).pow(2).sum() for k in a).sqrt() / sum(b[k].pow(2).sum() for k in b).sqrt()
+    assert gap < 1e-5 and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4) for k in a), float(gap)
 
 
 def test_preemption_requeues_and_resumes(tmp_path, tiny_model, images, cache_dir):

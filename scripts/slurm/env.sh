@@ -6,6 +6,8 @@
 #   CONFIG          YAML config (default configs/flux-dev-512.yaml); extra sbatch arguments are
 #                   passed to flux_lora as flags, e.g. --set train.steps=4000
 #   VENV            virtualenv to activate (default $FLUX_LORA_HOME/.venv, skipped if absent)
+#   SHARDING        train's --sharding: auto (default: DDP while the model fits a GPU, else FSDP2),
+#                   ddp or fsdp (the base sharded over every GPU of the job; resumes on another count)
 #   GPUS_PER_NODE   ranks per node (default: SLURM's GPU count for the node, else nvidia-smi, else 1)
 #   RDZV_PORT       rendezvous port on the first node (default 29500 + job id % 1000)
 #   HF_HOME         model cache; node-local is fine (see README: what must be shared)
