@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from conftest import cli_env, run_cli, torchrun, train_args
 from flux_lora.config import Config
 from flux_lora.fast import memory
-from flux_lora.parallel import fsdp
 from flux_lora.parallel.session import DistInfo
 from flux_lora.training import checkpoint
+from flux_lora.training import sharding
 
 # global batch 6 = 2 ranks × 3 = 3 ranks × 2 = 1 rank × 6; previews and validation run between steps
 COMMON = ["--steps", "8", "--lr", "1e-2", "--checkpoint-every", "3", "--validation-split", "0.25",
@@ -83,29 +83,33 @@ def test_fsdp_equals_ddp_and_one_rank(tiny_model, cache_dir, tmp_path, sharded_r
     assert (sharded_run.out / "samples" / "step-000006.png").is_file()
 
 
-def test_sigkill_then_resume_is_bit_identical(tiny_model, cache_dir, tmp_path, sharded_run):
-    out = tmp_path / "killed"
-    args = train_args(tiny_model, cache_dir, out, "--batch-size", "3", *COMMON, *AUTO_SHARDS)
-    proc = torchrun(2, *args, check=False, env=cli_env(FLUX_LORA_FAULT="kill@5"))
+@pytest.fixture(scope="module")
+def killed_run(tiny_model, cache_dir, tmp_path_factory):
+    """The sharded run SIGKILLed after step 5: its step-3 checkpoint is the last one."""
+    out = tmp_path_factory.mktemp("killed") / "out"
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, out, "--batch-size", "3", *COMMON, *AUTO_SHARDS), check=False,
+                    env=cli_env(FLUX_LORA_FAULT="kill@5"))
     assert proc.returncode != 0 and not (out / "lora.safetensors").exists()
     assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3]
-    proc = torchrun(2, *args)
+    return out
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model, cache_dir, tmp_path, sharded_run, killed_run):
+    out = tmp_path / "resumed"
+    shutil.copytree(killed_run, out)
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, out, "--batch-size", "3", *COMMON, *AUTO_SHARDS))
     assert "resuming from" in proc.stderr and "at step 3" in proc.stderr
     resumed, reference = _lora(out), _lora(sharded_run.out)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
-def test_resume_on_one_and_on_three_ranks(tiny_model, cache_dir, tmp_path, sharded_run):
-    """A 2-rank FSDP2 run killed after step 4 resumes from its step-3 checkpoint on 1 rank (whole
-    model) and on 3 ranks (resharded), each at global batch 6; the 1-rank run's own checkpoint (DDP's
-    format) then resumes under FSDP2 on 2 ranks. All end at the uninterrupted run's LoRA."""
-    killed = tmp_path / "killed"
-    proc = torchrun(2, *train_args(tiny_model, cache_dir, killed, "--batch-size", "3", *COMMON, "--sharding", "fsdp"),
-                    check=False, env=cli_env(FLUX_LORA_FAULT="kill@4"))
-    assert proc.returncode != 0
+def test_resume_on_one_and_on_three_ranks(tiny_model, cache_dir, tmp_path, sharded_run, killed_run):
+    """The killed 2-rank FSDP2 run resumes from its step-3 checkpoint on 1 rank (whole model) and
+    on 3 ranks (resharded), each at global batch 6; the 1-rank run's own checkpoint (DDP's format)
+    then resumes under FSDP2 on 2 ranks. All end at the uninterrupted run's LoRA."""
     one, three = tmp_path / "one", tmp_path / "three"
-    shutil.copytree(killed, one)
-    shutil.copytree(killed, three)
+    shutil.copytree(killed_run, one)
+    shutil.copytree(killed_run, three)
     proc = run_cli(*train_args(tiny_model, cache_dir, one, "--batch-size", "6", *COMMON, "--sharding", "fsdp"), check=True)
     assert "at step 3" in proc.stderr and "nothing to shard over" in proc.stderr
     torchrun(3, *train_args(tiny_model, cache_dir, three, "--batch-size", "2", *COMMON, "--sharding", "fsdp"))
@@ -140,21 +144,21 @@ def test_combinations_fsdp_does_not_take_are_one_line(settings, words):
     from flux_lora.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        fsdp.check_combination(TrainConfig(**settings), DistInfo(0, 2, 0, torch.device("cpu")))
+        sharding.check_combination(TrainConfig(**settings), DistInfo(0, 2, 0, torch.device("cpu")))
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_auto_choice_from_the_memory_estimate():
     """FLUX.1-dev's sizes: DDP fits an 80 GB card and not a 24 GB one; on 24 GB cards FSDP2 over
     two ranks fits with checkpointing; one rank never shards; a quantized base never shards."""
-    sizes = fsdp.PlannedSizes(weight_bytes=23_800_000_000, lora_params=65_000_000, blocks=57, hidden=3072,
+    sizes = sharding.PlannedSizes(weight_bytes=23_800_000_000, lora_params=65_000_000, blocks=57, hidden=3072,
                               largest_block_bytes=340_000_000)
     tokens = 4096 + 512
 
     def choose(gib, world=2, mode="fast", ckpt="auto"):
         cfg = Config()
         cfg.dist.gpu_memory_gib, cfg.train.memory_mode, cfg.train.gradient_checkpointing = gib, mode, ckpt
-        return fsdp.choose_sharding(cfg, DistInfo(0, world, 0, torch.device("cpu")), lambda: sizes, tokens, False)
+        return sharding.decide(cfg, DistInfo(0, world, 0, torch.device("cpu")), lambda: sizes, tokens, False)
 
     assert choose(80).mode == "ddp"
     pick = choose(24)
@@ -176,9 +180,22 @@ def test_planned_sizes_match_the_built_model(tiny_model):
 
     family = families.of_model(str(tiny_model))
     cfg = Config()
-    planned = fsdp.planned_sizes(family, str(tiny_model), "", torch.float32, cfg.lora)
+    planned = sharding.planned_sizes(family, str(tiny_model), "", torch.float32, cfg.lora)
     model = family.load_transformer(str(tiny_model), torch.float32)
     weights = sum(p.numel() * 4 for p in model.parameters())
     n_lora = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, 0.0, 0, family.lora_presets)
     assert (planned.weight_bytes, planned.lora_params) == (weights, n_lora)
     assert planned.blocks == len(model.transformer_blocks) + len(model.single_transformer_blocks)
+
+
+def test_a_truncated_shard_makes_the_checkpoint_unreadable(tmp_path, sharded_run):
+    from flux_lora.errors import CheckpointError
+
+    broken = tmp_path / "checkpoints" / "step-000003"
+    shutil.copytree(checkpoint.checkpoint_dir(sharded_run.out, 3), broken)
+    assert checkpoint.load_checkpoint(broken)["dcp"].endswith("dcp")
+    shard = broken / "dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="__1_0.distcp has 100 bytes"):
+        checkpoint.load_checkpoint(broken)
+    assert checkpoint.latest_valid(tmp_path) == (None, [(broken, checkpoint.quick_problem(broken))])

@@ -31,18 +31,6 @@ def micro_batch_shapes(buckets: set[tuple[int, int]]) -> int:
     return len(image_token_counts(buckets))
 
 
-def choose_sharding(cfg: Config, di: DistInfo, family: Family, tokens: int) -> fsdp.ShardingChoice:
-    """dist.sharding resolved (auto decided from the model's config and the GPU's memory), and the
-    combinations FSDP2 does not take refused in one line."""
-    dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
-    choice = fsdp.choose_sharding(
-        cfg, di, lambda: fsdp.planned_sizes(family, cfg.model.path, cfg.model.revision, dtype, cfg.lora), tokens,
-        quantize.uses_fp8_base(cfg.train, di.device, dtype))
-    if choice.mode == "fsdp":
-        fsdp.check_combination(cfg.train, di)
-    return choice
-
-
 def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: int = 1,
                 family: Family | None = None, sharding: str = "ddp") -> tuple[torch.nn.Module, int]:
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
@@ -81,7 +69,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     if why:
         reporter.info(f"gradient checkpointing on ({why})")
     if sharded:
-        fsdp.wrap_fsdp(transformer, di, dtype)
+        fsdp.wrap_fsdp(transformer, loading.transformer_blocks(transformer), di, dtype)
     return transformer, n_params
 
 

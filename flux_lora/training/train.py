@@ -32,9 +32,9 @@ from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
 from flux_lora.parallel.fsdp import is_sharded
-from flux_lora.training import checkpoint, faults, lora, validation
+from flux_lora.training import checkpoint, faults, lora, sharding, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
-from flux_lora.training.model import build_model, choose_sharding, largest_micro_batch_tokens, micro_batch_shapes
+from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
 from flux_lora.training.optim import make_optimizer
 from flux_lora.training.step import StepInputs, StepResult, Trainee, pipelined_steps
 from flux_lora.training.timing import Meter, step_timings
@@ -154,10 +154,10 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     if cfg.output.export_format == "kohya" and not family.kohya_export:
         raise ConfigError(f"output.export_format=kohya covers FLUX.1 and Kontext, not {family.title}; use diffusers")
     tokens = largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size, family.paired)
-    sharding = choose_sharding(cfg, di, family, tokens)
-    if sharding.why:
-        reporter.info(sharding.why)
-    model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, sharding.mode)
+    choice = sharding.choose(cfg, di, family, tokens)
+    if choice.why:
+        reporter.info(choice.why)
+    model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = make_optimizer(model, cfg.train, di.device)
     trainee = Trainee(model, ddp, opt, sched)
