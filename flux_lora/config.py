@@ -122,6 +122,8 @@ class TrainConfig:
     timestep_sampling: str = doc("flux-shift", "uniform, logit-normal, or flux-shift (logit-normal shifted by image size, as FLUX inference)")
     logit_mean: float = doc(0.0, "mean of the logit-normal timestep distribution")
     logit_std: float = doc(1.0, "std of the logit-normal timestep distribution", low=0, open_low=True)
+    caption_dropout: float = doc(0.0, "probability that a sample trains on the empty caption instead of its own (kohya's caption_dropout_rate): the LoRA then also works without the trigger word, and classifier-free guidance keeps working", low=0, high=0.99)
+    ema_decay: float = doc(0.0, "keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; 0 = off), saved in checkpoints and written as OUTPUT/lora-ema.safetensors", low=0, high=0.99999)
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
     gradient_checkpointing: str = doc("auto", "auto (on in fp8/nf4; in fast mode only when the largest micro-batch would not fit the GPU without it), on or off")
     compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")

@@ -22,7 +22,9 @@ from flux_lora.training import sharding
 
 # global batch 6 = 2 ranks × 3 = 3 ranks × 2 = 1 rank × 6; previews and validation run between steps
 COMMON = ["--steps", "8", "--lr", "1e-2", "--checkpoint-every", "3", "--validation-split", "0.25",
-          "--sample-every", "3", "--set", "train.keep_checkpoints=5"]
+          "--sample-every", "3", "--set", "train.keep_checkpoints=5",
+          # per-sample and per-step state that must survive sharding, rank counts and resumes
+          "--set", "train.caption_dropout=0.3", "--set", "train.ema_decay=0.9"]
 # auto, on the CPU, with a 1 KiB "GPU": DDP cannot fit, so auto shards
 AUTO_SHARDS = ["--sharding", "auto", "--set", "dist.gpu_memory_gib=0.000001"]
 
@@ -37,8 +39,8 @@ def _relative_gap(a: dict, b: dict) -> float:
     return float(num / sum(b[k].pow(2).sum() for k in b).sqrt())
 
 
-def _lora(out):
-    return load_file(out / "lora.safetensors")
+def _lora(out, name="lora.safetensors"):
+    return load_file(out / name)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,8 @@ def test_fsdp_equals_ddp_and_one_rank(tiny_model, cache_dir, tmp_path, sharded_r
     sharded = _lora(sharded_run.out)
     assert _relative_gap(sharded, _lora(ddp)) < 1e-5
     assert _relative_gap(sharded, _lora(single)) < 1e-5
+    for other in (ddp, single):
+        assert _relative_gap(_lora(sharded_run.out, "lora-ema.safetensors"), _lora(other, "lora-ema.safetensors")) < 1e-5
     assert any(v.abs().max() > 0 for k, v in sharded.items() if "lora_B" in k)
     assert _events(ddp)[0]["sharding"] == "ddp"
     losses = [[e["loss"] for e in _events(o) if e["event"] == "progress"] for o in (sharded_run.out, ddp)]
@@ -99,8 +103,9 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, cache_dir, tmp_path, s
     shutil.copytree(killed_run, out)
     proc = torchrun(2, *train_args(tiny_model, cache_dir, out, "--batch-size", "3", *COMMON, *AUTO_SHARDS))
     assert "resuming from" in proc.stderr and "at step 3" in proc.stderr
-    resumed, reference = _lora(out), _lora(sharded_run.out)
-    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    for name in ("lora.safetensors", "lora-ema.safetensors"):
+        resumed, reference = _lora(out, name), _lora(sharded_run.out, name)
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
 def test_resume_on_one_and_on_three_ranks(tiny_model, cache_dir, tmp_path, sharded_run, killed_run):
@@ -122,6 +127,9 @@ def test_resume_on_one_and_on_three_ranks(tiny_model, cache_dir, tmp_path, shard
     torchrun(2, *train_args(tiny_model, cache_dir, again, "--batch-size", "3", *COMMON, "--sharding", "fsdp",
                             "--resume-from", whole))
     assert _relative_gap(_lora(again), reference) < 1e-5
+    ema = _lora(sharded_run.out, "lora-ema.safetensors")
+    for out in (one, three, again):
+        assert _relative_gap(_lora(out, "lora-ema.safetensors"), ema) < 1e-5
 
 
 def test_failing_rank_ends_a_sharded_job_fast(tiny_model, cache_dir, tmp_path):

@@ -5,6 +5,7 @@
     CACHE/shards/rank-RRRRR-of-NNNNN-part-PPPP.json  its sidecar: sha256, planned and stored items
     CACHE/manifest.json                        written last, by rank 0: the cache is complete
     CACHE/samples.pt                           embeddings of the sample prompts (may be absent)
+    CACHE/empty_prompt.pt                      embeddings of the empty caption (caption dropout)
     CACHE/captions.jsonl                       the caption used for every item, for people
     CACHE/config.yaml, events.jsonl            the resolved config and preprocess's events
     CACHE/progress/rank-RRRRR.json             items done per rank, for live progress
@@ -290,6 +291,26 @@ def write_sample_prompts(cache_dir: Path, prompts: list[str], texts: dict[str, t
     if negative is not None:
         record["negative"] = negative
     files.write_atomic(Path(cache_dir) / "samples.pt", lambda f: torch.save(record, f))
+
+
+def write_empty_prompt(cache_dir: Path, texts: dict[str, torch.Tensor]) -> None:
+    """CACHE/empty_prompt.pt: the empty caption's embeddings ([1, ...] per text key), what a
+    sample's caption becomes when caption dropout drops it."""
+    record = {**{k: v.cpu() for k, v in texts.items()}, "text_keys": list(texts)}  # as the shards store them
+    files.write_atomic(Path(cache_dir) / "empty_prompt.pt", lambda f: torch.save(record, f))
+
+
+def load_empty_prompt(cache_dir: Path, text_keys: list[str]) -> dict[str, torch.Tensor] | None:
+    """The empty prompt's embeddings ([...] per text key, no batch dimension), or None when the
+    cache has none for these text keys (one written before caption dropout existed, or unreadable)."""
+    path = Path(cache_dir) / "empty_prompt.pt"
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: written again by preprocess
+        return None
+    if record.get("text_keys") != list(text_keys):
+        return None
+    return {k: record[k][0] for k in text_keys}
 
 
 def write_config(cache_dir: Path, cfg: Config) -> None:

@@ -267,25 +267,32 @@ def _write_chunk(shards_dir: Path, name: str, shard: dict, planned: list[int], s
 
 
 def write_samples(cfg: Config, di, family: Family) -> None:
-    """Rank 0: encode the sample prompts for train's preview images (once per set of prompts),
-    and the negative prompt where the family's previews use true CFG."""
+    """Rank 0: encode the sample prompts for train's preview images (once per set of prompts), the
+    negative prompt where the family's previews use true CFG, and the empty prompt (caption
+    dropout's stand-in); the text encoders load only when one of them is missing."""
     cache_dir = Path(cfg.data.cache_dir)
     prompts = [apply_trigger(p, cfg.data.trigger_word) if "[trigger]" in p else p for p in cfg.data.sample_prompts]
     if not prompts:
         (cache_dir / "samples.pt").unlink(missing_ok=True)
-        return
     try:
         old = cache.load_sample_prompts(cache_dir)
     except CacheError:
         old = None  # unreadable: written again below
-    if old is not None and old.get("prompts") == prompts and old.get("text_keys", ["t5", "clip"]) == list(family.text_keys):
+    keys = list(family.text_keys)
+    samples_done = not prompts or (old is not None and old.get("prompts") == prompts
+                                   and old.get("text_keys", ["t5", "clip"]) == keys)
+    empty_done = cache.load_empty_prompt(cache_dir, keys) is not None
+    if samples_done and empty_done:
         return
     text = load_text_encoders(cfg, di.device, family)
-    encoded = family.encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
-    negative = None
-    if family.preview_negative is not None:
-        negative = family.encode_prompts(text, [family.preview_negative], cfg.data.max_sequence_length, di.device)
-    cache.write_sample_prompts(cache_dir, prompts, encoded, negative)
+    if not empty_done:
+        cache.write_empty_prompt(cache_dir, family.encode_prompts(text, [""], cfg.data.max_sequence_length, di.device))
+    if not samples_done:
+        encoded = family.encode_prompts(text, prompts, cfg.data.max_sequence_length, di.device)
+        negative = None
+        if family.preview_negative is not None:
+            negative = family.encode_prompts(text, [family.preview_negative], cfg.data.max_sequence_length, di.device)
+        cache.write_sample_prompts(cache_dir, prompts, encoded, negative)
 
 
 def run(cfg: Config) -> dict:

@@ -92,3 +92,20 @@ def reshard(model) -> None:
         if isinstance(module, FSDPModule):
             module.reshard()
 
+
+def fill(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy src into dst: a whole tensor into this rank's shard of a DTensor (FSDP2's even
+    chunks along dim 0), a shard into a shard of the same layout, or plain into plain."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(dst, DTensor) and not isinstance(src, DTensor):
+        mesh = dst.device_mesh
+        chunks = torch.chunk(src, mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        piece = chunks[rank] if rank < len(chunks) else src[:0]
+        dst.to_local().copy_(piece)
+    elif isinstance(src, DTensor) and not isinstance(dst, DTensor):
+        dst.copy_(src.full_tensor())
+    else:
+        dst.copy_(src)
+

@@ -61,7 +61,8 @@ def save_checkpoint(out_dir: Path, step: int, lora_sd: dict, optim_state: dict, 
 SHARDED_DIR = "dcp"
 
 
-def save_sharded_checkpoint(out_dir: Path, step: int, model, opt, state: dict, keep: int) -> Path | None:
+def save_sharded_checkpoint(out_dir: Path, step: int, model, opt, state: dict, keep: int,
+                            ema: dict | None = None) -> Path | None:
     """Every rank writes its shards of the LoRA and optimizer state (torch.distributed.checkpoint);
     rank 0 then writes state.json and renames the directory into place. Returns the path on rank 0."""
     import os
@@ -79,7 +80,8 @@ def save_sharded_checkpoint(out_dir: Path, step: int, model, opt, state: dict, k
     try:
         faults.before_checkpoint_write(step)
         model_sd, optim_sd = _sharded_state(model, opt)
-        dcp.save({"lora": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
+        dcp.save({"lora": model_sd, "optim": optim_sd, **({"ema": ema} if ema else {})},
+                 checkpoint_id=str(tmp / SHARDED_DIR))
         if not main:
             return None
         written = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -127,15 +129,15 @@ def _sharded_state(model, opt) -> tuple[dict, dict]:
     return get_state_dict(model, opt, options=_state_options())
 
 
-def resume_into(saved: dict, model, opt, sched) -> None:
-    """Load a checkpoint of either format into the model, optimizer and LR schedule of this run,
-    whatever its number of ranks and sharding (every rank calls it)."""
+def resume_into(saved: dict, model, opt, sched, ema=None) -> None:
+    """Load a checkpoint of either format into the model, optimizer, LR schedule (and EMA) of this
+    run, whatever its number of ranks and sharding (every rank calls it)."""
     if "dcp" in saved:
         import torch.distributed.checkpoint as dcp
 
         model_sd, optim_sd = _sharded_state(model, opt)
-        both = {"lora": model_sd, "optim": optim_sd}
-        dcp.load(both, checkpoint_id=saved["dcp"])  # resharded to this run's ranks
+        both = {"lora": model_sd, "optim": optim_sd, **({"ema": ema.state()} if ema else {})}
+        dcp.load(both, checkpoint_id=saved["dcp"])  # resharded to this run's ranks (the EMA in place)
         _set_lora_and_optim(model, opt, both["lora"], both["optim"])
         sched.load_state_dict(saved["state"]["scheduler"])
         return
@@ -154,6 +156,8 @@ def resume_into(saved: dict, model, opt, sched) -> None:
         lora.load_lora_state_dict(model, saved["lora"])
         opt.load_state_dict(saved["optim"]["optimizer"])
     sched.load_state_dict(saved["optim"]["scheduler"])
+    if ema is not None:
+        ema.load(saved["optim"].get("ema", {}))
     if "rng" in saved["optim"]:
         torch.set_rng_state(saved["optim"]["rng"]["cpu"])
 

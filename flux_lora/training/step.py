@@ -14,7 +14,7 @@ from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.models.families.base import Family
 from flux_lora.models.families.flux1 import FAMILY as FLUX1
 from flux_lora.parallel import fsdp, session
-from flux_lora.training import faults, flow, lora
+from flux_lora.training import conditioning, faults, flow, lora
 from flux_lora.training.batches import Slice
 
 
@@ -29,6 +29,8 @@ class StepInputs:
     device: torch.device
     dtype: torch.dtype
     family: Family = FLUX1  # how latents become tokens and how the transformer is called
+    caption_dropout: float = 0.0  # probability of the empty caption per sample
+    empty_prompt: dict | None = None  # its embeddings per text key (CACHE/empty_prompt.pt)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -38,6 +40,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: StepInputs) -> torch.Tensor:
     """Rectified-flow loss of one micro-batch (one bucket), over the target image's tokens."""
+    if inputs.caption_dropout:
+        batch = conditioning.drop_captions(
+            batch, conditioning.dropped(inputs.seed, step, positions, inputs.caption_dropout), inputs.empty_prompt)
     x0 = batch["latents"].to(inputs.device, non_blocking=True).float()  # [B, C, h, w]
     family = inputs.family
     noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), inputs.seed, step, positions, inputs.sampling,
@@ -98,7 +103,7 @@ def skips_on_device(opt) -> bool:
 
 
 def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_norm: float,
-           device: torch.device, world: int) -> PendingStep:
+           device: torch.device, world: int, ema=None) -> PendingStep:
     """Clip, agree across ranks (the loop's one all-reduce), then step or skip: on the device
     where the optimizer can (no host sync), else after reading the votes."""
     grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
@@ -113,6 +118,8 @@ def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_no
         opt.step()
     elif votes[2].item() == 0:
         opt.step()
+    if ema is not None:
+        ema.update(votes[2] > 0)
     zero_grad(model, opt)
     sched.step()  # the LR is a function of the step, skipped or not
     return PendingStep(votes, lr, world)
@@ -125,6 +132,7 @@ class Trainee:
     ddp: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
+    ema: object | None = None  # training.ema.Ema when train.ema_decay is set
 
 
 def pipelined_steps(trainee: Trainee, batches_at: Callable[[int], tuple[list[Slice], list[dict]]],
@@ -149,7 +157,7 @@ def pipelined_steps(trainee: Trainee, batches_at: Callable[[int], tuple[list[Sli
         if loss is None:
             return
         pending = update(trainee.model, trainee.opt, trainee.sched, loss, stop_requested(), max_grad_norm,
-                         inputs.device, world)
+                         inputs.device, world, trainee.ema)
         step += 1
 
 

@@ -20,7 +20,7 @@ import torch
 
 from flux_lora.config import Config, load_yaml, to_dict, to_yaml
 from flux_lora.data import cache
-from flux_lora.errors import CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
+from flux_lora.errors import CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
 from flux_lora.models import families, fingerprint, loading
@@ -34,6 +34,7 @@ from flux_lora.parallel.ddp import wrap_ddp
 from flux_lora.parallel.fsdp import is_sharded
 from flux_lora.training import checkpoint, faults, lora, sharding, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
+from flux_lora.training.ema import Ema
 from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
 from flux_lora.training.optim import make_optimizer
 from flux_lora.training.step import StepInputs, StepResult, Trainee, pipelined_steps
@@ -131,7 +132,8 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "train.weight_decay": train_cfg.weight_decay, "train.warmup_steps": train_cfg.warmup_steps,
            "train.schedule": train_cfg.schedule, "train.max_grad_norm": train_cfg.max_grad_norm,
            "train.seed": train_cfg.seed, "train.guidance": train_cfg.guidance,
-           "train.timestep_sampling": train_cfg.timestep_sampling, "train.logit_mean": train_cfg.logit_mean,
+           "train.timestep_sampling": train_cfg.timestep_sampling, "train.caption_dropout": train_cfg.caption_dropout,
+           "train.ema_decay": train_cfg.ema_decay, "train.logit_mean": train_cfg.logit_mean,
            "train.logit_std": train_cfg.logit_std, "train.validation_split": train_cfg.validation_split,
            "train.validation_timesteps": train_cfg.validation_timesteps,
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
@@ -160,7 +162,8 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = make_optimizer(model, cfg.train, di.device)
-    trainee = Trainee(model, ddp, opt, sched)
+    trainee = Trainee(model, ddp, opt, sched, Ema(lora.lora_parameters(model), cfg.train.ema_decay)
+                      if cfg.train.ema_decay else None)
     train_cfg = cfg.train
     settings = resume_settings(cfg, di.world_size, manifest)
     state = resume(resume_from, trainee, settings) if resume_from else RunState()
@@ -170,7 +173,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     has_guidance = bool(getattr(model.config, "guidance_embeds", False))
     inputs = StepInputs(train_cfg.seed, train_cfg.guidance if has_guidance else None, train_cfg.timestep_sampling,
                         train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device),
-                        family)
+                        family, train_cfg.caption_dropout, empty_prompt(cfg, family))
     previews = make_previewer(cfg, di, manifest, model, reporter, family, dataset)
     reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items), family=family.name,
                    sharding="fsdp" if is_sharded(model) else "ddp",
@@ -182,6 +185,18 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
         reporter.info(f"resuming from {resume_from} at step {state.step}")
     return Run(cfg, di, out, reporter, trainee, family, dataset, sampler, inputs, settings, previews, state, train_items,
                sorted(held))
+
+
+def empty_prompt(cfg: Config, family: Family) -> dict | None:
+    """The empty caption's embeddings when caption dropout is on."""
+    if not cfg.train.caption_dropout:
+        return None
+    empty = cache.load_empty_prompt(Path(cfg.data.cache_dir), list(family.text_keys))
+    if empty is None:
+        raise CacheError(f"train.caption_dropout needs the empty caption's embedding, which cache {cfg.data.cache_dir} "
+                         "lacks (it predates caption dropout); rerun the same preprocess command: it adds it without "
+                         "encoding the images again")
+    return empty
 
 
 def make_previewer(cfg: Config, di: session.DistInfo, manifest: dict, model, reporter, family: Family,
@@ -273,6 +288,9 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     evaluate(current)  # a no-op when the save above evaluated this step
     final = current.out / "lora.safetensors"
     export_everywhere(current, final)
+    if current.trainee.ema is not None:
+        with current.trainee.ema.applied():
+            export_everywhere(current, current.out / "lora-ema.safetensors")
     if current.previews:
         current.previews(state.step)
     write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
@@ -364,7 +382,7 @@ def resume(path: str, trainee: Trainee, current_settings: dict) -> RunState:
     if diffs:
         raise ConfigError(f"cannot resume from {path}: settings changed ({'; '.join(diffs)}); "
                           "restore them, or pass --no-resume --overwrite to start over")
-    checkpoint.resume_into(saved, trainee.model, trainee.opt, trainee.sched)
+    checkpoint.resume_into(saved, trainee.model, trainee.opt, trainee.sched, trainee.ema)
     return RunState(step=saved["state"]["step"], loss_history=[tuple(x) for x in saved["state"].get("loss_history", [])],
                     best=validation.Best.from_state(saved["state"].get("validation")))
 
@@ -404,12 +422,14 @@ def save_state(current: Run) -> None:
     if is_sharded(trainee.model):
         path = shared_outcome(lambda: checkpoint.save_sharded_checkpoint(
             current.out, state.step, trainee.model, trainee.opt, {**about, "scheduler": trainee.sched.state_dict()},
-            keep), f"the checkpoint of step {state.step}")
+            keep, trainee.ema.state() if trainee.ema else None), f"the checkpoint of step {state.step}")
     else:
         path = shared_outcome(lambda: checkpoint.save_checkpoint(
             current.out, state.step, lora.lora_state_dict(trainee.model),
             {"optimizer": trainee.opt.state_dict(), "scheduler": trainee.sched.state_dict(),
-             "rng": {"cpu": torch.get_rng_state()}}, about, keep), f"the checkpoint of step {state.step}")
+             "rng": {"cpu": torch.get_rng_state()},
+             **({"ema": {n: t.detach().cpu() for n, t in trainee.ema.state().items()}} if trainee.ema else {})},
+            about, keep), f"the checkpoint of step {state.step}")
     if path:
         current.reporter.emit("checkpoint", step=state.step, path=str(path))
         write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
