@@ -115,7 +115,8 @@ class TrainConfig:
     lr_b_factor: float = doc(1.0, "learning-rate multiplier for the LoRA B matrices (LoRA+; 1 = off)", low=0, open_low=True)
     weight_decay: float = doc(0.0, "AdamW weight decay", low=0)
     warmup_steps: int = doc(0, "linear warm-up steps", low=0)
-    schedule: str = doc("constant", "learning rate after warm-up: constant or cosine")
+    schedule: str = doc("constant", "learning rate after warm-up: constant, cosine or linear (both to zero at the last step)")
+    optimizer: str = doc("adamw", "adamw (fused on CUDA), adamw8bit (bitsandbytes, CUDA), prodigy (prodigyopt: sets its own step size, use lr 1.0) or adamw-schedulefree (schedulefree: no LR schedule)")
     max_grad_norm: float = doc(1.0, "gradient clipping norm (0 = off)", low=0)
     seed: int = doc(0, "seed for LoRA init, data order, noise and timesteps", low=0)
     guidance: float = doc(1.0, "guidance embedding value (used when the model has one, e.g. FLUX.1-dev)", low=0)
@@ -144,7 +145,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges("train", self)
-        _choice("train.schedule", self.schedule, ("constant", "cosine"))
+        _choice("train.schedule", self.schedule, ("constant", "cosine", "linear"))
+        _choice("train.optimizer", self.optimizer, ("adamw", "adamw8bit", "prodigy", "adamw-schedulefree"))
         _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit-normal", "flux-shift"))
         _choice("train.memory_mode", self.memory_mode, ("fast", "fp8", "nf4"))
         _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))

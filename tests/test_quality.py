@@ -81,3 +81,83 @@ def test_out_of_range_settings_are_refused(key):
 
     with pytest.raises(ConfigError, match="out of range"):
         build_config(None, {}, [key])
+
+
+def test_schedules_after_warmup():
+    from flux_lora.training.optim import lr_factor
+
+    assert [lr_factor(s, 2, "linear", 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(5, 0, "cosine", 10) == pytest.approx(0.5)
+    assert lr_factor(9, 0, "constant", 10) == 1.0
+
+
+@pytest.mark.parametrize("name", ["prodigy", "adamw-schedulefree"])
+def test_optimizer_state_resumes_exactly(name):
+    """Steps 1-3, a state_dict round trip into a fresh optimizer (what a checkpoint holds), steps
+    4-6: the same weights as six steps in one go."""
+    from flux_lora.config import TrainConfig
+    from flux_lora.training import optim
+
+    cfg = TrainConfig(optimizer=name, lr=1.0 if name == "prodigy" else 0.01, steps=6, warmup_steps=1)
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Module()
+        m.lora_A = torch.nn.Parameter(torch.randn(4, 8))
+        m.lora_B = torch.nn.Parameter(torch.randn(8, 4))
+        return m
+
+    def run(m, opt, sched, steps):
+        for s in steps:
+            g = torch.Generator().manual_seed(s)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+
+    straight = model()
+    opt, sched = optim.make_optimizer(straight, cfg, torch.device("cpu"))
+    run(straight, opt, sched, range(6))
+    first = model()
+    opt, sched = optim.make_optimizer(first, cfg, torch.device("cpu"))
+    run(first, opt, sched, range(3))
+    saved = {k: v.detach().clone() for k, v in first.state_dict().items()}, opt.state_dict(), sched.state_dict()
+    second = model()
+    second.load_state_dict(saved[0])
+    opt, sched = optim.make_optimizer(second, cfg, torch.device("cpu"))
+    opt.load_state_dict(saved[1])
+    sched.load_state_dict(saved[2])
+    run(second, opt, sched, range(3, 6))
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), second.parameters()))
+    with optim.averaged_weights(opt):  # schedule-free: the averaged point, then back to the trained one
+        averaged = [p.detach().clone() for p in second.parameters()]
+    assert (name == "prodigy") == all(torch.equal(a, p) for a, p in zip(averaged, second.parameters()))
+
+
+@pytest.mark.parametrize("settings, sharded, words", [
+    ({"optimizer": "adamw8bit"}, False, "needs a CUDA GPU"),
+    ({"optimizer": "adamw-schedulefree", "schedule": "cosine"}, False, "replaces the LR schedule"),
+    ({"optimizer": "prodigy"}, True, "does not run on FSDP2's sharded parameters"),
+])
+def test_optimizer_choices_this_setup_cannot_run_are_one_line(settings, sharded, words):
+    from flux_lora.config import TrainConfig
+    from flux_lora.errors import ConfigError
+    from flux_lora.training import optim
+
+    with pytest.raises(ConfigError, match=words):
+        optim.check_choice(TrainConfig(**settings), torch.device("cpu"), sharded)
+
+
+def test_schedule_free_training_resumes_bit_identically(tiny_model, cache_dir, tmp_path):
+    from conftest import cli_env
+    from safetensors.torch import load_file
+
+    args = ["--steps", "6", "--batch-size", "2", "--lr", "0.01", "--checkpoint-every", "3", "--validation-split", "0.25",
+            "--set", "train.optimizer=adamw-schedulefree", "--set", "train.warmup_steps=2"]
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    run_cli(*train_args(tiny_model, cache_dir, reference, *args), check=True)
+    assert run_cli(*train_args(tiny_model, cache_dir, killed, *args), env=cli_env(FLUX_LORA_FAULT="kill@4")).returncode
+    run_cli(*train_args(tiny_model, cache_dir, killed, *args), check=True)
+    a, b = load_file(reference / "lora.safetensors"), load_file(killed / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -32,11 +32,10 @@ from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
 from flux_lora.parallel.fsdp import is_sharded
-from flux_lora.training import checkpoint, faults, lora, sharding, validation
+from flux_lora.training import checkpoint, faults, lora, optim, sharding, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
 from flux_lora.training.ema import Ema
 from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
-from flux_lora.training.optim import make_optimizer
 from flux_lora.training.step import StepInputs, StepResult, Trainee, pipelined_steps
 from flux_lora.training.timing import Meter, step_timings
 
@@ -139,8 +138,10 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
            "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in manifest["shards"]),
            "model (family, transformer config and weights)": fingerprint.transformer_identity(cfg.model.path, cfg.model.revision)}
-    if train_cfg.schedule == "cosine":
+    if train_cfg.schedule != "constant":
         out["train.steps"] = train_cfg.steps
+    if train_cfg.optimizer != "adamw":  # checkpoints from before the choice existed were AdamW's
+        out["train.optimizer"] = train_cfg.optimizer
     return out
 
 
@@ -159,9 +160,10 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     choice = sharding.choose(cfg, di, family, tokens)
     if choice.why:
         reporter.info(choice.why)
+    optim.check_choice(cfg.train, di.device, choice.mode == "fsdp" and di.distributed)
     model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
-    opt, sched = make_optimizer(model, cfg.train, di.device)
+    opt, sched = optim.make_optimizer(model, cfg.train, di.device)
     trainee = Trainee(model, ddp, opt, sched, Ema(lora.lora_parameters(model), cfg.train.ema_decay)
                       if cfg.train.ema_decay else None)
     train_cfg = cfg.train
@@ -276,7 +278,8 @@ def periodic_outputs(current: Run) -> None:
     if train_cfg.save_every and step % train_cfg.save_every == 0:
         export_everywhere(current, current.out / f"lora-step-{step:06d}.safetensors")
     if current.previews and train_cfg.sample_every and step % train_cfg.sample_every == 0:
-        current.previews(step)
+        with optim.averaged_weights(current.trainee.opt):
+            current.previews(step)
 
 
 # ---------------------------------------------------------------- the end
@@ -292,7 +295,8 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
         with current.trainee.ema.applied():
             export_everywhere(current, current.out / "lora-ema.safetensors")
     if current.previews:
-        current.previews(state.step)
+        with optim.averaged_weights(current.trainee.opt):
+            current.previews(state.step)
     write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
     shared_outcome(lambda: model_card.write_model_card(current.out, card_info(current)), "the model card README.md")
     digests = session.gather_objects(lora.digest(lora.lora_state_dict(model)))
@@ -350,7 +354,8 @@ def baseline(current: Run) -> None:
     (the validation loss, and preview images at the same seeds)."""
     evaluate(current)
     if current.previews:
-        current.previews(0)
+        with optim.averaged_weights(current.trainee.opt):
+            current.previews(0)
 
 
 def evaluate(current: Run) -> None:
@@ -359,9 +364,10 @@ def evaluate(current: Run) -> None:
     state, tc = current.state, current.cfg.train
     if not current.validation_items or any(s == state.step for s, _ in state.best.history):
         return
-    loss = validation.validation_loss(current.trainee.model, current.dataset, current.validation_items,
-                                      validation.timesteps(tc.validation_timesteps), current.inputs.guidance,
-                                      current.inputs.device, current.inputs.dtype, current.family)
+    with optim.averaged_weights(current.trainee.opt):
+        loss = validation.validation_loss(current.trainee.model, current.dataset, current.validation_items,
+                                          validation.timesteps(tc.validation_timesteps), current.inputs.guidance,
+                                          current.inputs.device, current.inputs.dtype, current.family)
     is_best = state.best.record(state.step, loss)
     current.reporter.emit("validation", step=state.step, loss=loss, items=len(current.validation_items), best=is_best)
     if is_best:
@@ -404,8 +410,9 @@ def shared_outcome(write, what: str):
 
 
 def export_everywhere(current: Run, path: Path) -> None:
-    shared_outcome(lambda: lora.export_lora(path, current.trainee.model, current.cfg.output.export_format,
-                                            current.family), str(path))
+    with optim.averaged_weights(current.trainee.opt):
+        shared_outcome(lambda: lora.export_lora(path, current.trainee.model, current.cfg.output.export_format,
+                                                current.family), str(path))
 
 
 def save_state(current: Run) -> None:
