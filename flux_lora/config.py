@@ -99,6 +99,7 @@ class LoraConfig:
     alpha: float = doc(0.0, "LoRA alpha (0 means alpha = rank, i.e. scale 1)", low=0)
     targets: str = doc("attention-mlp", "attention, attention-mlp, all-linear, or a comma-separated list of module names")
     dropout: float = doc(0.0, "LoRA dropout", low=0, high=0.99)
+    init: str = doc("", "start from this LoRA file (diffusers, kohya/ComfyUI or peft format, e.g. an earlier run's lora.safetensors) instead of zero; its rank must be lora.rank, its update is kept whatever its alpha")
 
     def __post_init__(self) -> None:
         check_ranges("lora", self)

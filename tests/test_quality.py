@@ -161,3 +161,72 @@ def test_schedule_free_training_resumes_bit_identically(tiny_model, cache_dir, t
     run_cli(*train_args(tiny_model, cache_dir, killed, *args), check=True)
     a, b = load_file(reference / "lora.safetensors"), load_file(killed / "lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _lora_transformer(tiny_model, rank=4, alpha=4.0, targets="attention-mlp"):
+    from flux_lora.training import lora
+
+    t = families.of_model(str(tiny_model)).load_transformer(str(tiny_model), torch.float32)
+    lora.add_lora(t, rank, alpha, targets, 0.0, 0)
+    return t
+
+
+def _forward(t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = t.config
+    return t(hidden_states=torch.randn(1, 16, c.in_channels, generator=g),
+             encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, generator=g),
+             pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g), timestep=torch.tensor([0.5]),
+             img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+             guidance=torch.tensor([1.0]) if c.guidance_embeds else None, return_dict=False)[0]
+
+
+def test_init_lora_keeps_the_files_update_at_another_alpha(tiny_model, tmp_path):
+    """A run starting from a LoRA file computes what diffusers computes with that file loaded,
+    whatever the run's alpha (B is rescaled), and layers the file lacks start at zero."""
+    from diffusers import FluxTransformer2DModel
+
+    from flux_lora.errors import ConfigError
+    from flux_lora.training import lora
+
+    source = _lora_transformer(tiny_model, alpha=4.0, targets="attention")
+    g = torch.Generator().manual_seed(3)
+    for _, p in lora.lora_parameters(source):
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    path = lora.export_lora(tmp_path / "start.safetensors", source)
+
+    run = _lora_transformer(tiny_model, alpha=16.0)  # attention-mlp: more layers than the file
+    initial, layers = lora.initial_weights(path, run, 4, 16.0)
+    lora.load_initial(run, initial)
+    reference = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    reference.load_lora_adapter(str(path), prefix="transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(_forward(run), _forward(reference), rtol=1e-5, atol=1e-5)
+    total = {lora.peft_key(n).split(".lora_")[0] for n, _ in lora.lora_parameters(run)}
+    assert layers == len({k.split(".lora_")[0] for k in initial}) < len(total)
+    with pytest.raises(ConfigError, match="has rank 4 at .*pass --lora-rank 4"):
+        lora.initial_weights(path, _lora_transformer(tiny_model, rank=8), 8, 8.0)
+    narrow = _lora_transformer(tiny_model, targets="transformer_blocks.0.attn.to_q")
+    with pytest.raises(ConfigError, match="layers this run does not train"):
+        lora.initial_weights(path, narrow, 4, 4.0)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="is not a FLUX.1 LoRA diffusers can read"):
+        lora.initial_weights(tmp_path / "junk.safetensors", run, 4, 16.0)
+
+
+def test_init_lora_reads_kohya_files(tiny_model, tmp_path):
+    """Our kohya/ComfyUI export (q/k/v grouped as one rank-12 layer) read back through diffusers'
+    converter: the same update, at another alpha too."""
+    from flux_lora.training import lora
+
+    targets = "transformer_blocks.0.attn.to_q,transformer_blocks.0.attn.to_k,transformer_blocks.0.attn.to_v"
+    source = _lora_transformer(tiny_model, targets=targets)
+    for _, p in lora.lora_parameters(source):
+        p.data = torch.randn(p.shape) * 0.2
+    lora.export_lora(tmp_path / "l.safetensors", source, export_format="kohya")
+    run = _lora_transformer(tiny_model, rank=4, alpha=8.0, targets=targets)
+    initial, layers = lora.initial_weights(tmp_path / "l-kohya.safetensors", run, 4, 8.0)
+    lora.load_initial(run, initial)
+    with torch.no_grad():
+        torch.testing.assert_close(_forward(run), _forward(source), rtol=1e-4, atol=1e-4)
+    assert layers == 3

@@ -91,6 +91,55 @@ def load_lora_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) ->
         raise ConfigError(f"checkpoint LoRA does not fit this model ({len(missing)} missing keys, e.g. {missing[0]})")
 
 
+def initial_weights(path: str | Path, model: torch.nn.Module, rank: int, alpha: float,
+                    family: Family = FLUX1) -> tuple[dict[str, torch.Tensor], int]:
+    """A LoRA file to start from (--init-lora: diffusers/peft keys, kohya/ComfyUI, or the other
+    formats the family's pipeline reads) in this model's key names and at this run's scale: B is
+    rescaled so that B·A·alpha/rank, the update the file's layers make, stays what it was.
+    Returns (state dict for load_initial, layers it covers)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--init-lora {path} does not exist")
+    pipeline = family.diffusers_class(family.pipeline_class)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read = pipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    except Exception as e:  # noqa: BLE001 - whatever the readers raise on a foreign file
+        raise ConfigError(f"--init-lora {path} is not a {family.title} LoRA diffusers can read "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    sd, meta = read[0], (read[-1] or {})
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.startswith(("text_encoder", "te_"))}
+    ours = {peft_key(name): p for name, p in lora_parameters(model)}
+    outside = [k for k in sd if k not in ours]
+    if outside:
+        raise ConfigError(f"--init-lora {path} has layers this run does not train (e.g. {outside[0]}); "
+                          "set --targets to cover them, or use the file's rank and targets")
+    file_alpha = meta.get("transformer.lora_alpha")  # None: kohya-style files come with alpha folded in
+    out = {}
+    for key, tensor in sd.items():
+        if tensor.shape != ours[key].shape:
+            found = tensor.shape[0] if ".lora_A." in key else tensor.shape[-1]
+            raise ConfigError(f"--init-lora {path} has rank {found} at {key}, this run {rank}; "
+                              f"pass --lora-rank {found}" if found != rank else
+                              f"--init-lora {path} does not fit this model ({key}: {tuple(tensor.shape)} vs "
+                              f"{tuple(ours[key].shape)}); was it trained on another model?")
+        if ".lora_B." in key:
+            file_scale = (file_alpha / rank) if file_alpha else 1.0
+            tensor = tensor.float() * (file_scale / (alpha / rank))
+        out[key] = tensor.float()
+    return out, len({k.split(".lora_")[0] for k in out})
+
+
+def load_initial(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load initial_weights' state dict; the LoRA layers it does not cover keep their fresh init."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, sd)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ConfigError(f"initial LoRA keys not in this model (e.g. {unexpected[0]})")
+
+
 def adapter_metadata(model: torch.nn.Module) -> dict:
     cfg = model.peft_config["default"].to_dict()
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}

@@ -53,6 +53,12 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     quantize.quantize_base(transformer, cfg.train.memory_mode, di.device)
     n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout,
                              cfg.train.seed, family.lora_presets)
+    if cfg.lora.init:
+        initial, layers = lora.initial_weights(cfg.lora.init, transformer, cfg.lora.rank, cfg.lora.alpha, family)
+        lora.load_initial(transformer, initial)
+        total = len({lora.peft_key(n).split(".lora_")[0] for n, _ in lora.lora_parameters(transformer)})
+        reporter.info(f"LoRA starts from {cfg.lora.init}: {layers} of {total} layers"
+                      + (f"; the other {total - layers} start at zero" if layers < total else ""))
     if sharded:
         # FSDP2 shards parameters; the fp8 copy of a block and the q/k/v group's concatenated
         # weight are buffers it would keep whole on every GPU

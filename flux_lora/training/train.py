@@ -127,6 +127,7 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
     """What must not change between a checkpoint and its resume (the numbers depend on it)."""
     train_cfg, lora_cfg = cfg.train, cfg.lora
     out = {"lora.rank": lora_cfg.rank, "lora.alpha": lora_cfg.alpha, "lora.targets": lora_cfg.targets,
+           **({"lora.init": lora_cfg.init} if lora_cfg.init else {}),
            "lora.dropout": lora_cfg.dropout, "train.lr": train_cfg.lr, "train.lr_b_factor": train_cfg.lr_b_factor,
            "train.weight_decay": train_cfg.weight_decay, "train.warmup_steps": train_cfg.warmup_steps,
            "train.schedule": train_cfg.schedule, "train.max_grad_norm": train_cfg.max_grad_norm,
