@@ -159,6 +159,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: rank)")] = None,
+    lora_kind: Annotated[Optional[str], typer.Option(help="lora or dora")] = None,
     init_lora: Annotated[Optional[str], typer.Option(help="start from this LoRA file (diffusers or kohya/ComfyUI format)")] = None,
     targets: Annotated[Optional[str], typer.Option(help="attention, attention-mlp, all-linear or a comma list of modules")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="guidance embedding value")] = None,
@@ -188,7 +189,7 @@ def train(
     """Stage 2: train a LoRA on the cached shards with DDP or FSDP2; rank 0 writes OUTPUT/lora.safetensors."""
     flags = {"model.path": model, "data.cache_dir": cache_dir, "output.dir": output, "train.steps": steps,
              "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.lr": lr, "train.seed": seed,
-             "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.init": init_lora, "lora.targets": targets, "train.guidance": guidance,
+             "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.init": init_lora, "lora.kind": lora_kind, "lora.targets": targets, "train.guidance": guidance,
              "train.timestep_sampling": timestep_sampling, "train.save_every": save_every,
              "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
              "train.validation_split": validation_split,

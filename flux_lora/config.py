@@ -99,10 +99,12 @@ class LoraConfig:
     alpha: float = doc(0.0, "LoRA alpha (0 means alpha = rank, i.e. scale 1)", low=0)
     targets: str = doc("attention-mlp", "attention, attention-mlp, all-linear, or a comma-separated list of module names")
     dropout: float = doc(0.0, "LoRA dropout", low=0, high=0.99)
+    kind: str = doc("lora", "lora, or dora (weight-decomposed LoRA, peft's use_dora: a magnitude per output channel beside A and B; needs the bf16 base, memory_mode=fast without fp8 compute; diffusers loads the file)")
     init: str = doc("", "start from this LoRA file (diffusers, kohya/ComfyUI or peft format, e.g. an earlier run's lora.safetensors) instead of zero; its rank must be lora.rank, its update is kept whatever its alpha")
 
     def __post_init__(self) -> None:
         check_ranges("lora", self)
+        _choice("lora.kind", self.kind, ("lora", "dora"))
         if self.alpha == 0:
             self.alpha = float(self.rank)
 

@@ -181,25 +181,31 @@ def _forward(t, seed=0):
              guidance=torch.tensor([1.0]) if c.guidance_embeds else None, return_dict=False)[0]
 
 
+def _loaded_in_diffusers(tiny_model, path):
+    """The transformer of diffusers' FluxPipeline with the file loaded as users load it."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(str(path), adapter_name="trained")
+    return pipe.transformer
+
+
 def test_init_lora_keeps_the_files_update_at_another_alpha(tiny_model, tmp_path):
     """A run starting from a LoRA file computes what diffusers computes with that file loaded,
     whatever the run's alpha (B is rescaled), and layers the file lacks start at zero."""
-    from diffusers import FluxTransformer2DModel
-
     from flux_lora.errors import ConfigError
     from flux_lora.training import lora
 
-    source = _lora_transformer(tiny_model, alpha=4.0, targets="attention")
+    source = _lora_transformer(tiny_model, alpha=2.0, targets="attention")
     g = torch.Generator().manual_seed(3)
     for _, p in lora.lora_parameters(source):
         p.data = torch.randn(p.shape, generator=g) * 0.2
     path = lora.export_lora(tmp_path / "start.safetensors", source)
 
     run = _lora_transformer(tiny_model, alpha=16.0)  # attention-mlp: more layers than the file
-    initial, layers = lora.initial_weights(path, run, 4, 16.0)
+    initial, layers = lora.initial_weights(path, run, 4, 16.0)  # the file's alpha is 2
     lora.load_initial(run, initial)
-    reference = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
-    reference.load_lora_adapter(str(path), prefix="transformer")
+    reference = _loaded_in_diffusers(tiny_model, path)
     with torch.no_grad():
         torch.testing.assert_close(_forward(run), _forward(reference), rtol=1e-5, atol=1e-5)
     total = {lora.peft_key(n).split(".lora_")[0] for n, _ in lora.lora_parameters(run)}
@@ -230,3 +236,32 @@ def test_init_lora_reads_kohya_files(tiny_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(_forward(run), _forward(source), rtol=1e-4, atol=1e-4)
     assert layers == 3
+
+
+def test_dora_file_loads_in_diffusers_with_the_same_output(tiny_model, tmp_path):
+    from flux_lora.training import lora
+
+    t = families.of_model(str(tiny_model)).load_transformer(str(tiny_model), torch.float32)
+    lora.add_lora(t, 4, 8.0, "attention-mlp", 0.0, 0, dora=True)
+    names = [n for n, _ in lora.lora_parameters(t)]
+    assert any("lora_magnitude_vector" in n for n in names)
+    g = torch.Generator().manual_seed(5)
+    for _, p in lora.lora_parameters(t):
+        p.data = p.data + torch.randn(p.shape, generator=g) * 0.1  # moved off the init, magnitudes too
+    path = lora.export_lora(tmp_path / "dora.safetensors", t)
+    reference = _loaded_in_diffusers(tiny_model, path)
+    assert reference.peft_config["trained"].use_dora and reference.peft_config["trained"].lora_alpha == 8.0
+    with torch.no_grad():
+        torch.testing.assert_close(_forward(t), _forward(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_settings_it_cannot_take_are_one_line():
+    from flux_lora.config import Config, LoraConfig, TrainConfig
+    from flux_lora.errors import ConfigError
+    from flux_lora.training.model import train_settings_for
+
+    plain = Config(lora=LoraConfig(kind="dora"))
+    assert not train_settings_for(plain).fuse_qkv and train_settings_for(plain).fp8_compute == "off"
+    for train in (TrainConfig(memory_mode="fp8"), TrainConfig(fp8_compute="on")):
+        with pytest.raises(ConfigError, match="lora.kind=dora needs the bf16 base"):
+            train_settings_for(Config(lora=LoraConfig(kind="dora"), train=train))

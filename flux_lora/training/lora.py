@@ -40,9 +40,9 @@ def unmatched_targets(model: torch.nn.Module, targets: str, presets: dict[str, s
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, dropout: float, seed: int,
-             presets: dict[str, str] = PRESETS) -> int:
-    """Freeze the base, inject LoRA in place (clean keys, no `base_model.model.` prefix), make the
-    LoRA params fp32. The seed makes the initial LoRA identical on every rank. Returns #params."""
+             presets: dict[str, str] = PRESETS, dora: bool = False) -> int:
+    """Freeze the base, inject LoRA (or DoRA) in place (clean keys, no `base_model.model.` prefix),
+    make the LoRA params fp32. The seed makes the initial LoRA identical on every rank. Returns #params."""
     from peft import LoraConfig
 
     matched = matched_modules(model, target_pattern(targets, presets))
@@ -53,7 +53,7 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, drop
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                     target_modules=matched, init_lora_weights=True))
+                                     target_modules=matched, init_lora_weights=True, use_dora=dora))
     count = 0
     for p in model.parameters():
         if p.requires_grad:

@@ -4,9 +4,12 @@ layers, checkpointing, compile)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from flux_lora.config import Config
+from flux_lora.errors import ConfigError
 from flux_lora.fast import attention, compiled_blocks, fused_qkv, lora_up, memory, quantize
 from flux_lora.models import families, loading, synthetic
 from flux_lora.models.families.base import Family
@@ -31,6 +34,17 @@ def micro_batch_shapes(buckets: set[tuple[int, int]]) -> int:
     return len(image_token_counts(buckets))
 
 
+def train_settings_for(cfg: Config):
+    """cfg.train as the adapter allows: DoRA's forward reads the base weight for its norm and
+    rescales the LoRA output, which the fp8 base and the fused LoRA kernels do not do."""
+    if cfg.lora.kind != "dora":
+        return cfg.train
+    if cfg.train.memory_mode != "fast" or cfg.train.fp8_compute == "on":
+        raise ConfigError("lora.kind=dora needs the bf16 base: memory_mode=fast with train.fp8_compute auto or off "
+                          "(DoRA reads the base weight for its norm)")
+    return dataclasses.replace(cfg.train, fp8_compute="off", fuse_lora_up=False, fuse_qkv=False)
+
+
 def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: int = 1,
                 family: Family | None = None, sharding: str = "ddp") -> tuple[torch.nn.Module, int]:
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
@@ -39,6 +53,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     left where it was loaded (the CPU, for a real model) for wrap_fsdp to shard onto the GPUs.
     Returns (model, LoRA params)."""
     family = family or families.of_model(cfg.model.path, cfg.model.revision)
+    cfg = dataclasses.replace(cfg, train=train_settings_for(cfg))
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     sharded = sharding == "fsdp" and di.distributed
     synthetic_model = synthetic.is_synthetic(cfg.model.path)
@@ -52,7 +67,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
     quantize.quantize_base(transformer, cfg.train.memory_mode, di.device)
     n_params = lora.add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout,
-                             cfg.train.seed, family.lora_presets)
+                             cfg.train.seed, family.lora_presets, dora=cfg.lora.kind == "dora")
     if cfg.lora.init:
         initial, layers = lora.initial_weights(cfg.lora.init, transformer, cfg.lora.rank, cfg.lora.alpha, family)
         lora.load_initial(transformer, initial)

@@ -126,7 +126,7 @@ def choose_resume(cfg: Config, out: Path) -> tuple[str | None, list[str]]:
 def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
     """What must not change between a checkpoint and its resume (the numbers depend on it)."""
     train_cfg, lora_cfg = cfg.train, cfg.lora
-    out = {"lora.rank": lora_cfg.rank, "lora.alpha": lora_cfg.alpha, "lora.targets": lora_cfg.targets,
+    out = {"lora.rank": lora_cfg.rank, **({"lora.kind": lora_cfg.kind} if lora_cfg.kind != "lora" else {}), "lora.alpha": lora_cfg.alpha, "lora.targets": lora_cfg.targets,
            **({"lora.init": lora_cfg.init} if lora_cfg.init else {}),
            "lora.dropout": lora_cfg.dropout, "train.lr": train_cfg.lr, "train.lr_b_factor": train_cfg.lr_b_factor,
            "train.weight_decay": train_cfg.weight_decay, "train.warmup_steps": train_cfg.warmup_steps,
@@ -157,6 +157,9 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     family = families.of_model(cfg.model.path, cfg.model.revision)
     if cfg.output.export_format == "kohya" and not family.kohya_export:
         raise ConfigError(f"output.export_format=kohya covers FLUX.1 and Kontext, not {family.title}; use diffusers")
+    if cfg.output.export_format == "kohya" and cfg.lora.kind == "dora":
+        raise ConfigError("output.export_format=kohya writes plain LoRA layers; a DoRA's magnitudes need the "
+                          "diffusers file (which diffusers loads): use export_format=diffusers")
     tokens = largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size, family.paired)
     choice = sharding.choose(cfg, di, family, tokens)
     if choice.why:
