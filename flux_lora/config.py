@@ -68,6 +68,7 @@ class DataConfig:
     trust_remote_code: bool = doc(False, "allow the captioner's own code from the hub (off: only natively supported models)")
     max_sequence_length: int = doc(512, "T5 tokens per caption (FLUX.1-dev: 512, schnell: 256)", low=1)
     strict: bool = doc(False, "fail on the first unreadable image instead of skipping it with a warning")
+    masks: str = doc("auto", "loss masks (white: learn, black: ignore): folder (masks/STEM.png beside the images, each the size of its image), alpha (each image's own alpha channel; opaque: learn), off, or auto (folder when a masks/ folder exists)")
     sample_prompts: list = doc([], "prompts encoded now so train can draw preview images without text encoders")
 
     def __post_init__(self) -> None:
@@ -75,6 +76,7 @@ class DataConfig:
         if self.resolution <= 0 or self.resolution % 16:
             raise ConfigError(f"data.resolution={self.resolution} is not a positive multiple of 16; use e.g. 512 or 1024")
         self.sample_prompts = [str(p) for p in self.sample_prompts]
+        _choice("data.masks", self.masks, ("auto", "folder", "alpha", "off"))
 
 
 @dataclass
@@ -126,6 +128,7 @@ class TrainConfig:
     timestep_sampling: str = doc("flux-shift", "uniform, logit-normal, or flux-shift (logit-normal shifted by image size, as FLUX inference)")
     logit_mean: float = doc(0.0, "mean of the logit-normal timestep distribution")
     logit_std: float = doc(1.0, "std of the logit-normal timestep distribution", low=0, open_low=True)
+    masked_loss: bool = doc(True, "weight the loss by the cache's masks where it has them (data.masks); false: learn every pixel")
     caption_dropout: float = doc(0.0, "probability that a sample trains on the empty caption instead of its own (kohya's caption_dropout_rate): the LoRA then also works without the trigger word, and classifier-free guidance keeps working", low=0, high=0.99)
     ema_decay: float = doc(0.0, "keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; 0 = off), saved in checkpoints and written as OUTPUT/lora-ema.safetensors", low=0, high=0.99999)
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")

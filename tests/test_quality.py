@@ -265,3 +265,79 @@ def test_dora_settings_it_cannot_take_are_one_line():
     for train in (TrainConfig(memory_mode="fp8"), TrainConfig(fp8_compute="on")):
         with pytest.raises(ConfigError, match="lora.kind=dora needs the bf16 base"):
             train_settings_for(Config(lora=LoraConfig(kind="dora"), train=train))
+
+
+def test_masked_loss_is_each_samples_mask_weighted_mse():
+    from flux_lora.training import flow
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 10, 4, generator=g), torch.randn(3, 10, 4, generator=g)
+    weight = torch.rand(3, 10, 4, generator=g)
+    by_hand = torch.stack([((pred[i] - target[i]) ** 2 * weight[i]).sum() / weight[i].sum() for i in range(3)]).mean()
+    torch.testing.assert_close(flow.flow_loss(pred, target, weight), by_hand)
+    torch.testing.assert_close(flow.flow_loss(pred, target, torch.ones_like(pred)), flow.flow_loss(pred, target))
+    # split over "ranks" and averaged, as DDP does: the same number
+    halves = (flow.flow_loss(pred[:1], target[:1], weight[:1]) + 2 * flow.flow_loss(pred[1:], target[1:], weight[1:])) / 3
+    torch.testing.assert_close(halves, by_hand)
+    # a masked-out element does not count at all
+    weight[0, 0, 0], pred[0, 0, 0] = 0.0, 1e6
+    assert flow.flow_loss(pred, target, weight) < 10
+
+
+def test_mask_layout_follows_the_packed_latents():
+    from flux_lora.training import flow
+
+    family = families.FAMILIES[0]
+    mask = torch.zeros(1, 4, 6)
+    mask[:, :, :2] = 1.0  # the two left latent columns
+    weight = flow.loss_weight(mask, (1, 16, 4, 6), family.pack)
+    latents = torch.zeros(1, 16, 4, 6)
+    latents[:, :, :, :2] = 1.0
+    assert torch.equal(weight, family.pack(latents))
+
+
+def test_masks_from_a_folder_and_from_alpha(tiny_model, images, tmp_path):
+    """masks/STEM.png beside the images: cached at the latents' size (the area share of each latent
+    pixel); a mask of another size skips its image with one line naming it; a mask without an
+    image and an image without a mask are warned about. --set data.masks=alpha reads RGBA."""
+    from PIL import Image
+
+    from flux_lora.data.images import load_mask
+    from flux_lora.data.preprocess import latent_mask
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "masks").mkdir()
+    first, second, *_ = sorted(p for p in data.iterdir() if p.suffix in (".png", ".jpg"))
+    w, h = Image.open(first).size
+    left = Image.new("L", (w, h), 0)
+    left.paste(255, (0, 0, w // 2, h))
+    left.save(data / "masks" / f"{first.stem}.png")
+    w2, h2 = Image.open(second).size
+    Image.new("L", (w2 // 2, h2), 255).save(data / "masks" / f"{second.stem}.png")  # wrong size
+    Image.new("L", (w, h), 255).save(data / "masks" / "nobody.png")
+    cache_dir = tmp_path / "cache"
+    from conftest import preprocess_args
+
+    proc = run_cli(*preprocess_args(tiny_model, data, cache_dir), check=True)
+    assert (f"skipping {second.name}: its mask {second.stem}.png is {w2 // 2}×{h2}, the image {w2}×{h2}; "
+            "a mask must have its image's size") in proc.stderr
+    assert "masks/nobody.png masks no image" in proc.stderr and "has no mask in masks/" in proc.stderr
+    manifest = cache.load_manifest(cache_dir)
+    dataset = cache.CachedDataset(cache_dir, manifest)
+    sources = [r for r in manifest["items"]]
+    assert len(sources) == len([p for p in images.iterdir() if p.suffix in (".png", ".jpg")]) - 1
+    item = next(dataset[k] for k in range(len(dataset)) if dataset.items[k].index == 0)
+    assert item["mask"].shape == item["latents"].shape[-2:]
+    assert item["mask"][:, 0].min() == 1.0 and item["mask"][:, -1].max() == 0.0
+    batch = dataset.collate(list(range(len(dataset)))[:1])
+    assert batch["mask"].shape == (1, *item["latents"].shape[-2:])
+    # alpha: transparent pixels are not learned
+    rgba = Image.new("RGBA", (32, 16), (255, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 8, 16))
+    rgba.save(tmp_path / "a.png")
+    alpha = load_mask(tmp_path / "a.png", from_alpha=True)
+    pooled = latent_mask(torch.from_numpy(__import__("numpy").asarray(alpha).copy()), (2, 4))
+    assert pooled.tolist() == [[1.0, 0.0, 0.0, 0.0]] * 2
+    Image.new("RGB", (8, 8)).save(tmp_path / "opaque.png")
+    assert load_mask(tmp_path / "opaque.png", from_alpha=True).getextrema() == (255, 255)

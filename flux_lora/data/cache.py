@@ -19,7 +19,8 @@ A shard is a dict loaded with `torch.load(weights_only=True, mmap=True)`:
     index [n] int64, latents list of [C, h, w] float32 (the family's latent space), bucket list of
     [w, h], caption / source lists of str, text_id [n] int64 into one [U, ...] tensor per name in
     text_keys (FLUX.1: t5 [U, L, D] and clip [U, P]; FLUX.2: text [U, L, D]; identical captions
-    share a row); editing pairs add control, a list of [C, h, w] latents of the control images.
+    share a row); editing pairs add control, a list of [C, h, w] latents of the control images;
+    a masked dataset adds mask, a list of float16 [h, w] loss weights at the latents' size.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def pack_shard(items: list[dict], texts: dict[str, torch.Tensor]) -> dict:
     }
     if items and "control" in items[0]:
         shard["control"] = [it["control"].contiguous() for it in items]
+    if items and "mask" in items[0]:
+        shard["mask"] = [it["mask"].contiguous() for it in items]
     return shard
 
 
@@ -110,6 +113,8 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
         h.update(f"{s.name}\0{s.caption}\0".encode())
         if s.control is not None:
             h.update(f"{s.control.name}\0".encode())
+        if s.mask is not None or s.mask_from_alpha:
+            h.update(f"mask:{s.mask.name if s.mask else 'alpha'}\0".encode())
     d = cfg.data
     h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
     return h.hexdigest()[:32]
@@ -254,11 +259,16 @@ class CachedDataset:
         out.update({key: shard[key][text] for key in shard.get("text_keys", ("t5", "clip"))})
         if "control" in shard:
             out["control"] = shard["control"][item.position]
+        if "mask" in shard:
+            out["mask"] = shard["mask"][item.position]
         return out
 
     def collate(self, positions: list[int]) -> dict:
         """Stack items of one bucket into a batch (latents [B, C, h, w], every text key [B, ...], control)."""
         rows = [self[p] for p in positions]
+        if any("mask" in r for r in rows):  # a chunk without masked images stored none: learn everywhere
+            for r in rows:
+                r.setdefault("mask", torch.ones(r["latents"].shape[-2:], dtype=torch.float16))
         return {k: torch.stack([r[k] for r in rows]) for k, v in rows[0].items() if isinstance(v, torch.Tensor)}
 
 

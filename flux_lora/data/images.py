@@ -38,6 +38,28 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
+def load_mask(path: Path, size: tuple[int, int] | None = None, from_alpha: bool = False, image: str = ""):
+    """A loss mask as an 8-bit greyscale image (255: learn, 0: ignore): a mask file, or with
+    from_alpha the alpha channel of the image at `path` (all 255 where it has none). A mask file
+    must have `size`, its image's (width, height). Raises DataError naming the file."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if from_alpha:
+                has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+                return im.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", im.size, 255)
+            mask = im.convert("L")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path.name}: not a readable mask ({type(e).__name__}: {str(e)[:120]})") from None
+    if size is not None and mask.size != tuple(size):
+        raise DataError(f"{image or 'image'}: its mask {path.name} is {mask.width}×{mask.height}, the image "
+                        f"{size[0]}×{size[1]}; a mask must have its image's size")
+    return mask
+
+
 def _to_rgb(im):
     from PIL import Image
 

@@ -21,8 +21,8 @@ import torch
 from flux_lora.config import Config
 from flux_lora.data import cache
 from flux_lora.data.captions import Captioner, apply_trigger
-from flux_lora.data.images import load_rgb, nearest_bucket, resize_to_bucket
-from flux_lora.data.sources import SourceImage, discover, pair_controls, resolve_source
+from flux_lora.data.images import load_mask, load_rgb, nearest_bucket, resize_to_bucket
+from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, DataError
 from flux_lora.models import families, loading, placement
 from flux_lora.models.families.base import Family
@@ -46,10 +46,15 @@ class DecodedImages(torch.utils.data.Dataset):
         try:
             im = load_rgb(src.path, self.max_pixels)
             control = load_rgb(src.control, self.max_pixels) if src.control is not None else None
+            mask = None
+            if src.mask is not None or src.mask_from_alpha:
+                mask = load_mask(src.path if src.mask_from_alpha else src.mask, im.size, src.mask_from_alpha, src.name)
         except DataError as e:
             return {"index": index, "error": str(e)}
         bucket = nearest_bucket(im.width, im.height, self.buckets)
         out = {"index": index, "pixels": _tensor(resize_to_bucket(im, bucket)), "bucket": bucket}
+        if mask is not None:  # cropped exactly as its image
+            out["mask"] = torch.from_numpy(np.asarray(resize_to_bucket(mask, bucket)).copy())
         if control is not None:  # the pair is bucketed by its target; the control takes the same size
             out["control"] = _tensor(resize_to_bucket(control, bucket))
         return out
@@ -203,7 +208,19 @@ def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, str], s
               "text_id": texts.index(captions[r["index"]])} for r in records]
     for item in items if controls else []:
         item["control"] = controls[item["index"]]
+    masked = {r["index"]: r["mask"] for r in records if "mask" in r}
+    for item in items if masked else []:  # at the latents' size: the share of each latent pixel's area to learn
+        item["mask"] = latent_mask(masked.get(item["index"]), item["latents"].shape[-2:])
     return cache.pack_shard(items, encoded)
+
+
+def latent_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (uint8 [H, W], or None: learn everything) averaged over each latent pixel's
+    area: float16 [h, w] in [0, 1]."""
+    if mask is None:
+        return torch.ones(tuple(size), dtype=torch.float16)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(mask.float()[None, None] / 255.0, tuple(size))
+    return pooled[0, 0].to(torch.float16)
 
 
 def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, str]:
@@ -324,11 +341,13 @@ def _download_display():
     return update
 
 
-def find_sources(root: Path, family: Family, strict: bool, reporter) -> list[SourceImage]:
-    """The dataset's items: images with captions, or for an editing family, (control, target)
-    pairs; what does not pair is warned about (reporter: rank 0's, else None) or, under
-    --strict, fails the run."""
-    sources = discover(root)
+def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str = "off") -> list[SourceImage]:
+    """The dataset's items: images with captions (and loss masks), or for an editing family,
+    (control, target) pairs; what does not pair is warned about (reporter: rank 0's, else None)
+    or, under --strict, fails the run."""
+    sources, mask_problems = attach_masks(discover(root), masks)
+    for name, problem in mask_problems if reporter else []:
+        reporter.warning(problem, file=name)
     if family.paired:
         sources, problems = pair_controls(sources)
         if problems and strict:
@@ -348,7 +367,7 @@ def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     family = families.of_model(cfg.model.path, cfg.model.revision)
     root = session.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
                                                           _download_display(), refresh=cfg.preprocess.overwrite))
-    sources = find_sources(Path(root), family, cfg.data.strict, reporter if di.is_main else None)
+    sources = find_sources(Path(root), family, cfg.data.strict, reporter if di.is_main else None, cfg.data.masks)
     for source in sources if di.is_main else []:
         if source.note:
             reporter.warning(f"{source.name}: {source.note}", file=source.name)

@@ -5,6 +5,8 @@ checked; extraction and download are atomic, so a failure leaves nothing half-ma
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import os
 import stat
@@ -30,6 +32,8 @@ class SourceImage:
     caption: str | None  # from a sidecar .txt, None if there is none
     note: str | None = None  # what a person should hear about this item's files (a warning)
     control: Path | None = None  # an editing pair's control (input) image; the item is the target
+    mask: Path | None = None  # its loss mask (masks/STEM.*), or None
+    mask_from_alpha: bool = False  # the loss mask is the image's own alpha channel
 
 
 CONTROL_DIR = "control"
@@ -69,6 +73,38 @@ def discover(root: Path) -> list[SourceImage]:
             items.append(SourceImage(p, str(rel), caption, note))
     items.sort(key=lambda s: s.name)
     return items
+
+
+MASK_DIR = "masks"
+
+
+def is_mask(name: str) -> bool:
+    return MASK_DIR in PurePosixPath(name).parts[:-1]
+
+
+def attach_masks(sources: list[SourceImage], mode: str) -> tuple[list[SourceImage], list[tuple[str, str]]]:
+    """Loss masks per data.masks: `folder` (or `auto` with a masks/ folder present) takes
+    DIR/masks/STEM.* out of the images and gives it to DIR/STEM.*; `alpha` marks every image to use
+    its alpha channel. Returns (images, problems as (file, message)): an image without a mask
+    (trained unmasked) and a mask without an image (ignored)."""
+    masks = {str(PurePosixPath(s.name).parent.parent / PurePosixPath(s.name).stem): s for s in sources if is_mask(s.name)}
+    images = [s for s in sources if not is_mask(s.name)]
+    if mode == "alpha":
+        return [dataclasses.replace(s, mask_from_alpha=True) for s in images], []
+    if mode == "off" or (mode == "auto" and not masks):
+        return images, []
+    out, problems, used = [], [], set()
+    for s in images:
+        key = str(PurePosixPath(s.name).with_suffix(""))
+        mask = masks.get(key)
+        if mask is None:
+            problems.append((s.name, f"{s.name} has no mask in {MASK_DIR}/; it trains on the whole image"))
+        else:
+            used.add(key)
+        out.append(dataclasses.replace(s, mask=mask.path if mask else None))
+    problems += [(m.name, f"{m.name} masks no image (none named {PurePosixPath(key).name}.*); ignored")
+                 for key, m in masks.items() if key not in used]
+    return out, problems
 
 
 def is_control(name: str) -> bool:

@@ -66,6 +66,20 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32 (bf16 predictions would quantise small errors away)."""
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32 (bf16 predictions would quantise small errors away). With a
+    loss mask `weight` (shaped like pred, in [0, 1]): each sample's mask-weighted mean
+    Σ w·(pred − target)² / Σ w, then the mean over samples, so a sample counts the same whatever
+    its masked area, and the mean over a global batch does not depend on how ranks split it."""
+    if weight is None:
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+    squared = (pred.float() - target.float()).pow(2) * weight
+    dims = tuple(range(1, pred.dim()))
+    return (squared.sum(dims) / weight.sum(dims).clamp_min(1e-6)).mean()
+
+
+def loss_weight(mask: torch.Tensor | None, latent_shape: tuple, pack) -> torch.Tensor | None:
+    """A batch's latent-size masks [B, h, w] as weights laid out like the packed prediction."""
+    if mask is None:
+        return None
+    return pack(mask.float()[:, None].expand(latent_shape))

@@ -31,6 +31,7 @@ class StepInputs:
     family: Family = FLUX1  # how latents become tokens and how the transformer is called
     caption_dropout: float = 0.0  # probability of the empty caption per sample
     empty_prompt: dict | None = None  # its embeddings per text key (CACHE/empty_prompt.pt)
+    masked_loss: bool = True  # weight the loss by the cache's masks, where it has them
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -51,7 +52,9 @@ def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: Step
     with autocast(inputs.device, inputs.dtype):
         pred = family.predict(model, flow.noisy_latents(x0, noise, t), t, batch, inputs.guidance, inputs.device,
                               inputs.dtype)
-    return flow.flow_loss(pred, family.pack(flow.velocity_target(x0, noise)))
+    weight = flow.loss_weight(batch.get("mask") if inputs.masked_loss else None, x0.shape, family.pack)
+    return flow.flow_loss(pred, family.pack(flow.velocity_target(x0, noise)),
+                          None if weight is None else weight.to(inputs.device, non_blocking=True))
 
 
 def train_step(ddp_model, batches: list[dict], slices: list[Slice], step: int, inputs: StepInputs) -> torch.Tensor:

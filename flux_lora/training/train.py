@@ -133,7 +133,8 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "train.schedule": train_cfg.schedule, "train.max_grad_norm": train_cfg.max_grad_norm,
            "train.seed": train_cfg.seed, "train.guidance": train_cfg.guidance,
            "train.timestep_sampling": train_cfg.timestep_sampling, "train.caption_dropout": train_cfg.caption_dropout,
-           "train.ema_decay": train_cfg.ema_decay, "train.logit_mean": train_cfg.logit_mean,
+           "train.ema_decay": train_cfg.ema_decay,
+           **({} if train_cfg.masked_loss else {"train.masked_loss": False}), "train.logit_mean": train_cfg.logit_mean,
            "train.logit_std": train_cfg.logit_std, "train.validation_split": train_cfg.validation_split,
            "train.validation_timesteps": train_cfg.validation_timesteps,
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
@@ -179,7 +180,8 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     has_guidance = bool(getattr(model.config, "guidance_embeds", False))
     inputs = StepInputs(train_cfg.seed, train_cfg.guidance if has_guidance else None, train_cfg.timestep_sampling,
                         train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device),
-                        family, train_cfg.caption_dropout, empty_prompt(cfg, family))
+                        family, caption_dropout=train_cfg.caption_dropout, empty_prompt=empty_prompt(cfg, family),
+                        masked_loss=train_cfg.masked_loss)
     previews = make_previewer(cfg, di, manifest, model, reporter, family, dataset)
     reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items), family=family.name,
                    sharding="fsdp" if is_sharded(model) else "ddp",

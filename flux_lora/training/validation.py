@@ -50,7 +50,9 @@ def item_loss(model, sample: dict, index: int, ts: list[float], guidance: float 
     batch = {k: v[None].expand(len(ts), *v.shape) for k, v in sample.items() if isinstance(v, torch.Tensor)}
     with step.autocast(device, dtype):
         pred = family.predict(model, flow.noisy_latents(x0, noise, t), t, batch, guidance, device, dtype)
-    return float(flow.flow_loss(pred, family.pack(flow.velocity_target(x0, noise))))
+    mask = batch.get("mask")  # the loss the run trains on: masked where the item is
+    weight = flow.loss_weight(None if mask is None else mask.to(device), x0.shape, family.pack)
+    return float(flow.flow_loss(pred, family.pack(flow.velocity_target(x0, noise)), weight))
 
 
 def validation_loss(model, dataset, items: list[int], ts: list[float], guidance: float | None,
