@@ -57,13 +57,18 @@ from flux_lora.training.step import StepInputs, Trainee, pipelined_steps, train_
 class ShapedData:
     """Cache-shaped batches of the model's family (what CachedDataset.collate returns), random, on the host."""
 
-    def __init__(self, family, conf, batch: int, resolution: int, text_len: int):
+    def __init__(self, family, conf, batch: int, resolution: int, text_len: int, masked: bool = False):
         g = torch.Generator().manual_seed(0)
         shapes = family.cache_shapes(conf, resolution, resolution, text_len)
         self.batch = {k: torch.randn(batch, *shape, generator=g) for k, shape in shapes.items()}
         for k in family.text_keys:
             if len(shapes[k]) == 2:  # sequences are cached in the encoders' dtype
                 self.batch[k] = self.batch[k].to(torch.bfloat16)
+        self.empty = {k: torch.zeros(shapes[k], dtype=self.batch[k].dtype) for k in family.text_keys}
+        if masked:  # a loss mask over the left half, as a cache with masks/ holds it
+            mask = torch.zeros(batch, *shapes["latents"][-2:], dtype=torch.float16)
+            mask[..., : mask.shape[-1] // 2] = 1.0
+            self.batch["mask"] = mask
         if torch.cuda.is_available():
             self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
 
@@ -205,9 +210,10 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         for _, p in lora.lora_parameters(model):
             p.data = p.data.to(torch.bfloat16)
     conf = model.config
-    data = ShapedData(family, conf, setting["batch"], setting["resolution"], args.text_len)
+    data = ShapedData(family, conf, setting["batch"], setting["resolution"], args.text_len, setting.get("masked", False))
     inputs = StepInputs(0, 1.0 if conf.guidance_embeds else None, "flux-shift", 0.0, 1.0, di.device,
-                        loading.resolve_dtype("auto", di.device), family)
+                        loading.resolve_dtype("auto", di.device), family,
+                        caption_dropout=setting.get("caption_dropout", 0.0), empty_prompt=data.empty)
     slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
     # counted on one sample (FLOPs grow linearly with the batch): the counting pass runs eagerly
     # through Python dispatch and needs far more memory than a compiled step
@@ -312,6 +318,8 @@ def train_settings(args) -> list[dict]:
                 (args.compare_up_add, "peft's LoRA forward" if ours["fuse_lora_up"] else "LoRA up-projection as one addmm", {"fuse_lora_up": not ours["fuse_lora_up"]}, "loss_vs_up_add_toggled"),
                 (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
                 (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"),
+                (args.compare_masked, "masked loss", {"masked": True}, "loss_vs_masked"),
+                (args.compare_caption_dropout, "caption dropout 0.1", {"caption_dropout": 0.1}, "loss_vs_caption_dropout"),
                 (args.compare_sharding, f"sharding={other_sharding}", {"sharding": other_sharding}, "loss_vs_other_sharding"),
                 (args.compare_sharding_checkpointed, "sharding=fsdp, gradient checkpointing", {"sharding": "fsdp", "checkpointing": "on"},
                  "loss_vs_fsdp_checkpointed"))
@@ -407,6 +415,8 @@ def main() -> None:
     p.add_argument("--compare-up-add", action="store_true", help="also run with --fuse-lora-up toggled; compare the losses")
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
+    p.add_argument("--compare-masked", action="store_true", help="also run with a loss mask (half the image); the step's cost")
+    p.add_argument("--compare-caption-dropout", action="store_true", help="also run with caption dropout 0.1; the step's cost")
     p.add_argument("--sharding", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (dist.sharding)")
     p.add_argument("--compare-sharding", action="store_true", help="under torchrun: also run the other sharding; compare the losses")
     p.add_argument("--compare-sharding-checkpointed", action="store_true", help="also run FSDP2 with gradient checkpointing (its memory floor)")
