@@ -125,6 +125,7 @@ def preprocess(
     batch_size: Annotated[Optional[int], typer.Option(help="images per encoder batch")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="image decoding worker processes")] = None,
     strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="fail on unreadable images")] = None,
+    caption_lines: Annotated[Optional[bool], typer.Option("--caption-lines/--no-caption-lines", help="each line of a .txt is one caption of the image")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="rebuild an existing cache")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow the captioner's own code")] = None,
     json_events: JsonOpt = None,
@@ -137,7 +138,7 @@ def preprocess(
              "data.square": square, "data.trigger_word": trigger_word, "data.captioner": captioner,
              "data.default_caption": default_caption, "data.max_sequence_length": max_sequence_length,
              "data.sample_prompts": sample_prompt or None, "preprocess.batch_size": batch_size,
-             "preprocess.num_workers": num_workers, "data.strict": strict, "preprocess.overwrite": overwrite,
+             "preprocess.num_workers": num_workers, "data.strict": strict, "data.caption_lines": caption_lines, "preprocess.overwrite": overwrite,
              "data.trust_remote_code": trust_remote_code, "output.json": json_events}
 
     def go():

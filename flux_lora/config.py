@@ -63,6 +63,7 @@ class DataConfig:
     resolution: int = doc(512, "target side in pixels (multiple of 16); buckets keep about resolution² pixels", low=16)
     square: bool = doc(False, "center-crop every image to resolution×resolution instead of aspect buckets")
     trigger_word: str = doc("", "prepended to every caption (once); replaces a [trigger] placeholder")
+    caption_lines: bool = doc(False, "each non-empty line of a .txt is one caption of its image (several captions per image); a step trains on one of them, drawn from the seed, the step and the sample's position")
     default_caption: str = doc("", "caption for images without a .txt when captioner is none")
     captioner: str = doc("Salesforce/blip-image-captioning-large", "image-to-text model for images without a .txt caption, or none")
     trust_remote_code: bool = doc(False, "allow the captioner's own code from the hub (off: only natively supported models)")

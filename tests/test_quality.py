@@ -341,3 +341,31 @@ def test_masks_from_a_folder_and_from_alpha(tiny_model, images, tmp_path):
     assert pooled.tolist() == [[1.0, 0.0, 0.0, 0.0]] * 2
     Image.new("RGB", (8, 8)).save(tmp_path / "opaque.png")
     assert load_mask(tmp_path / "opaque.png", from_alpha=True).getextrema() == (255, 255)
+
+
+def test_several_captions_per_image(tiny_model, images, tmp_path):
+    """data.caption_lines: each line of a .txt is a caption; the cache holds each once and a step's
+    pick (from seed, step and position: the same on any rank split) chooses which one trains."""
+    import json
+
+    from conftest import preprocess_args
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    first = sorted(p for p in data.iterdir() if p.suffix in (".png", ".jpg"))[0]
+    first.with_suffix(".txt").write_text("a red thing\n\n  a crimson shape  \nsomething red\n")
+    cache_dir = tmp_path / "cache"
+    run_cli(*preprocess_args(tiny_model, data, cache_dir, "--set", "data.caption_lines=true"), check=True)
+    lines = [json.loads(line) for line in (cache_dir / "captions.jsonl").read_text().splitlines()]
+    mine = next(line for line in lines if line["source"] == first.name)
+    assert mine["captions"] == ["sks, a red thing", "sks, a crimson shape", "sks, something red"]
+    assert all("captions" not in line for line in lines if line is not mine)
+    dataset = cache.CachedDataset(cache_dir, cache.load_manifest(cache_dir))
+    k = next(k for k in range(len(dataset)) if dataset.items[k].index == mine["index"])
+    rows = [dataset.collate([k], [pick])["t5"][0] for pick in range(4)]
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])
+    assert torch.equal(rows[0], rows[3]) and torch.equal(rows[0], dataset[k]["t5"])  # pick mod 3; no pick: the first
+    other = (k + 1) % len(dataset)
+    assert torch.equal(dataset.collate([other], [2])["t5"][0], dataset[other]["t5"])  # one caption: always it
+    picks = conditioning.caption_picks(0, 5, list(range(8)))
+    assert conditioning.caption_picks(0, 5, [1, 3, 5, 7]) == picks[1::2] and len({p % 3 for p in picks}) > 1

@@ -67,6 +67,9 @@ def pack_shard(items: list[dict], texts: dict[str, torch.Tensor]) -> dict:
         shard["control"] = [it["control"].contiguous() for it in items]
     if items and "mask" in items[0]:
         shard["mask"] = [it["mask"].contiguous() for it in items]
+    if items and "text_ids" in items[0]:  # several captions per image
+        shard["text_ids"] = [list(it["text_ids"]) for it in items]
+        shard["captions"] = [list(it["captions"]) for it in items]
     return shard
 
 
@@ -79,7 +82,7 @@ def write_shard(shards_dir: Path, name: str, shard: dict, planned: list[int], sk
     side = {"file": f"{name}.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "planned": planned, "items": len(shard["index"]), "index": shard["index"].tolist(),
             "bucket": shard["bucket"], "caption": shard["caption"], "source": shard["source"],
-            "skipped": skipped}
+            "skipped": skipped, **({"captions": shard["captions"]} if "captions" in shard else {})}
     files.write_atomic(shards_dir / f"{name}.json", side, as_json=True, every_rank=True)
     return side
 
@@ -113,10 +116,12 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
         h.update(f"{s.name}\0{s.caption}\0".encode())
         if s.control is not None:
             h.update(f"{s.control.name}\0".encode())
-        if s.mask is not None or s.mask_from_alpha:
+        if s.mask is not None or s.mask_from_alpha:  # (only then: older caches keep their identity)
             h.update(f"mask:{s.mask.name if s.mask else 'alpha'}\0".encode())
     d = cfg.data
     h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
+    if d.caption_lines:
+        h.update(b"caption_lines")
     return h.hexdigest()[:32]
 
 
@@ -181,8 +186,10 @@ def write_manifest(cache_dir: Path, settings: dict, reporter) -> dict:
         if not side["file"].startswith("rank-00000-"):  # rank 0 reported its own as it went
             for s in side.get("skipped", []):
                 reporter.emit("warning", message=f"skipped {s['error']}", file=s["source"])
-    lines = [json.dumps({"index": i, "source": src, "caption": cap}) for side in sidecars
-             for i, src, cap in zip(side["index"], side["source"], side["caption"])]
+    lines = [json.dumps({"index": i, "source": src, "caption": cap, **({"captions": alts} if len(alts) > 1 else {})})
+             for side in sidecars
+             for i, src, cap, alts in zip(side["index"], side["source"], side["caption"],
+                                          side.get("captions", [[c] for c in side["caption"]]))]
     files.write_atomic(cache_dir / "captions.jsonl", "\n".join(sorted(lines, key=lambda line: json.loads(line)["index"])) + "\n")
     files.write_atomic(cache_dir / "manifest.json", manifest, as_json=True)
     return {"total_items": manifest["total_items"], "skipped": len(skipped), "shards": len(manifest["shards"])}
@@ -250,11 +257,15 @@ class CachedDataset:
                 raise CacheError(f"cannot read shard {path.name} ({type(e).__name__}); rerun preprocess with --overwrite") from None
         return self._open[i]
 
-    def __getitem__(self, k: int) -> dict:
-        """latents [C, h, w], each text key's row, control [C, h, w] for pairs, index, bucket."""
+    def __getitem__(self, k: int, pick: int | None = None) -> dict:
+        """latents [C, h, w], each text key's row, control [C, h, w] for pairs, index, bucket. An
+        item with several captions gives caption `pick` (mod their number), or its first."""
         item = self.items[k]
         shard = self._shard(item.shard)
         text = int(shard["text_id"][item.position])
+        if pick is not None and "text_ids" in shard:
+            choices = shard["text_ids"][item.position]
+            text = int(choices[pick % len(choices)])
         out = {"latents": shard["latents"][item.position], "index": item.index, "bucket": item.bucket}
         out.update({key: shard[key][text] for key in shard.get("text_keys", ("t5", "clip"))})
         if "control" in shard:
@@ -263,9 +274,10 @@ class CachedDataset:
             out["mask"] = shard["mask"][item.position]
         return out
 
-    def collate(self, positions: list[int]) -> dict:
-        """Stack items of one bucket into a batch (latents [B, C, h, w], every text key [B, ...], control)."""
-        rows = [self[p] for p in positions]
+    def collate(self, positions: list[int], picks: list[int] | None = None) -> dict:
+        """Stack items of one bucket into a batch (latents [B, C, h, w], every text key [B, ...],
+        control, mask); `picks` chooses among items' several captions."""
+        rows = [self.__getitem__(p, None if picks is None else picks[j]) for j, p in enumerate(positions)]
         if any("mask" in r for r in rows):  # a chunk without masked images stored none: learn everywhere
             for r in rows:
                 r.setdefault("mask", torch.ones(r["latents"].shape[-2:], dtype=torch.float16))

@@ -198,14 +198,18 @@ def load_text_encoders(cfg: Config, device: torch.device, family: Family, report
     return placement.place(text, device, offload)
 
 
-def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, str], sources: list[SourceImage]) -> dict:
+def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[str]], sources: list[SourceImage]) -> dict:
     latents = enc.latents(records)
     controls = enc.latents(records, "control") if records and "control" in records[0] else {}
-    texts = list(dict.fromkeys(captions[r["index"]] for r in records))
+    texts = list(dict.fromkeys(text for r in records for text in captions[r["index"]]))
     encoded = enc.prompts(texts)
     items = [{"index": r["index"], "latents": latents[r["index"]], "bucket": r["bucket"],
-              "caption": captions[r["index"]], "source": sources[r["index"]].name,
-              "text_id": texts.index(captions[r["index"]])} for r in records]
+              "caption": captions[r["index"]][0], "source": sources[r["index"]].name,
+              "text_id": texts.index(captions[r["index"]][0])} for r in records]
+    if any(len(captions[r["index"]]) > 1 for r in records):
+        for item in items:
+            item["captions"] = captions[item["index"]]
+            item["text_ids"] = [texts.index(text) for text in item["captions"]]
     for item in items if controls else []:
         item["control"] = controls[item["index"]]
     masked = {r["index"]: r["mask"] for r in records if "mask" in r}
@@ -223,11 +227,14 @@ def latent_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tenso
     return pooled[0, 0].to(torch.float16)
 
 
-def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, str]:
+def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, list[str]]:
+    """Each item's captions (one, or with data.caption_lines one per non-empty line of its .txt),
+    the trigger word applied to each."""
     out = {}
     for i, s in entries:
         base = s.caption if s.caption is not None else auto.get(i, cfg.data.default_caption)
-        out[i] = apply_trigger(base, cfg.data.trigger_word)
+        lines = [line.strip() for line in base.splitlines() if line.strip()] if cfg.data.caption_lines else []
+        out[i] = [apply_trigger(text, cfg.data.trigger_word) for text in (lines or [base])]
     return out
 
 

@@ -1,7 +1,8 @@
-"""What each sample is conditioned on at a step: caption dropout (the caption replaced by the
-empty prompt's cached embedding with probability p, as kohya's `caption_dropout_rate` and
-diffusers' `--proportion_empty_prompts`), decided per sample from (seed, step, position in the
-global batch), so the same samples are dropped on any number of ranks and after a resume."""
+"""What each sample is conditioned on at a step: which of its captions (data.caption_lines), and
+caption dropout (the caption replaced by the empty prompt's cached embedding with probability p,
+as kohya's `caption_dropout_rate` and diffusers' `--proportion_empty_prompts`). Both are drawn
+per sample from (seed, step, position in the global batch), so the same choices are made on any
+number of ranks and after a resume."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ def dropped(seed: int, step: int, positions: list[int], probability: float) -> l
     if probability <= 0:
         return [False] * len(positions)
     return [random.Random(sample_seed(seed ^ DROPOUT_SALT, step, j)).random() < probability for j in positions]
+
+
+PICK_SALT = 0x5EEDCA9  # its own stream again
+
+
+def caption_picks(seed: int, step: int, positions: list[int]) -> list[int]:
+    """Which of its captions each sample (by position in the global batch) trains on this step;
+    the dataset takes it modulo the item's number of captions."""
+    return [random.Random(sample_seed(seed ^ PICK_SALT, step, j)).getrandbits(31) for j in positions]
 
 
 def drop_captions(batch: dict, drop: list[bool], empty: dict[str, torch.Tensor]) -> dict:

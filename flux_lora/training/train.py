@@ -32,7 +32,7 @@ from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
 from flux_lora.parallel.fsdp import is_sharded
-from flux_lora.training import checkpoint, faults, lora, optim, sharding, validation
+from flux_lora.training import checkpoint, conditioning, faults, lora, optim, sharding, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
 from flux_lora.training.ema import Ema
 from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
@@ -232,7 +232,9 @@ def loop(current: Run, stop: checkpoint.StopFlag, t_start: float, pauses: GcPaus
 
     def load(step: int):
         slices = current.sampler.rank_slices(step, di.rank, di.world_size, train_cfg.batch_size)
-        batches = [current.dataset.collate([current.train_items[i] for i in part.items]) for part in slices]
+        batches = [current.dataset.collate([current.train_items[i] for i in part.items],
+                                           conditioning.caption_picks(train_cfg.seed, step, part.positions))
+                   for part in slices]
         return slices, [pinned(b) for b in batches] if pin else batches
 
     prefetch = Prefetcher(load, train_cfg.steps)
