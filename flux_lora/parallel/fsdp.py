@@ -9,6 +9,8 @@ What changes under FSDP2, and only here:
 - parameters become DTensors (a shard each); the LoRA's stay fp32 and are cast to the compute
   dtype for the gather (MixedPrecisionPolicy), gradients are reduce-scattered in fp32;
 - gradient sync is turned off for all but the last micro-batch of a step (grad accumulation);
+- inference (previews, validation) runs the same number of forwards on every rank (each forward's
+  gathers are collectives) and frees what it left gathered (reshard), for training's next step;
 - checkpoints are torch.distributed.checkpoint directories (training.checkpoint), readable on
   any number of ranks.
 """
