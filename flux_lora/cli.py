@@ -125,6 +125,7 @@ def preprocess(
     batch_size: Annotated[Optional[int], typer.Option(help="images per encoder batch")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="image decoding worker processes")] = None,
     strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="fail on unreadable images")] = None,
+    class_word: Annotated[Optional[str], typer.Option(help="what the trigger word stands for (e.g. person): also caches each caption with it in the trigger's place, for --preservation-weight")] = None,
     caption_lines: Annotated[Optional[bool], typer.Option("--caption-lines/--no-caption-lines", help="each line of a .txt is one caption of the image")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="rebuild an existing cache")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow the captioner's own code")] = None,
@@ -138,7 +139,7 @@ def preprocess(
              "data.square": square, "data.trigger_word": trigger_word, "data.captioner": captioner,
              "data.default_caption": default_caption, "data.max_sequence_length": max_sequence_length,
              "data.sample_prompts": sample_prompt or None, "preprocess.batch_size": batch_size,
-             "preprocess.num_workers": num_workers, "data.strict": strict, "data.caption_lines": caption_lines, "preprocess.overwrite": overwrite,
+             "preprocess.num_workers": num_workers, "data.strict": strict, "data.caption_lines": caption_lines, "data.class_word": class_word, "preprocess.overwrite": overwrite,
              "data.trust_remote_code": trust_remote_code, "output.json": json_events}
 
     def go():
@@ -172,6 +173,7 @@ def train(
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, adamw8bit, prodigy or adamw-schedulefree")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="LR after warm-up: constant, cosine or linear")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="linear LR warm-up steps")] = None,
+    preservation_weight: Annotated[Optional[float], typer.Option(help="differential output preservation: keep the LoRA's prediction on class-word captions the base model's (e.g. 1.0)")] = None,
     caption_dropout: Annotated[Optional[float], typer.Option(help="probability of training a sample on the empty caption")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="EMA of the LoRA weights (e.g. 0.999; writes lora-ema.safetensors)")] = None,
     memory_mode: Annotated[Optional[str], typer.Option(help="fast, fp8 or nf4")] = None,
@@ -195,7 +197,7 @@ def train(
              "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
              "train.validation_split": validation_split,
              "train.optimizer": optimizer, "train.schedule": schedule, "train.warmup_steps": warmup_steps,
-             "train.caption_dropout": caption_dropout, "train.ema_decay": ema_decay,
+             "train.caption_dropout": caption_dropout, "train.preservation_weight": preservation_weight, "train.ema_decay": ema_decay,
              "train.memory_mode": memory_mode, "train.compile": compile_, "dist.sharding": sharding,
              "output.export_format": export_format,
              "output.push_to_hub": push_to_hub,
@@ -273,6 +275,7 @@ def learn_check(
     rank: Annotated[int, typer.Option(help="LoRA rank")] = 8,
     nproc: Annotated[int, typer.Option(help="ranks for preprocess and train (torchrun)")] = 1,
     train_set: Annotated[Optional[list[str]], typer.Option("--train-set", help="a train setting to judge, e.g. train.fp8_compute=on (repeatable)")] = None,
+    preprocess_set: Annotated[Optional[list[str]], typer.Option("--preprocess-set", help="a preprocess setting, e.g. data.class_word=coloured (repeatable)")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Teach the small shapes model a new colour with a LoRA (the real preprocess and train), then
@@ -282,7 +285,7 @@ def learn_check(
         from flux_lora.models.shapes_model import PRETRAINED
 
         report = lc.check(lc.Settings(model or PRETRAINED, out, steps, lr, rank, nproc=nproc,
-                                      train_sets=tuple(train_set or ())))
+                                      train_sets=tuple(train_set or ()), preprocess_sets=tuple(preprocess_set or ())))
         print(lc.report_line(report), file=sys.stderr)
     guarded(go, debug)
 

@@ -64,6 +64,7 @@ class DataConfig:
     square: bool = doc(False, "center-crop every image to resolution×resolution instead of aspect buckets")
     trigger_word: str = doc("", "prepended to every caption (once); replaces a [trigger] placeholder")
     caption_lines: bool = doc(False, "each non-empty line of a .txt is one caption of its image (several captions per image); a step trains on one of them, drawn from the seed, the step and the sample's position")
+    class_word: str = doc("", "what the trigger word stands for (e.g. person, dog): preprocess also caches each caption with the trigger replaced by it, for train.preservation_weight (differential output preservation)")
     default_caption: str = doc("", "caption for images without a .txt when captioner is none")
     captioner: str = doc("Salesforce/blip-image-captioning-large", "image-to-text model for images without a .txt caption, or none")
     trust_remote_code: bool = doc(False, "allow the captioner's own code from the hub (off: only natively supported models)")
@@ -78,6 +79,8 @@ class DataConfig:
             raise ConfigError(f"data.resolution={self.resolution} is not a positive multiple of 16; use e.g. 512 or 1024")
         self.sample_prompts = [str(p) for p in self.sample_prompts]
         _choice("data.masks", self.masks, ("auto", "folder", "alpha", "off"))
+        if self.class_word and not self.trigger_word:
+            raise ConfigError("data.class_word replaces the trigger word in each caption; set data.trigger_word (--trigger-word) too")
 
 
 @dataclass
@@ -130,6 +133,7 @@ class TrainConfig:
     logit_mean: float = doc(0.0, "mean of the logit-normal timestep distribution")
     logit_std: float = doc(1.0, "std of the logit-normal timestep distribution", low=0, open_low=True)
     masked_loss: bool = doc(True, "weight the loss by the cache's masks where it has them (data.masks); false: learn every pixel")
+    preservation_weight: float = doc(0.0, "differential output preservation (ai-toolkit's DOP): also train the LoRA's prediction on each caption with the trigger replaced by data.class_word to stay the base model's, weighted by this (e.g. 1.0; 0 = off); one more forward and backward per step", low=0)
     caption_dropout: float = doc(0.0, "probability that a sample trains on the empty caption instead of its own (kohya's caption_dropout_rate): the LoRA then also works without the trigger word, and classifier-free guidance keeps working", low=0, high=0.99)
     ema_decay: float = doc(0.0, "keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; 0 = off), saved in checkpoints and written as OUTPUT/lora-ema.safetensors", low=0, high=0.99999)
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")

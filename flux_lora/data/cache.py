@@ -20,7 +20,8 @@ A shard is a dict loaded with `torch.load(weights_only=True, mmap=True)`:
     [w, h], caption / source lists of str, text_id [n] int64 into one [U, ...] tensor per name in
     text_keys (FLUX.1: t5 [U, L, D] and clip [U, P]; FLUX.2: text [U, L, D]; identical captions
     share a row); editing pairs add control, a list of [C, h, w] latents of the control images;
-    a masked dataset adds mask, a list of float16 [h, w] loss weights at the latents' size.
+    a masked dataset adds mask, a list of float16 [h, w] loss weights at the latents' size; with
+    data.class_word, preserve_id [n] points at each caption's class-word version in the same table.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def pack_shard(items: list[dict], texts: dict[str, torch.Tensor]) -> dict:
         shard["control"] = [it["control"].contiguous() for it in items]
     if items and "mask" in items[0]:
         shard["mask"] = [it["mask"].contiguous() for it in items]
+    if items and "preserve_id" in items[0]:
+        shard["preserve_id"] = torch.tensor([it["preserve_id"] for it in items], dtype=torch.int64)
     if items and "text_ids" in items[0]:  # several captions per image
         shard["text_ids"] = [list(it["text_ids"]) for it in items]
         shard["captions"] = [list(it["captions"]) for it in items]
@@ -122,6 +125,8 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
     h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
     if d.caption_lines:
         h.update(b"caption_lines")
+    if d.class_word:
+        h.update(f"class:{d.class_word}".encode())
     return h.hexdigest()[:32]
 
 
@@ -272,6 +277,9 @@ class CachedDataset:
             out["control"] = shard["control"][item.position]
         if "mask" in shard:
             out["mask"] = shard["mask"][item.position]
+        if "preserve_id" in shard:  # the caption with the class word (preservation), under preserve_KEY
+            row = int(shard["preserve_id"][item.position])
+            out.update({f"preserve_{key}": shard[key][row] for key in shard.get("text_keys", ("t5", "clip"))})
         return out
 
     def collate(self, positions: list[int], picks: list[int] | None = None) -> dict:

@@ -16,6 +16,12 @@ from flux_lora.errors import ModelError
 TRIGGER_PLACEHOLDER = "[trigger]"
 
 
+def replace_trigger(caption: str, trigger: str, word: str) -> str:
+    """The caption with every whole-word occurrence of the trigger replaced by `word` (the class
+    word of preservation: "sks, a photo of sks" -> "person, a photo of person")."""
+    return re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", word, caption) if trigger else caption
+
+
 def apply_trigger(caption: str, trigger: str) -> str:
     """Replace a [trigger] placeholder, else prepend the trigger once unless already present."""
     caption = caption.strip()

@@ -20,7 +20,7 @@ import torch
 
 from flux_lora.config import Config
 from flux_lora.data import cache
-from flux_lora.data.captions import Captioner, apply_trigger
+from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
 from flux_lora.data.images import load_mask, load_rgb, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, DataError
@@ -198,14 +198,18 @@ def load_text_encoders(cfg: Config, device: torch.device, family: Family, report
     return placement.place(text, device, offload)
 
 
-def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[str]], sources: list[SourceImage]) -> dict:
+def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[str]], sources: list[SourceImage],
+                 preserve: dict[int, str] | None = None) -> dict:
     latents = enc.latents(records)
     controls = enc.latents(records, "control") if records and "control" in records[0] else {}
-    texts = list(dict.fromkeys(text for r in records for text in captions[r["index"]]))
+    texts = list(dict.fromkeys([text for r in records for text in captions[r["index"]]]
+                               + [preserve[r["index"]] for r in records if preserve]))
     encoded = enc.prompts(texts)
     items = [{"index": r["index"], "latents": latents[r["index"]], "bucket": r["bucket"],
               "caption": captions[r["index"]][0], "source": sources[r["index"]].name,
               "text_id": texts.index(captions[r["index"]][0])} for r in records]
+    for item in items if preserve else []:  # the caption with the class word: differential output preservation
+        item["preserve_id"] = texts.index(preserve[item["index"]])
     if any(len(captions[r["index"]]) > 1 for r in records):
         for item in items:
             item["captions"] = captions[item["index"]]
@@ -254,6 +258,8 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
         return
     entries = [(i, sources[i]) for _, planned in pending for i in planned]
     captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
+    preserve = {i: replace_trigger(texts[0], cfg.data.trigger_word, cfg.data.class_word)
+                for i, texts in captions.items()} if cfg.data.class_word else None
     enc = Encoders(cfg, di.device, family, reporter if di.is_main else None) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
     stream = iter(_decoded(entries, buckets, cfg.preprocess))
@@ -272,7 +278,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
                 skipped.append({"index": rec["index"], "source": sources[rec["index"]].name, "error": rec["error"]})
             else:
                 records.append(rec)
-        shard = encode_chunk(enc, records, captions, sources) if records else cache.pack_shard([], {})
+        shard = encode_chunk(enc, records, captions, sources, preserve) if records else cache.pack_shard([], {})
         if writing is not None:
             writing.result()  # at most one chunk in flight: memory stays bounded, errors surface
         writing = writer.submit(_write_chunk, shards_dir, cache.shard_name(di.rank, world, p), shard, planned,

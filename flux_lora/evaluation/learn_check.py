@@ -52,6 +52,7 @@ class Settings:
     seeds: int = 2
     nproc: int = 1
     train_sets: tuple = ()
+    preprocess_sets: tuple = ()
 
 
 def write_dataset(folder: Path, count: int, seed: int = 7) -> None:
@@ -79,7 +80,7 @@ def train_lora(settings: Settings) -> Path:
     write_dataset(data, settings.images)
     _flux_lora(settings, "preprocess", "--model", settings.model, "--data", data, "--cache-dir", cache,
                "--resolution", 64, "--square", "--max-sequence-length", 48, "--captioner", "none",
-               "--num-workers", 0, "--overwrite")
+               "--num-workers", 0, "--overwrite", *[x for kv in settings.preprocess_sets for x in ("--set", kv)])
     sets = [x for kv in settings.train_sets for x in ("--set", kv)]
     _flux_lora(settings, "train", "--model", settings.model, "--cache-dir", cache, "--output", run, "--overwrite",
                "--steps", settings.steps, "--batch-size", 4 // settings.nproc or 1, "--lr", settings.lr,
@@ -141,7 +142,8 @@ def run(settings: Settings) -> dict:
     pipe.load_lora_weights(str(lora), adapter_name="learned")
     tuned = {"trigger": measure_all(pipe, trigger), "plain": measure_all(pipe, plain)}
     report = {**score(trigger, plain, base, tuned), "bounds": BOUNDS, "lora": str(lora), "steps": settings.steps,
-              "lr": settings.lr, "rank": settings.rank, "train_sets": list(settings.train_sets), "nproc": settings.nproc}
+              "lr": settings.lr, "rank": settings.rank, "train_sets": list(settings.train_sets),
+              "preprocess_sets": list(settings.preprocess_sets), "nproc": settings.nproc}
     report["passed"] = not failures(report)
     files.write_atomic(settings.out / "report.json", report, as_json=True, every_rank=True)
     return report

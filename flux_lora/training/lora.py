@@ -4,6 +4,7 @@ alpha kept in the adapter metadata)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -60,6 +61,17 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, drop
             p.data = p.data.float()
             count += p.numel()
     return count
+
+
+@contextlib.contextmanager
+def adapters_off(model: torch.nn.Module):
+    """Inside, the model computes as its base: every LoRA layer off (peft's switch, which the fused
+    LoRA kernels honour by falling back to peft's forward)."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
 
 
 def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -35,8 +35,16 @@ def micro_batch_shapes(buckets: set[tuple[int, int]]) -> int:
 
 
 def train_settings_for(cfg: Config):
-    """cfg.train as the adapter allows: DoRA's forward reads the base weight for its norm and
-    rescales the LoRA output, which the fp8 base and the fused LoRA kernels do not do."""
+    """cfg.train as the adapter and the loss allow: DoRA's forward reads the base weight for its
+    norm and rescales the LoRA output, which the fp8 base and the fused LoRA kernels do not do;
+    preservation's base-model forward (LoRA off, no autograd) is not a recorded CUDA graph."""
+    train = cfg.train
+    if train.preservation_weight:
+        if train.cuda_graphs == "on":
+            raise ConfigError("train.cuda_graphs=on does not combine with train.preservation_weight (its base-model "
+                              "forward runs between the recorded ones); use cuda_graphs=auto/off")
+        train = dataclasses.replace(train, cuda_graphs="off")
+    cfg = dataclasses.replace(cfg, train=train)
     if cfg.lora.kind != "dora":
         return cfg.train
     if cfg.train.memory_mode != "fast" or cfg.train.fp8_compute == "on":

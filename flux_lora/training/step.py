@@ -32,6 +32,7 @@ class StepInputs:
     caption_dropout: float = 0.0  # probability of the empty caption per sample
     empty_prompt: dict | None = None  # its embeddings per text key (CACHE/empty_prompt.pt)
     masked_loss: bool = True  # weight the loss by the cache's masks, where it has them
+    preservation_weight: float = 0.0  # differential output preservation's term (0: off)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -57,15 +58,43 @@ def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: Step
                           None if weight is None else weight.to(inputs.device, non_blocking=True))
 
 
+def preservation_loss(model, plain_model, batch: dict, positions: list[int], step: int,
+                      inputs: StepInputs) -> torch.Tensor:
+    """Differential output preservation: on the caption with the class word in the trigger's place,
+    the gap between the LoRA's prediction and the base model's (the LoRA switched off), at the same
+    noisy latents and timesteps as the sample's own loss."""
+    family = inputs.family
+    x0 = batch["latents"].to(inputs.device, non_blocking=True).float()
+    noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), inputs.seed, step, positions, inputs.sampling,
+                                       inputs.logit_mean, inputs.logit_std, family.image_tokens(x0.shape),
+                                       inputs.device)
+    xt = flow.noisy_latents(x0, noise, t)
+    classed = {**batch, **{key: batch[f"preserve_{key}"] for key in family.text_keys}}
+    with torch.no_grad(), lora.adapters_off(plain_model), autocast(inputs.device, inputs.dtype):
+        prior = family.predict(plain_model, xt, t, classed, inputs.guidance, inputs.device, inputs.dtype)
+    with autocast(inputs.device, inputs.dtype):
+        pred = family.predict(model, xt, t, classed, inputs.guidance, inputs.device, inputs.dtype)
+    return flow.flow_loss(pred, prior)
+
+
 def train_step(ddp_model, batches: list[dict], slices: list[Slice], step: int, inputs: StepInputs) -> torch.Tensor:
     """Forward/backward over this rank's micro-batches (batches[k] holds slices[k]'s items);
-    gradients sync (DDP's all-reduce, FSDP2's reduce-scatter) only on the last one."""
+    gradients sync (DDP's all-reduce, FSDP2's reduce-scatter) only on the last backward. With
+    preservation each micro-batch has a second forward/backward, for its term."""
     total = torch.zeros((), device=inputs.device)
+    weight = inputs.preservation_weight
+    plain = getattr(ddp_model, "module", ddp_model)  # under DDP: the model itself, for the no-grad prior
     for k, (part, batch) in enumerate(zip(slices, batches)):
-        with fsdp.gradient_sync(ddp_model, k == len(slices) - 1):
+        last = k == len(slices) - 1
+        with fsdp.gradient_sync(ddp_model, last and not weight):
             loss = micro_loss(ddp_model, batch, part.positions, step, inputs) / len(slices)
             loss.backward()
         total += loss.detach()
+        if weight:
+            with fsdp.gradient_sync(ddp_model, last):
+                term = weight * preservation_loss(ddp_model, plain, batch, part.positions, step, inputs) / len(slices)
+                term.backward()
+            total += term.detach()
     return total
 
 

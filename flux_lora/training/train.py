@@ -134,7 +134,8 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "train.seed": train_cfg.seed, "train.guidance": train_cfg.guidance,
            "train.timestep_sampling": train_cfg.timestep_sampling, "train.caption_dropout": train_cfg.caption_dropout,
            "train.ema_decay": train_cfg.ema_decay,
-           **({} if train_cfg.masked_loss else {"train.masked_loss": False}), "train.logit_mean": train_cfg.logit_mean,
+           **({} if train_cfg.masked_loss else {"train.masked_loss": False}),
+           **({"train.preservation_weight": train_cfg.preservation_weight} if train_cfg.preservation_weight else {}), "train.logit_mean": train_cfg.logit_mean,
            "train.logit_std": train_cfg.logit_std, "train.validation_split": train_cfg.validation_split,
            "train.validation_timesteps": train_cfg.validation_timesteps,
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
@@ -181,7 +182,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     inputs = StepInputs(train_cfg.seed, train_cfg.guidance if has_guidance else None, train_cfg.timestep_sampling,
                         train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device),
                         family, caption_dropout=train_cfg.caption_dropout, empty_prompt=empty_prompt(cfg, family),
-                        masked_loss=train_cfg.masked_loss)
+                        masked_loss=train_cfg.masked_loss, preservation_weight=preservation_weight(cfg, dataset))
     previews = make_previewer(cfg, di, manifest, model, reporter, family, dataset)
     reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items), family=family.name,
                    sharding="fsdp" if is_sharded(model) else "ddp",
@@ -193,6 +194,16 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
         reporter.info(f"resuming from {resume_from} at step {state.step}")
     return Run(cfg, di, out, reporter, trainee, family, dataset, sampler, inputs, settings, previews, state, train_items,
                sorted(held))
+
+
+def preservation_weight(cfg: Config, dataset: cache.CachedDataset) -> float:
+    """train.preservation_weight, when the cache holds the class-word captions it needs."""
+    weight = cfg.train.preservation_weight
+    if weight and not any(key.startswith("preserve_") for key in dataset[0]):
+        raise CacheError(f"train.preservation_weight needs each caption with the class word, which cache "
+                         f"{cfg.data.cache_dir} lacks; rerun preprocess with --class-word WORD (what the trigger "
+                         "stands for, e.g. person) and --overwrite")
+    return weight
 
 
 def empty_prompt(cfg: Config, family: Family) -> dict | None:
