@@ -40,16 +40,23 @@ def autocast(device: torch.device, dtype: torch.dtype):
         else contextlib.nullcontext()
 
 
+def clean_noise_and_t(batch: dict, positions: list[int], step: int, inputs: StepInputs):
+    """The micro-batch's latents x0 [B, C, h, w] on the device, and each sample's noise and t
+    (from the seed, the step and its position in the global batch)."""
+    x0 = batch["latents"].to(inputs.device, non_blocking=True).float()
+    noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), inputs.seed, step, positions, inputs.sampling,
+                                       inputs.logit_mean, inputs.logit_std, inputs.family.image_tokens(x0.shape),
+                                       inputs.device)
+    return x0, noise, t
+
+
 def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: StepInputs) -> torch.Tensor:
     """Rectified-flow loss of one micro-batch (one bucket), over the target image's tokens."""
     if inputs.caption_dropout:
         batch = conditioning.drop_captions(
             batch, conditioning.dropped(inputs.seed, step, positions, inputs.caption_dropout), inputs.empty_prompt)
-    x0 = batch["latents"].to(inputs.device, non_blocking=True).float()  # [B, C, h, w]
+    x0, noise, t = clean_noise_and_t(batch, positions, step, inputs)
     family = inputs.family
-    noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), inputs.seed, step, positions, inputs.sampling,
-                                       inputs.logit_mean, inputs.logit_std, family.image_tokens(x0.shape),
-                                       inputs.device)
     with autocast(inputs.device, inputs.dtype):
         pred = family.predict(model, flow.noisy_latents(x0, noise, t), t, batch, inputs.guidance, inputs.device,
                               inputs.dtype)
@@ -64,10 +71,7 @@ def preservation_loss(model, plain_model, batch: dict, positions: list[int], ste
     the gap between the LoRA's prediction and the base model's (the LoRA switched off), at the same
     noisy latents and timesteps as the sample's own loss."""
     family = inputs.family
-    x0 = batch["latents"].to(inputs.device, non_blocking=True).float()
-    noise, t = flow.sample_noise_and_t(tuple(x0.shape[1:]), inputs.seed, step, positions, inputs.sampling,
-                                       inputs.logit_mean, inputs.logit_std, family.image_tokens(x0.shape),
-                                       inputs.device)
+    x0, noise, t = clean_noise_and_t(batch, positions, step, inputs)
     xt = flow.noisy_latents(x0, noise, t)
     classed = {**batch, **{key: batch[f"preserve_{key}"] for key in family.text_keys}}
     with torch.no_grad(), lora.adapters_off(plain_model), autocast(inputs.device, inputs.dtype):
