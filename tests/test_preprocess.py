@@ -153,7 +153,8 @@ def test_strict_failure_on_another_rank_is_reported_with_its_cause(tmp_path, tin
     assert proc.returncode != 0
     assert "rank 1: error: y_trunc.png: not a readable image" in proc.stderr
     errors = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines() if '"error"' in line]
-    assert len(errors) == 1 and errors[0]["rank"] == 1 and errors[0]["exit_code"] == 5, (errors, proc.stderr[-2000:])
+    assert len(errors) == 1 and errors[0]["rank"] == 1 and errors[0]["exit_code"] == 5, \
+        json.dumps(errors) + proc.stderr[-2000:]
     assert "rank 1 failed: DataError: y_trunc.png" in errors[0]["message"]
     assert not (cache / "manifest.json").exists()
 
@@ -227,3 +228,20 @@ def test_fewer_images_than_ranks(tmp_path, tiny_model, images):
     m = load_manifest(cache)
     assert m["total_items"] == 1 and len(m["shards"]) == 2
     assert [s["items"] for s in m["shards"]] == [1, 0]
+
+
+def test_a_stop_that_a_library_rewrapped_is_still_a_stop():
+    """SIGTERM (torchrun ending the peers of a failed rank) can land inside diffusers' lazy import,
+    which re-raises it as its own RuntimeError; the stage must see the stop, not a crash of its own."""
+    from flux_lora.errors import StoppedError
+    from flux_lora.outputs.events import _stop_inside
+
+    stop = StoppedError("preprocess stopped (SIGTERM)")
+    try:
+        try:
+            raise stop
+        except Exception as e:
+            raise RuntimeError("Failed to import diffusers.pipelines.flux.pipeline_flux") from e
+    except RuntimeError as wrapped:
+        assert _stop_inside(wrapped) is stop
+    assert _stop_inside(RuntimeError("a crash of our own")) is None

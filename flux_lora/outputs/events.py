@@ -114,6 +114,18 @@ def _looks_like_a_lost_peer(error: BaseException) -> bool:
         k in text for k in ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
 
 
+def _stop_inside(error: BaseException) -> StoppedError | None:
+    """A StoppedError (SIGTERM's, from session.stop_on_sigterm) that some library turned into its own
+    error on the way out, e.g. diffusers' lazy import ("Failed to import ... because of ...")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StoppedError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _raise_if_a_peer_failed(reporter, folder: Path, run_id: str, rank: int) -> None:
     """Another rank's own cause, if it left one: reported as this run's error, exit 5."""
     peer = run_dir.peer_failure(folder, run_id, rank)
@@ -143,6 +155,12 @@ def ending_the_stream(reporter, rank: int, distributed: bool, folder: Path, run_
         reporter.error(str(e), rank=rank, exit_code=e.exit_code)
         raise
     except BaseException as e:  # a crash, a broken collective, Ctrl-C
+        stop = _stop_inside(e)
+        if stop is not None:  # our SIGTERM stop, re-raised as another error by code it interrupted
+            if distributed:
+                _raise_if_a_peer_failed(reporter, folder, run_id, rank)
+            reporter.emit("stopped", message=str(stop), exit_code=stop.exit_code)
+            raise stop from None
         if distributed and _looks_like_a_lost_peer(e):
             _raise_if_a_peer_failed(reporter, folder, run_id, rank)
         run_dir.note_failure(folder, run_id, rank, e)
