@@ -38,8 +38,13 @@ def test_ddp_gradients_average_the_ranks_kept_or_freed(tmp_path):
     one process on all ranks' data."""
     modes = ("free", "keep", "per-tensor")
     for mode in modes:
-        torchrun(2, str(ROOT / "tests" / "ddp_grads_probe.py"), module=False, timeout=120,
-                 env=cli_env(OUT_DIR=str(tmp_path), MODE=mode))
+        proc = torchrun(2, str(ROOT / "tests" / "ddp_grads_probe.py"), module=False, timeout=120, check=False,
+                        env=cli_env(OUT_DIR=str(tmp_path), MODE=mode))
+        written = all((tmp_path / f"{mode}-rank-{r}.json").is_file() for r in (0, 1))
+        # rarely (1 in ~40 full suites) gloo's threads abort the process on the way out, after
+        # every rank wrote its numbers: a teardown race in torch's CPU backend, not the maths tested here
+        teardown_abort = written and "terminate called without an active exception" in proc.stderr
+        assert proc.returncode == 0 or teardown_abort, proc.stderr[-3000:]
     rows = {(m, r): json.loads((tmp_path / f"{m}-rank-{r}.json").read_text()) for m in modes for r in (0, 1)}
     assert all(rows["keep", r]["grads_allocated"] == [True] * 4 for r in (0, 1))
     assert all(rows["free", r]["grads_allocated"] == [False] * 4 for r in (0, 1))
