@@ -41,7 +41,7 @@ def test_ddp_gradients_average_the_ranks_kept_or_freed(tmp_path):
         proc = torchrun(2, str(ROOT / "tests" / "ddp_grads_probe.py"), module=False, timeout=120, check=False,
                         env=cli_env(OUT_DIR=str(tmp_path), MODE=mode))
         written = all((tmp_path / f"{mode}-rank-{r}.json").is_file() for r in (0, 1))
-        # rarely (1 in ~40 full suites) gloo's threads abort the process on the way out, after
+        # rarely (seen once in this session's ten full runs) gloo's threads abort the process on the way out, after
         # every rank wrote its numbers: a teardown race in torch's CPU backend, not the maths tested here
         teardown_abort = written and "terminate called without an active exception" in proc.stderr
         assert proc.returncode == 0 or teardown_abort, proc.stderr[-3000:]
