@@ -90,16 +90,12 @@ def save_sharded_checkpoint(out_dir: Path, step: int, model, opt, state: dict, k
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - an OSError, or torch.distributed.checkpoint's wrap of one
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final} ({e.strerror or e}); free disk space or fix "
-                              f"permissions; the previous checkpoint is intact") from None
-    except Exception as e:  # noqa: BLE001 - torch.distributed.checkpoint wraps a rank's I/O error
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "free disk space or fix permissions; the previous checkpoint is intact") from None
+        why = e.strerror or e if isinstance(e, OSError) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise CheckpointError(f"cannot write checkpoint {final} ({why}); free disk space or fix permissions; "
+                              "the previous checkpoint is intact") from None
     files._fsync_dir(final.parent)
     prune(out_dir, keep)
     return final
@@ -142,11 +138,11 @@ def resume_into(saved: dict, model, opt, sched, ema=None) -> None:
         sched.load_state_dict(saved["state"]["scheduler"])
         return
     from flux_lora.parallel.fsdp import is_sharded
-    from flux_lora.training import lora
+    from flux_lora.training import lora, optim
 
     if is_sharded(model):  # a DDP run's whole tensors into this run's shards
         names = [n for n, _ in lora.lora_parameters(model)]
-        order = optim_order(names)
+        order = [n for group in optim.lora_groups(names) for n in group]  # the optimizer's own indices
         model_sd = {n: saved["lora"][lora.peft_key(n)] for n in names}
         optim = saved["optim"]["optimizer"]
         optim_sd = {"state": {order[int(i)]: v for i, v in optim["state"].items()},
@@ -160,11 +156,6 @@ def resume_into(saved: dict, model, opt, sched, ema=None) -> None:
         ema.load(saved["optim"].get("ema", {}))
     if "rng" in saved["optim"]:
         torch.set_rng_state(saved["optim"]["rng"]["cpu"])
-
-
-def optim_order(names: list[str]) -> list[str]:
-    """The LoRA parameters in the optimizer's order (training.optim: the A group, then the B group)."""
-    return [n for n in names if "lora_B" not in n] + [n for n in names if "lora_B" in n]
 
 
 def saved_step(path: str | Path) -> int:

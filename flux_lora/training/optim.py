@@ -56,12 +56,18 @@ def _import(module: str, package: str, name: str):
         raise ConfigError(f"train.optimizer={name} needs {package}: pip install {package}") from None
 
 
+def lora_groups(names: list[str]) -> tuple[list[str], list[str]]:
+    """The optimizer's two parameter groups, in its order: the LoRA A matrices (and anything else
+    trained, e.g. DoRA's magnitudes), then the B matrices (which LoRA+ gives a larger LR)."""
+    return [n for n in names if "lora_B" not in n], [n for n in names if "lora_B" in n]
+
+
 def make_optimizer(model, train_cfg, device: torch.device):
     """The chosen optimizer over the LoRA; LoRA B matrices may get a larger LR (LoRA+). Returns
     (opt, sched)."""
-    params = lora.lora_parameters(model)
-    a_params = [p for n, p in params if "lora_B" not in n]
-    b_params = [p for n, p in params if "lora_B" in n]
+    params = dict(lora.lora_parameters(model))
+    a_names, b_names = lora_groups(list(params))
+    a_params, b_params = [params[n] for n in a_names], [params[n] for n in b_names]
     lr = train_cfg.lr
     groups = [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * train_cfg.lr_b_factor}]
     common = {"lr": lr, "weight_decay": train_cfg.weight_decay, "betas": (0.9, 0.999)}
