@@ -180,6 +180,8 @@ def train(
     compile_: Annotated[Optional[str], typer.Option("--compile", help="auto, on or off")] = None,
     sharding: Annotated[Optional[str], typer.Option(help="ddp (a copy of the base per GPU, fastest), fsdp (FSDP2: base sharded across the GPUs, for a model one GPU cannot hold) or auto (ddp while it fits)")] = None,
     export_format: Annotated[Optional[str], typer.Option(help="diffusers or kohya")] = None,
+    save_dtype: Annotated[Optional[str], typer.Option(help="dtype of the exported LoRA files: bf16 (default), fp16 or fp32")] = None,
+    log_to: Annotated[Optional[str], typer.Option(help="also log to tensorboard and/or wandb (comma-separated; pip install 'flux_lora[trackers]')")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="upload the model card, LoRA and previews to this Hugging Face repo at the end (OWNER/NAME)")] = None,
     resume_from: Annotated[Optional[str], typer.Option(help="checkpoint directory to resume from")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="resume from the latest checkpoint in --output")] = None,
@@ -199,8 +201,8 @@ def train(
              "train.optimizer": optimizer, "train.schedule": schedule, "train.warmup_steps": warmup_steps,
              "train.caption_dropout": caption_dropout, "train.preservation_weight": preservation_weight, "train.ema_decay": ema_decay,
              "train.memory_mode": memory_mode, "train.compile": compile_, "dist.sharding": sharding,
-             "output.export_format": export_format,
-             "output.push_to_hub": push_to_hub,
+             "output.export_format": export_format, "output.save_dtype": save_dtype,
+             "output.push_to_hub": push_to_hub, "output.log_to": log_to,
              "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
              "output.json": json_events}
 

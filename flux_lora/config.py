@@ -170,14 +170,20 @@ class TrainConfig:
                               "use memory_mode=fp8 for an fp8 base with checkpointing")
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
 @dataclass
 class OutputConfig:
     dir: str = doc("", "output directory: LoRA, checkpoints, events, samples")
     json: bool = doc(False, "also print JSON events on stdout (people-facing text stays on stderr)")
     export_format: str = doc("diffusers", "diffusers, or kohya (also write lora-kohya.safetensors for ComfyUI/Forge)")
+    save_dtype: str = doc("bf16", "dtype of the exported LoRA files (lora*.safetensors, best.safetensors): bf16 (half the size of fp32, what other trainers write), fp16 or fp32; checkpoints keep fp32 for an exact resume")
     resume: bool = doc(True, "resume from the latest checkpoint in the output directory")
     resume_from: str = doc("", "resume from this checkpoint directory")
     overwrite: bool = doc(False, "delete earlier results in the output directory first")
+    log_to: str = doc("", "also log every event's numbers to experiment trackers: a comma-separated list of tensorboard (OUTPUT/tensorboard/) and wandb (OUTPUT/wandb/; WANDB_MODE=offline keeps it local); needs pip install 'flux_lora[trackers]'")
+    wandb_project: str = doc("flux_lora", "the wandb project of output.log_to=wandb (the run is named after the output folder)")
     push_to_hub: str = doc("", "at the end of a run, upload the model card, LoRA files and previews to this Hugging Face repo (OWNER/NAME; needs `hf auth login`)")
 
     def __post_init__(self) -> None:
@@ -185,6 +191,9 @@ class OutputConfig:
         if self.push_to_hub and self.push_to_hub.count("/") != 1:
             raise ConfigError(f"output.push_to_hub={self.push_to_hub!r} is not a repo id; use OWNER/NAME")
         _choice("output.export_format", self.export_format, ("diffusers", "kohya"))
+        _choice("output.save_dtype", self.save_dtype, ("bf16", "fp16", "fp32"))
+        for name in (n.strip() for n in self.log_to.split(",") if n.strip()):
+            _choice("output.log_to", name, TRACKERS)
 
 
 @dataclass

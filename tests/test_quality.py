@@ -229,7 +229,7 @@ def test_init_lora_reads_kohya_files(tiny_model, tmp_path):
     source = _lora_transformer(tiny_model, targets=targets)
     for _, p in lora.lora_parameters(source):
         p.data = torch.randn(p.shape) * 0.2
-    lora.export_lora(tmp_path / "l.safetensors", source, export_format="kohya")
+    lora.export_lora(tmp_path / "l.safetensors", source, export_format="kohya", save_dtype="fp32")
     run = _lora_transformer(tiny_model, rank=4, alpha=8.0, targets=targets)
     initial, layers = lora.initial_weights(tmp_path / "l-kohya.safetensors", run, 4, 8.0)
     lora.load_initial(run, initial)

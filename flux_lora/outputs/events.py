@@ -42,6 +42,7 @@ class Reporter:
         self.path, self.stage, self.json_stdout, self.log_every = events_path, stage, json_stdout, log_every
         self.file = files.open_append(events_path)
         self.display: Display | None = None
+        self.trackers = None  # outputs.trackers.Trackers: TensorBoard/wandb, fed every event
         self.lock = threading.RLock()  # preprocess reports from its chunk-writer thread too
 
     def emit(self, kind: str, **fields: Any) -> dict:
@@ -52,6 +53,8 @@ class Reporter:
             self.file.flush()
             if self.json_stdout:
                 print(line, flush=True)
+            if self.trackers is not None:
+                self.trackers.write(ev)
         return ev
 
     def start(self, total: int, description: str, **fields: Any) -> None:
@@ -82,6 +85,8 @@ class Reporter:
     def close(self) -> None:
         if self.display:
             self.display.close()
+        if self.trackers is not None:
+            self.trackers.close()
         self.file.close()
 
 

@@ -33,6 +33,7 @@ STALE_S = 90
 # What each kind of run writes; --overwrite removes these names and nothing else.
 OURS = {
     "output": ["events.jsonl", "config.yaml", "loss.png", "lora.safetensors", "lora-kohya.safetensors", "model-card.md",
+               "lora-ema.safetensors", "tensorboard", "wandb",
                "lora-step-*.safetensors", "best.safetensors", "checkpoints/step-*", "checkpoints/.step-*.tmp",
                "samples/step-*.png", FAILURES],
     "cache": ["events.jsonl", "config.yaml", "settings.json", "manifest.json", "captions.jsonl", "samples.pt",

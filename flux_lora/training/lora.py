@@ -185,14 +185,18 @@ def verify_saved(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> Non
         raise RuntimeError(f"self-check failed: rank/alpha metadata was not stored in {path}")
 
 
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def export_lora(path: Path, model: torch.nn.Module, export_format: str = "diffusers",
-                family: Family = FLUX1) -> Path | None:
-    """Write the LoRA (diffusers format) on rank 0, check it round-trips, and optionally write the
-    kohya/ComfyUI version beside it. Every rank calls it; other ranks return None."""
+                family: Family = FLUX1, save_dtype: str = "bf16") -> Path | None:
+    """Write the LoRA (diffusers format, in save_dtype) on rank 0, check it round-trips, and
+    optionally write the kohya/ComfyUI version beside it. Every rank calls it; other ranks return
+    None. Only the exported file is rounded: training and checkpoints stay fp32."""
     if export_format == "kohya" and not family.kohya_export:
         raise FluxLoraError(f"output.export_format=kohya covers FLUX.1 and Kontext, not {family.title}; "
                             "use diffusers (ComfyUI reads that file through its diffusers key mapping)")
-    sd = lora_state_dict(model)
+    sd = {k: v.to(SAVE_DTYPES[save_dtype]) for k, v in lora_state_dict(model).items()}
     meta = adapter_metadata(model)
     written = save_lora(path, sd, meta, family)
     if written is None:

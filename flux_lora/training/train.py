@@ -25,7 +25,7 @@ from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
 from flux_lora.models import families, fingerprint, loading
 from flux_lora.models.families.base import Family
-from flux_lora.outputs import files, model_card
+from flux_lora.outputs import files, model_card, trackers
 from flux_lora.outputs.events import NullReporter, Reporter, holding
 from flux_lora.outputs.plot import write_loss_plot
 from flux_lora.outputs.previews import Previewer
@@ -81,6 +81,7 @@ def _train(cfg: Config, di: session.DistInfo, out: Path, reporter) -> dict:
     resume_from, notes = session.main_then_share(lambda: choose_resume(cfg, out))
     for note in notes:
         reporter.warning(note)
+    open_trackers(cfg, out, reporter)
     stop = checkpoint.StopFlag().install()
     current = None
     try:
@@ -412,6 +413,22 @@ def resume(path: str, trainee: Trainee, current_settings: dict) -> RunState:
                     best=validation.Best.from_state(saved["state"].get("validation")))
 
 
+def open_trackers(cfg: Config, out: Path, reporter) -> None:
+    """output.log_to's trackers, on the rank that writes the events; one that cannot start (its
+    package missing, wandb not logged in) stops every rank with its one line."""
+    failure = None
+    if cfg.output.log_to and isinstance(reporter, Reporter):
+        try:
+            reporter.trackers = trackers.open_trackers(cfg.output.log_to, out, cfg.output.wandb_project)
+        except ConfigError as e:
+            failure = str(e)
+        except Exception as e:  # noqa: BLE001 - a tracker library's own failure, told to every rank
+            failure = f"output.log_to: {type(e).__name__}: {e}"
+    failure = session.broadcast_object(failure)
+    if failure:
+        raise _collective(ConfigError(failure))
+
+
 def shared_outcome(write, what: str):
     """Run a write that every rank calls and rank 0 performs; a failure on rank 0 (a full disk, a
     permission) becomes every rank's error, naming the file, instead of rank 0 dying alone."""
@@ -431,7 +448,7 @@ def shared_outcome(write, what: str):
 def export_everywhere(current: Run, path: Path) -> None:
     with optim.averaged_weights(current.trainee.opt):
         shared_outcome(lambda: lora.export_lora(path, current.trainee.model, current.cfg.output.export_format,
-                                                current.family), str(path))
+                                                current.family, current.cfg.output.save_dtype), str(path))
 
 
 def save_state(current: Run) -> None:
