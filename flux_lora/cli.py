@@ -255,7 +255,7 @@ def export(
 @app.command()
 def watch(
     run_dir: Annotated[Path, typer.Argument(help="training output dir or preprocess cache dir (holds events.jsonl)")],
-    serve: Annotated[Optional[str], typer.Option(help="HOST:PORT (e.g. 127.0.0.1:8765; :8765 binds to 127.0.0.1, never to all interfaces unless you name 0.0.0.0): serve the run's events as Server-Sent Events and its state as JSON, only those, to this machine's browser or an SSH tunnel")] = None,
+    serve: Annotated[Optional[str], typer.Option(help="HOST:PORT (e.g. 127.0.0.1:8765; :8765 binds to 127.0.0.1, never to all interfaces unless you name 0.0.0.0): serve a live dashboard page at / (progress, loss chart, previews; works offline, opened mid-run or after it, or through an SSH tunnel), the events as Server-Sent Events at /events and the state as JSON at /state; only the run's events and preview images are served")] = None,
     timeout: Annotated[float, typer.Option(help="give up after this many seconds without a done/error event (0 = never)")] = 0,
     debug: DebugOpt = False,
 ) -> None:

@@ -24,7 +24,8 @@ from flux_lora.training import sharding
 COMMON = ["--steps", "8", "--lr", "1e-2", "--checkpoint-every", "3", "--validation-split", "0.25",
           "--sample-every", "3", "--set", "train.keep_checkpoints=5",
           # per-sample and per-step state that must survive sharding, rank counts and resumes
-          "--set", "train.caption_dropout=0.3", "--set", "train.ema_decay=0.9"]
+          "--set", "train.caption_dropout=0.3", "--set", "train.ema_decay=0.9",
+          "--save-dtype", "fp32"]  # the files are compared to 1e-5: bf16's rounding would be the gap
 # auto, on the CPU, with a 1 KiB "GPU": DDP cannot fit, so auto shards
 AUTO_SHARDS = ["--sharding", "auto", "--set", "dist.gpu_memory_gib=0.000001"]
 

@@ -33,7 +33,7 @@ data: {{source: {images}, cache_dir: {tmp_path / 'cache'}, resolution: 64, max_s
 preprocess: {{num_workers: 0}}
 lora: {{rank: 4}}
 train: {{steps: {steps}, batch_size: 1, lr: 1.0e-2, checkpoint_every: 3}}
-output: {{dir: {tmp_path / 'out'}}}
+output: {{dir: {tmp_path / 'out'}, save_dtype: fp32}}  # compared to ~1e-6
 """)
     return cfg
 

@@ -1,8 +1,12 @@
 """`flux_lora watch DIR`: follow a run's events.jsonl from anywhere that can read it, and
-`--serve HOST:PORT`: the same stream over HTTP as Server-Sent Events.
+`--serve HOST:PORT`: the same stream over HTTP, with a dashboard page.
 
-    GET /events   text/event-stream: every event so far, then live ones; ends after done/error
-    GET /state    the latest state as JSON (last progress, last event, finished or not)
+    GET /              the dashboard (dashboard.html): progress, ETA, samples/s, loss and validation
+                       chart, latest previews, checkpoints, warnings, result; live from /events
+    GET /events        text/event-stream: every event so far, then live ones; ends after done/error;
+                       a reconnect with Last-Event-ID gets only the events after it
+    GET /state         the latest state as JSON (last progress, last event, finished or not)
+    GET /samples/NAME  a preview image of the run (its samples/ folder; nothing else is served)
 
 Works before the run starts (waits for the file) and after it ended (replays, then exits).
 Exit codes: 0 after `done`, the run's own code after `error` (1 crash, 2 bad input, 4 diverged,
@@ -14,6 +18,7 @@ browser cannot read the run's config and events through it.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -26,6 +31,12 @@ from flux_lora.outputs.run_dir import lock_state
 
 TERMINAL = {"done": 0, "error": 1, "stopped": 3}
 POLL_S = 0.2
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+_IMAGE_NAME = re.compile(r"^[\w.-]+\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
+_IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
+# the page may talk to this server only: no outside scripts, styles, images or connections
+_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self'; "
+                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def events_path(run_dir: Path) -> Path:
@@ -176,21 +187,43 @@ class _Handler(BaseHTTPRequestHandler):
         return host in ("localhost", "127.0.0.1", "::1", bound.lower())
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        route = self.path.split("?", 1)[0]
         if not self._host_allowed():
             self._send(403, "text/plain", b"flux_lora watch answers requests to localhost or its bound address only\n")
-        elif self.path.startswith("/events"):
+        elif route == "/events":
             self._stream()
-        elif self.path.startswith("/state"):
+        elif route == "/state":
             self._state()
+        elif route in ("/", "/index.html"):
+            self._send(200, "text/html; charset=utf-8", DASHBOARD.read_bytes(),
+                       {"Content-Security-Policy": _PAGE_POLICY, "Cache-Control": "no-cache"})
+        elif route.startswith("/samples/"):
+            self._sample(route.removeprefix("/samples/"))
         else:
-            self._send(200, "text/plain", b"flux_lora watch: GET /events (Server-Sent Events) or /state (JSON)\n")
+            self._send(404, "text/plain", b"flux_lora watch: GET / (dashboard), /events (Server-Sent Events), "
+                                          b"/state (JSON) or /samples/NAME (a preview image)\n")
 
-    def _send(self, code: int, ctype: str, body: bytes) -> None:
+    def _send(self, code: int, ctype: str, body: bytes, headers: dict | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def _sample(self, name: str) -> None:
+        """One image of the run's samples/ folder, by plain file name: no paths, no links out of it."""
+        from urllib.parse import unquote
+
+        name = unquote(name)
+        folder = self.path_to_events.parent / "samples"
+        path = folder / name
+        if not _IMAGE_NAME.match(name) or not path.is_file() or path.resolve().parent != folder.resolve():
+            self._send(404, "text/plain", b"no such preview image\n")
+            return
+        self._send(200, _IMAGE_TYPES[path.suffix.lower().lstrip(".")], path.read_bytes(), {"Cache-Control": "no-cache"})
 
     def _state(self) -> None:
         events = []
@@ -211,7 +244,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
         seen: list[dict] = []
+        last_id = self.headers.get("Last-Event-ID", "")
+        already_sent = int(last_id) if last_id.isdigit() else 0  # a browser's reconnect: only what is new
         try:
+            self.wfile.write(b"retry: 2000\n\n")
             for ev in follow(self.path_to_events, stop=self.stop_event):
                 if ev is None:
                     if finished(seen) is not None:
@@ -220,6 +256,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
                     continue
                 seen.append(ev)
+                if len(seen) <= already_sent:
+                    continue
                 msg = f"id: {len(seen)}\nevent: {ev.get('event')}\ndata: {json.dumps(ev)}\n\n"
                 self.wfile.write(msg.encode())
                 self.wfile.flush()
@@ -236,8 +274,8 @@ def serve_events(run_dir: Path, address: str, timeout: float = 0) -> int:
     handler = type("Handler", (_Handler,), {"path_to_events": events_path(run_dir), "stop_event": threading.Event()})
     server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler)
     server.daemon_threads = True
-    print(f"serving {handler.path_to_events} on http://{host or '127.0.0.1'}:{server.server_address[1]}/events",
-          file=sys.stderr, flush=True)
+    where = f"http://{host or '127.0.0.1'}:{server.server_address[1]}"
+    print(f"serving {handler.path_to_events}: dashboard {where}/  events {where}/events", file=sys.stderr, flush=True)
     try:
         if timeout:
             threading.Timer(timeout, server.shutdown).start()
