@@ -152,6 +152,7 @@ def preprocess(
 @app.command()
 def train(
     model: ModelOpt = None,
+    model_transformer: Annotated[Optional[str], typer.Option(help="the transformer's weights from this single .safetensors (BFL or ComfyUI layout, bf16 or fp8); the rest from --model")] = None,
     cache_dir: CacheOpt = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="output directory")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
@@ -192,7 +193,8 @@ def train(
     debug: DebugOpt = False,
 ) -> None:
     """Stage 2: train a LoRA on the cached shards with DDP or FSDP2; rank 0 writes OUTPUT/lora.safetensors."""
-    flags = {"model.path": model, "data.cache_dir": cache_dir, "output.dir": output, "train.steps": steps,
+    flags = {"model.path": model, "model.transformer_file": model_transformer, "data.cache_dir": cache_dir,
+             "output.dir": output, "train.steps": steps,
              "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.lr": lr, "train.seed": seed,
              "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.init": init_lora, "lora.kind": lora_kind, "lora.targets": targets, "train.guidance": guidance,
              "train.timestep_sampling": timestep_sampling, "train.save_every": save_every,
@@ -219,6 +221,7 @@ def sample(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt (repeatable)")],
     out: Annotated[Path, typer.Option("--out", help="PNG to write (a grid for several prompts)")],
     lora: Annotated[Optional[Path], typer.Option(help="LoRA .safetensors to apply")] = None,
+    model_transformer: Annotated[Optional[str], typer.Option(help="the transformer's weights from this single .safetensors (BFL or ComfyUI layout, bf16 or fp8); the rest from --model")] = None,
     seed: int = 0,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 28,
     guidance: Annotated[Optional[float], typer.Option(help="guidance scale (default: the pipeline's, 3.5 FLUX.1, 2.5 Kontext, 4 FLUX.2)")] = None,
@@ -231,7 +234,8 @@ def sample(
     def go():
         from flux_lora.outputs.previews import sample_command
 
-        sample_command(model, lora, prompt, out, seed, steps, guidance, size, max_sequence_length, image)
+        sample_command(model, lora, prompt, out, seed, steps, guidance, size, max_sequence_length, image,
+                       model_transformer or "")
         print(f"wrote {out}", file=sys.stderr)
     guarded(go, debug)
 

@@ -49,6 +49,7 @@ class ModelConfig:
     dtype: str = doc("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     attention: str = doc("auto", "attention kernels: auto (cuDNN's fused attention through flux_lora's own op on Hopper GPUs, else flash), cudnn, flash, efficient, math, or default (torch's choice)")
     revision: str = doc("", "hub revision (branch, tag or commit) when path is a hub id")
+    transformer_file: str = doc("", "the transformer from this single .safetensors file instead of path's transformer/ (BFL or ComfyUI layout, bf16 or fp8 e4m3 incl. ComfyUI's scaled fp8, or diffusers layout); the VAE, text encoders and the transformer's config still come from path")
 
     def __post_init__(self) -> None:
         check_ranges("model", self)

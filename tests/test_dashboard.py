@@ -5,7 +5,6 @@ result, and the server hands out nothing but the page, the events and the run's 
     pytest -q tests/test_dashboard.py      (needs Debian's chromium and chromium-driver)
 """
 
-import json
 import socket
 import subprocess
 import sys

@@ -32,13 +32,7 @@ def _config_dict(model: str, subfolder: str, revision: str) -> dict:
 def _weights_sample(folder: Path) -> list:
     """Size and a hash of 1 MiB from the middle of each weight file: tells two random-weight models
     with the same config apart without reading gigabytes."""
-    out = []
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            fh.seek(max(0, size // 2 - 2**19))
-            out.append([f.name, size, hashlib.sha256(fh.read(2**20)).hexdigest()[:16]])
-    return out
+    return [_file_sample(f) for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))]
 
 
 def family(model: str, revision: str = "") -> str:
@@ -73,13 +67,28 @@ def _pipeline_of_transformer(config: dict) -> str:
     return {"FluxTransformer2DModel": "FluxPipeline"}.get(name, name)
 
 
-def transformer_identity(model: str, revision: str = "") -> str:
+def _file_sample(path: Path) -> list:
+    """Size and a hash of 1 MiB from the middle of one weight file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size // 2 - 2**19))
+        return [path.name, size, hashlib.sha256(fh.read(2**20)).hexdigest()[:16]]
+
+
+def transformer_identity(model: str, revision: str = "", transformer_file: str = "") -> str:
     """What a checkpoint's LoRA was trained on: the pipeline family, the transformer's config and
-    a sample of its weights (or, from the hub, the commit). A resume onto another base is refused."""
+    a sample of its weights (or, from the hub, the commit; or the single file of
+    --model-transformer). A resume onto another base is refused."""
     if synthetic.is_synthetic(model):
         return hashlib.sha256(model.encode()).hexdigest()[:32]
     parts = {"family": family(model, revision), "transformer": _config_dict(model, "transformer", revision)}
-    if Path(model, "transformer").is_dir():
+    if transformer_file:
+        if not Path(transformer_file).is_file():
+            from flux_lora.errors import ModelError
+
+            raise ModelError(f"--model-transformer {transformer_file}: no such file; pass a .safetensors file of a FLUX transformer")
+        parts["weights"] = [_file_sample(Path(transformer_file))]
+    elif Path(model, "transformer").is_dir():
         parts["weights"] = _weights_sample(Path(model, "transformer"))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -101,9 +101,11 @@ def check_sample_options(size: int, steps: int, guidance: float, max_sequence_le
 
 
 def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path, seed: int, steps: int,
-                   guidance: float | None, size: int, max_sequence_length: int, image: Path | None = None) -> Path:
+                   guidance: float | None, size: int, max_sequence_length: int, image: Path | None = None,
+                   transformer_file: str = "") -> Path:
     """`flux_lora sample`: the family's pipeline from_pretrained + load_lora_weights, one image per
-    prompt; `image` is the control (input) image of an editing model (required for Kontext)."""
+    prompt; `image` is the control (input) image of an editing model (required for Kontext);
+    `transformer_file` (--model-transformer) replaces the pipeline's transformer weights."""
     from flux_lora.errors import ConfigError, FluxLoraError
 
     check_sample_options(size, steps, 0.0 if guidance is None else guidance, max_sequence_length)  # before loading
@@ -113,8 +115,9 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
     control = _control_image(image, family)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = loading.resolve_dtype("auto", device)
+    replaced = {"transformer": family.load_transformer(model, dtype, file=transformer_file)} if transformer_file else {}
     with loading.load_errors(model, "the pipeline"):
-        pipe = family.diffusers_class(family.pipeline_class).from_pretrained(model, dtype=dtype).to(device)
+        pipe = family.diffusers_class(family.pipeline_class).from_pretrained(model, dtype=dtype, **replaced).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         if not Path(lora).is_file():

@@ -69,7 +69,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         stage = di.device if synthetic_model else torch.device("cpu")
     else:
         stage = quantize.load_device(cfg.train, di.device, dtype, synthetic_model)
-    transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage)
+    transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage, cfg.model.transformer_file)
     attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets, family.lora_presets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")

@@ -141,7 +141,8 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "train.validation_timesteps": train_cfg.validation_timesteps,
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
            "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in manifest["shards"]),
-           "model (family, transformer config and weights)": fingerprint.transformer_identity(cfg.model.path, cfg.model.revision)}
+           "model (family, transformer config and weights)": fingerprint.transformer_identity(cfg.model.path, cfg.model.revision,
+                                                                                                     cfg.model.transformer_file)}
     if train_cfg.schedule != "constant":
         out["train.steps"] = train_cfg.steps
     if train_cfg.optimizer != "adamw":  # checkpoints from before the choice existed were AdamW's

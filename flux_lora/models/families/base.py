@@ -40,7 +40,15 @@ class Family:
 
     # ------------------------------------------------------------ loading
 
-    def load_transformer(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
+    def load_transformer(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None,
+                         file: str = ""):
+        """from_pretrained of model's transformer/, or with `file` (--model-transformer) its weights
+        from that one .safetensors (models/single_file.py), or random weights for random:NAME."""
+        if file:
+            from flux_lora.models import single_file
+
+            check_model_path(model)
+            return single_file.load(self, file, model, revision, dtype, device)
         if synthetic.is_synthetic(model):
             return synthetic.build(self.diffusers_class(self.transformer_class), self.synthetic[model], dtype,
                                    device or torch.device("cpu"))
