@@ -194,18 +194,17 @@ def train(
 ) -> None:
     """Stage 2: train a LoRA on the cached shards with DDP or FSDP2; rank 0 writes OUTPUT/lora.safetensors."""
     flags = {"model.path": model, "model.transformer_file": model_transformer, "data.cache_dir": cache_dir,
-             "output.dir": output, "train.steps": steps,
-             "train.batch_size": batch_size, "train.grad_accum": grad_accum, "train.lr": lr, "train.seed": seed,
-             "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.init": init_lora, "lora.kind": lora_kind, "lora.targets": targets, "train.guidance": guidance,
+             "output.dir": output, "train.steps": steps, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+             "train.lr": lr, "train.seed": seed, "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.init": init_lora,
+             "lora.kind": lora_kind, "lora.targets": targets, "train.guidance": guidance,
              "train.timestep_sampling": timestep_sampling, "train.save_every": save_every,
              "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
-             "train.validation_split": validation_split,
-             "train.optimizer": optimizer, "train.schedule": schedule, "train.warmup_steps": warmup_steps,
-             "train.caption_dropout": caption_dropout, "train.preservation_weight": preservation_weight, "train.ema_decay": ema_decay,
+             "train.validation_split": validation_split, "train.optimizer": optimizer, "train.schedule": schedule,
+             "train.warmup_steps": warmup_steps, "train.caption_dropout": caption_dropout,
+             "train.preservation_weight": preservation_weight, "train.ema_decay": ema_decay,
              "train.memory_mode": memory_mode, "train.compile": compile_, "dist.sharding": sharding,
-             "output.export_format": export_format, "output.save_dtype": save_dtype,
-             "output.push_to_hub": push_to_hub, "output.log_to": log_to,
-             "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
+             "output.export_format": export_format, "output.save_dtype": save_dtype, "output.push_to_hub": push_to_hub,
+             "output.log_to": log_to, "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
              "output.json": json_events}
 
     def go():
