@@ -149,6 +149,23 @@ def preprocess(
     guarded(go, debug)
 
 
+TRAIN_FLAGS = {  # train's options -> config keys
+    "model": "model.path", "model_transformer": "model.transformer_file", "cache_dir": "data.cache_dir",
+    "output": "output.dir", "steps": "train.steps", "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum", "lr": "train.lr", "seed": "train.seed", "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha", "init_lora": "lora.init", "lora_kind": "lora.kind", "targets": "lora.targets",
+    "guidance": "train.guidance", "timestep_sampling": "train.timestep_sampling", "save_every": "train.save_every",
+    "checkpoint_every": "train.checkpoint_every", "sample_every": "train.sample_every",
+    "validation_split": "train.validation_split", "optimizer": "train.optimizer", "schedule": "train.schedule",
+    "warmup_steps": "train.warmup_steps", "caption_dropout": "train.caption_dropout",
+    "preservation_weight": "train.preservation_weight", "ema_decay": "train.ema_decay",
+    "memory_mode": "train.memory_mode", "compile_": "train.compile", "sharding": "dist.sharding",
+    "export_format": "output.export_format", "save_dtype": "output.save_dtype", "push_to_hub": "output.push_to_hub",
+    "log_to": "output.log_to", "resume_from": "output.resume_from", "resume": "output.resume",
+    "overwrite": "output.overwrite", "json_events": "output.json",
+}
+
+
 @app.command()
 def train(
     model: ModelOpt = None,
@@ -193,19 +210,8 @@ def train(
     debug: DebugOpt = False,
 ) -> None:
     """Stage 2: train a LoRA on the cached shards with DDP or FSDP2; rank 0 writes OUTPUT/lora.safetensors."""
-    flags = {"model.path": model, "model.transformer_file": model_transformer, "data.cache_dir": cache_dir,
-             "output.dir": output, "train.steps": steps, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
-             "train.lr": lr, "train.seed": seed, "lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.init": init_lora,
-             "lora.kind": lora_kind, "lora.targets": targets, "train.guidance": guidance,
-             "train.timestep_sampling": timestep_sampling, "train.save_every": save_every,
-             "train.checkpoint_every": checkpoint_every, "train.sample_every": sample_every,
-             "train.validation_split": validation_split, "train.optimizer": optimizer, "train.schedule": schedule,
-             "train.warmup_steps": warmup_steps, "train.caption_dropout": caption_dropout,
-             "train.preservation_weight": preservation_weight, "train.ema_decay": ema_decay,
-             "train.memory_mode": memory_mode, "train.compile": compile_, "dist.sharding": sharding,
-             "output.export_format": export_format, "output.save_dtype": save_dtype, "output.push_to_hub": push_to_hub,
-             "output.log_to": log_to, "output.resume_from": resume_from, "output.resume": resume, "output.overwrite": overwrite,
-             "output.json": json_events}
+    given = locals()  # before the comprehension, whose own scope locals() would see on Python 3.11
+    flags = {key: given[name] for name, key in TRAIN_FLAGS.items()}
 
     def go():
         from flux_lora.training import train as stage
