@@ -277,6 +277,48 @@ def watch(
     guarded(go, debug)
 
 
+@app.command()
+def plan(
+    model: ModelOpt = None,
+    cache_dir: CacheOpt = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="samples per GPU per micro-step")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="micro-steps per optimizer step")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="without a cache: the training resolution")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs of the run (default: this machine's)")] = 0,
+    gpu: Annotated[str, typer.Option(help="GPU model for the time estimate, e.g. H100, H200, A100, L40S, RTX 4090 (default: this machine's)")] = "",
+    gpu_memory_gib: Annotated[float, typer.Option(help="memory per GPU in GiB (default: dist.gpu_memory_gib, else this machine's GPU)")] = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="print the predictions as JSON")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Before spending GPU hours: predicted peak memory per GPU, step time, run time and GPU-hours for
+    each memory mode and sharding, from the model's config and the cache's buckets; flags what will not fit."""
+    def go():
+        import dataclasses
+        import json
+
+        import torch
+
+        from flux_lora.training import plan as planner
+
+        cfg = _build(config, {"model.path": model, "data.cache_dir": cache_dir, "train.steps": steps,
+                              "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+                              "data.resolution": resolution}, set_)
+        cuda = torch.cuda.is_available()
+        ranks = gpus or int(os.environ.get("WORLD_SIZE", 0)) or (torch.cuda.device_count() if cuda else 1)
+        name = gpu or (torch.cuda.get_device_name(0) if cuda else "")
+        memory_gib = gpu_memory_gib or cfg.dist.gpu_memory_gib or (
+            torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0)
+        text, predictions = planner.report(cfg, ranks, name, memory_gib)
+        if json_out:
+            print(json.dumps([{**dataclasses.asdict(p), "setting": dataclasses.asdict(p.setting)} for p in predictions]))
+        else:
+            print(text)
+    guarded(go, debug)
+
+
 @app.command("learn-check")
 def learn_check(
     out: Annotated[Path, typer.Option("--out", help="folder for the concept's images, cache, run and report.json")] = Path("runs/learn-check"),

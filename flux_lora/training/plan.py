@@ -12,7 +12,10 @@ planning: other GPUs, models and bucket mixes differ.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from flux_lora.fast import memory
 from flux_lora.training.sharding import PlannedSizes
@@ -25,12 +28,16 @@ DATASHEET_TFLOPS = {"H200": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 989,
                     "A6000": 155, "RTX 4090": 165, "RTX 3090": 71, "A10": 125}
 MATMUL_FRACTION = 0.77
 FP8_GPUS = ("H200", "H100", "GH200", "B200", "L40S", "L4", "RTX 6000 Ada", "RTX 4090", "L40")
-# model FLOPs utilisation of the measured matmul peak, per (memory mode, fp8 compute, sharding,
-# gradient checkpointing), from FLUX.1-dev runs of scripts/bench.py on H100/H200 (bench/results)
+# model FLOPs utilisation of the measured bf16 matmul peak, per (memory mode, fp8 matmuls, sharding,
+# gradient checkpointing), from scripts/bench.py runs of FLUX.1-dev (width 3072) on H100/H200 in
+# bench/results (fp8 mode with fp8 matmuls: FLUX.2 [dev]'s run, scaled to width 3072); fp8 matmuls
+# can pass 1 (their peak is twice bf16's). Wider models fill the GPU better: × sqrt(width / 3072)
+# fits FLUX.2 [klein] 9B (4096) and [dev] (6144) within 30%.
 MFU = {("fast", True, "ddp", False): 0.74, ("fast", False, "ddp", False): 0.60,
        ("fast", True, "ddp", True): 0.50, ("fast", False, "ddp", True): 0.45,
-       ("fp8", False, "ddp", True): 0.30, ("nf4", False, "ddp", True): 0.126,
+       ("fp8", True, "ddp", True): 0.71, ("fp8", False, "ddp", True): 0.30, ("nf4", False, "ddp", True): 0.235,
        ("fast", False, "fsdp", False): 0.46, ("fast", False, "fsdp", True): 0.34}
+FLOP_COUNT_SCALE = 1.04  # the formula counts ~4% less than torch's FlopCounterMode on FLUX.1 and FLUX.2
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,8 @@ def weight_bytes(sizes: PlannedSizes, setting: Setting) -> int:
     """The frozen base on one GPU: bf16, with the blocks' Linear weights in fp8 (fp8 compute, fp8
     mode: 1 byte) or NF4 (~0.56 byte with its scales); sharded under FSDP2 by the caller."""
     blocks_linear = sizes.blocks_linear_params
-    if setting.memory_mode == "nf4":
-        return sizes.weight_bytes - blocks_linear * 2 + int(blocks_linear * 0.5625)
+    if setting.memory_mode == "nf4":  # plus, while a block runs, its weights dequantized to bf16 (up to 3 blocks)
+        return sizes.weight_bytes - blocks_linear * 2 + int(blocks_linear * 0.5625) + 3 * sizes.largest_block_bytes
     if setting.memory_mode == "fp8" or setting.fp8_compute:
         return sizes.weight_bytes - blocks_linear
     return sizes.weight_bytes
@@ -106,7 +113,7 @@ def flops_per_sample(sizes: PlannedSizes, image_tokens: float, text_tokens: int,
     linear = 2 * sizes.params_per_token * tokens
     attention = 4 * tokens**2 * sizes.hidden * sizes.blocks
     forward = linear + attention
-    return forward + linear + 2 * attention + (forward if checkpointing else 0)
+    return FLOP_COUNT_SCALE * (forward + linear + 2 * attention + (forward if checkpointing else 0))
 
 
 def predict(sizes: PlannedSizes, work: Workload, setting: Setting, tflops: float | None,
@@ -114,6 +121,7 @@ def predict(sizes: PlannedSizes, work: Workload, setting: Setting, tflops: float
     samples = work.batch_size * work.grad_accum * work.ranks
     flops = flops_per_sample(sizes, work.mean_image_tokens, work.text_tokens, setting.checkpointing, work.paired)
     mfu = MFU.get((setting.memory_mode, setting.fp8_compute, setting.sharding, setting.checkpointing), 0.4)
+    mfu = min(1.5, mfu * math.sqrt(sizes.hidden / 3072))
     step_s = flops * samples / work.ranks / (tflops * 1e12 * mfu) if tflops else float("nan")
     peak = peak_bytes(sizes, work, setting)
     run_h = step_s * work.steps / 3600
@@ -128,7 +136,7 @@ def settings_to_compare(ranks: int, fp8_gpu: bool) -> list[Setting]:
         out.append(Setting("fast", "ddp", ckpt, fp8_gpu))
         if ranks > 1:
             out.append(Setting("fast", "fsdp", ckpt, False))
-    out += [Setting("fp8", "ddp", True, False), Setting("nf4", "ddp", True, False)]
+    out += [Setting("fp8", "ddp", True, fp8_gpu), Setting("nf4", "ddp", True, False)]
     return out
 
 
@@ -140,8 +148,97 @@ def table(predictions: list[Prediction], chosen: Setting | None = None) -> str:
         s = p.setting
         mode = s.memory_mode + (" (fp8 matmuls)" if s.fp8_compute else "")
         fits = {True: "yes", False: "NO", None: "?"}[p.fits]
-        run = f"{int(p.run_hours)}:{int(p.run_hours * 60) % 60:02d}" if p.run_hours == p.run_hours else "?"
+        timed = p.step_s == p.step_s  # not NaN: the GPU's speed is known
+        run = f"{int(p.run_hours)}:{int(p.run_hours * 60) % 60:02d}" if timed else "?"
         mark = "  <- this run" if chosen == s else ""
-        lines.append(f"{mode:<22}{s.sharding:<10}{'on' if s.checkpointing else 'off':<15}{p.peak_gib:>9.1f}"
-                     f"{p.step_s:>9.3f}{p.samples_per_s:>11.2f}{run:>10}{p.gpu_hours:>8.2f}  {fits}{mark}")
+        gib = f"{p.peak_gib:.1f}" if p.peak_gib >= 1 else f"{p.peak_gib:.3f}"
+        step, rate, hours = (f"{p.step_s:.3f}", f"{p.samples_per_s:.2f}", f"{p.gpu_hours:.2f}") if timed else ("?",) * 3
+        lines.append(f"{mode:<22}{s.sharding:<10}{'on' if s.checkpointing else 'off':<15}{gib:>9}"
+                     f"{step:>9}{rate:>11}{run:>10}{hours:>8}  {fits}{mark}")
     return "\n".join(lines)
+
+
+def workload_of(manifest: dict | None, cfg, ranks: int, paired: bool) -> Workload:
+    """The run's tokens: the cache's buckets (the largest for memory, the items' mean for time),
+    or, without a cache, data.resolution squared and data.max_sequence_length."""
+    t = cfg.train
+    if manifest and manifest.get("items"):
+        cols = manifest.get("items_columns", ["index", "shard", "position", "width", "height"])
+        w, h = cols.index("width"), cols.index("height")
+        tokens = [(row[w] // 16) * (row[h] // 16) for row in manifest["items"]]
+        return Workload(max(tokens), sum(tokens) / len(tokens), int(manifest["max_sequence_length"]), t.batch_size,
+                        t.grad_accum, ranks, t.steps, paired)
+    side = cfg.data.resolution // 16
+    return Workload(side * side, side * side, cfg.data.max_sequence_length, t.batch_size, t.grad_accum, ranks, t.steps,
+                    paired)
+
+
+def setting_of(cfg, sharding_mode: str, fp8_gpu: bool, sizes: PlannedSizes, work: Workload, gpu_bytes: int) -> Setting:
+    """The setting this run's config resolves to (auto choices decided as train decides them)."""
+    t = cfg.train
+    fp8 = t.memory_mode == "fp8" and fp8_gpu or (t.memory_mode == "fast" and sharding_mode == "ddp" and (
+        t.fp8_compute == "on" or (t.fp8_compute == "auto" and fp8_gpu)))
+    ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, t.memory_mode != "fast")
+    if t.gradient_checkpointing == "auto" and t.memory_mode == "fast" and gpu_bytes:
+        ckpt = not predict(sizes, work, Setting("fast", sharding_mode, False, fp8), None, gpu_bytes).fits
+    return Setting(t.memory_mode, sharding_mode, ckpt, fp8)
+
+
+def check_at_start(cfg, device, sizes_of, work: Workload, sharding_mode: str, fp8_gpu: bool) -> str:
+    """train's own check: one warning line when the predicted peak will not fit the GPU ("" when
+    it fits, or no GPU size is known)."""
+    budget = memory.gpu_bytes(device, cfg.dist.gpu_memory_gib)
+    if not budget:
+        return ""
+    sizes = sizes_of()
+    setting = setting_of(cfg, sharding_mode, fp8_gpu, sizes, work, budget)
+    p = predict(sizes, work, setting, None, budget)
+    if p.fits:
+        return ""
+    return (f"plan: this run (memory_mode={setting.memory_mode}, {setting.sharding}, checkpointing "
+            f"{'on' if setting.checkpointing else 'off'}) needs ~{p.peak_gib:.1f} GiB per GPU, the GPU has "
+            f"{budget / GIB:.1f} GiB; it may run out of memory: `flux_lora plan` lists the settings that fit")
+
+
+def report(cfg, gpus: int, gpu_name: str, gpu_memory_gib: float) -> tuple[str, list[Prediction]]:
+    """`flux_lora plan`: the text for people and the predictions (for --json)."""
+    import torch
+
+    from flux_lora.data import cache
+    from flux_lora.models import families
+    from flux_lora.training.sharding import decide, planned_sizes
+
+    family = families.of_model(cfg.model.path, cfg.model.revision)
+    manifest = cache.load_manifest(cfg.data.cache_dir) if cfg.data.cache_dir else None
+    work = workload_of(manifest, cfg, gpus, family.paired)
+    sizes = planned_sizes(family, cfg.model.path, cfg.model.revision, torch.bfloat16, cfg.lora)
+    tflops, budget = gpu_tflops(gpu_name), int(gpu_memory_gib * GIB)
+    fp8_gpu = has_fp8(gpu_name)
+    predictions = [predict(sizes, work, s, tflops, budget) for s in settings_to_compare(gpus, fp8_gpu)]
+    # sharding=auto decided as train decides it, on these GPUs
+    planned = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, gpu_memory_gib=gpu_memory_gib))
+    tokens = work.batch_size * ((2 if work.paired else 1) * work.image_tokens + work.text_tokens)
+    mode = decide(planned, SimpleNamespace(world_size=gpus, device=torch.device("cpu")), lambda: sizes, tokens,
+                  fp8_gpu and cfg.train.fp8_compute != "off").mode
+    chosen = setting_of(cfg, mode, fp8_gpu, sizes, work, budget)
+    if chosen not in [p.setting for p in predictions]:
+        predictions.append(predict(sizes, work, chosen, tflops, budget))
+    source = f"the cache's {len(manifest['items'])} items" if manifest else f"{cfg.data.resolution} px (no cache given)"
+    lines = [f"{family.title}: {sizes.weight_bytes / GIB:.1f} GiB of bf16 weights, LoRA rank {cfg.lora.rank} "
+             f"({sizes.lora_params / 1e6:.1f} M parameters)",
+             f"{gpus} GPU(s) × batch {work.batch_size} × grad accum {work.grad_accum}; {work.steps} steps; tokens per "
+             f"sample: {work.image_tokens} image (largest), {work.text_tokens} text; from {source}",
+             f"GPU: {gpu_name or 'unknown (pass --gpu, e.g. H100)'}"
+             + (f", {gpu_memory_gib:.0f} GiB" if budget else ", memory unknown (pass --gpu-memory-gib)"), "",
+             table(predictions, chosen), ""]
+    mine = next(p for p in predictions if p.setting == chosen)
+    if mine.fits is False:
+        fitting = [p for p in predictions if p.fits]
+        best = max(fitting, key=lambda p: p.samples_per_s if p.samples_per_s == p.samples_per_s else 0, default=None)
+        lines.append(f"this run will NOT fit: ~{mine.peak_gib:.1f} GiB per GPU" + (
+            f"; fastest that fits: memory_mode={best.setting.memory_mode}, sharding={best.setting.sharding}, "
+            f"gradient_checkpointing={'on' if best.setting.checkpointing else 'off'}" if best else
+            "; nothing here fits: more GPUs, a smaller batch or lower resolution"))
+    lines.append("predictions: memory within ~7% and time within ~5% of the H100/H200 runs in bench/results for "
+                 "FLUX.1 (up to ~30% for FLUX.2 [dev] sharded); other GPUs and data differ")
+    return "\n".join(lines), predictions

@@ -31,6 +31,8 @@ class PlannedSizes:
     blocks: int
     hidden: int
     largest_block_bytes: int
+    blocks_linear_params: int = 0  # the blocks' Linear weights (what fp8/NF4 quantize)
+    params_per_token: int = 0  # Linear weights each token passes through (one stream of a double block)
 
 
 def decide(cfg, di: DistInfo, sizes_of, tokens: int, fp8_blocks: bool) -> ShardingChoice:
@@ -86,9 +88,17 @@ def planned_sizes(family: Family, model_path: str, revision: str, dtype: torch.d
     targeted = set(lora.matched_modules(model, lora.target_pattern(lora_cfg.targets, family.lora_presets)))
     lora_params = sum(m.in_features + m.out_features for name, m in model.named_modules() if name in targeted)
     blocks = loading.transformer_blocks(model)
+    linear, per_token = 0, 0
+    for block in blocks:
+        double = block in set(model.transformer_blocks)  # an image and a text stream: a token passes one
+        for name, m in block.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                linear += m.weight.numel()
+                if "norm" not in name:  # modulation: once per sample, not per token
+                    per_token += m.weight.numel() // (2 if double else 1)
     return PlannedSizes(sum(p.numel() for p in model.parameters()) * item, lora_params * lora_cfg.rank, len(blocks),
-                             config["num_attention_heads"] * config["attention_head_dim"],
-                             max(sum(p.numel() for p in b.parameters()) for b in blocks) * item)
+                        config["num_attention_heads"] * config["attention_head_dim"],
+                        max(sum(p.numel() for p in b.parameters()) for b in blocks) * item, linear, per_token)
 
 
 def choose(cfg: Config, di: DistInfo, family: Family, tokens: int) -> ShardingChoice:

@@ -32,7 +32,8 @@ from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
 from flux_lora.parallel.fsdp import is_sharded
-from flux_lora.training import checkpoint, conditioning, faults, lora, optim, sharding, validation
+from flux_lora.fast import quantize
+from flux_lora.training import checkpoint, conditioning, faults, lora, optim, plan, sharding, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
 from flux_lora.training.ema import Ema
 from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
@@ -168,6 +169,13 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     choice = sharding.choose(cfg, di, family, tokens)
     if choice.why:
         reporter.info(choice.why)
+    dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
+    too_big = plan.check_at_start(
+        cfg, di.device, lambda: sharding.planned_sizes(family, cfg.model.path, cfg.model.revision, dtype, cfg.lora),
+        plan.workload_of(manifest, cfg, di.world_size, family.paired), choice.mode,
+        quantize.has_fp8_tensor_cores(di.device))
+    if too_big:
+        reporter.warning(too_big)
     optim.check_choice(cfg.train, di.device, choice.mode == "fsdp" and di.distributed)
     model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
