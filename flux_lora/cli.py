@@ -118,7 +118,8 @@ def preprocess(
     resolution: Annotated[Optional[int], typer.Option(help="target side in pixels (multiple of 16)")] = None,
     square: Annotated[Optional[bool], typer.Option("--square/--buckets", help="center-crop squares instead of aspect buckets")] = None,
     trigger_word: Annotated[Optional[str], typer.Option(help="word prepended to every caption")] = None,
-    captioner: Annotated[Optional[str], typer.Option(help="captioner model id/path for images without .txt, or none")] = None,
+    captioner: Annotated[Optional[str], typer.Option(help="captioner for images without .txt (BLIP, Florence-2, Qwen2.5-VL/Qwen3-VL, LLaVA/JoyCaption: id or path), or none")] = None,
+    caption_prompt: Annotated[Optional[str], typer.Option(help="what the captioner is asked (Florence-2: a task such as <DETAILED_CAPTION>; Qwen-VL, JoyCaption: an instruction)")] = None,
     default_caption: Annotated[Optional[str], typer.Option(help="caption when --captioner none")] = None,
     max_sequence_length: Annotated[Optional[int], typer.Option(help="text tokens per caption (T5 for FLUX.1, Mistral/Qwen3 for FLUX.2)")] = None,
     sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="prompt for train's preview images (repeatable)")] = None,
@@ -136,7 +137,7 @@ def preprocess(
 ) -> None:
     """Stage 1: caption, resize and encode images into CACHE (rank r handles items r, r+N, ...)."""
     flags = {"model.path": model, "data.source": data, "data.cache_dir": cache_dir, "data.resolution": resolution,
-             "data.square": square, "data.trigger_word": trigger_word, "data.captioner": captioner,
+             "data.square": square, "data.trigger_word": trigger_word, "data.captioner": captioner, "data.caption_prompt": caption_prompt,
              "data.default_caption": default_caption, "data.max_sequence_length": max_sequence_length,
              "data.sample_prompts": sample_prompt or None, "preprocess.batch_size": batch_size,
              "preprocess.num_workers": num_workers, "data.strict": strict, "data.caption_lines": caption_lines, "data.class_word": class_word, "preprocess.overwrite": overwrite,

@@ -125,6 +125,8 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
     h.update(f"{d.trigger_word}\0{d.default_caption}\0{d.captioner}".encode())
     if d.caption_lines:
         h.update(b"caption_lines")
+    if d.caption_prompt:  # (only then: older caches keep their identity)
+        h.update(f"prompt:{d.caption_prompt}".encode())
     if d.class_word:
         h.update(f"class:{d.class_word}".encode())
     return h.hexdigest()[:32]

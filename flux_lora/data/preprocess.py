@@ -116,7 +116,7 @@ def caption_missing(cfg: Config, entries: list[tuple[int, SourceImage]], buckets
                              f"{cfg.data.default_caption!r} (captioner is none)")
         return {i: cfg.data.default_caption for i, _ in missing}
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
-    captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code)
+    captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code, prompt=cfg.data.caption_prompt)
     if captioner.random_weights and di.is_main:
         reporter.warning(f"captioner {cfg.data.captioner} has random weights (a test model from make-tiny): the "
                          "captions it writes are gibberish; add .txt captions or pass a real --captioner")

@@ -175,7 +175,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
         plan.workload_of(manifest, cfg, di.world_size, family.paired), choice.mode,
         quantize.has_fp8_tensor_cores(di.device))
     if too_big:
-        reporter.warning(too_big)
+        reporter.info(f"warning: {too_big}")  # now, before the model loads; the event follows the start event
     optim.check_choice(cfg.train, di.device, choice.mode == "fsdp" and di.distributed)
     model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
@@ -200,6 +200,8 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
                    total_steps=train_cfg.steps, start_step=state.step, lora_parameters=n_params,
                    global_batch=sampler.global_batch, cpu_threads=torch.get_num_threads(), resumed_from=resume_from,
                    config=to_dict(cfg))
+    if too_big:
+        reporter.emit("warning", message=too_big)
     if resume_from:
         reporter.info(f"resuming from {resume_from} at step {state.step}")
     return Run(cfg, di, out, reporter, trainee, family, dataset, sampler, inputs, settings, previews, state, train_items,
