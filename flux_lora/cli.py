@@ -113,6 +113,7 @@ def demo_data_cmd(
 @app.command()
 def preprocess(
     model: ModelOpt = None,
+    model_transformer: Annotated[Optional[str], typer.Option(help="a single-file transformer the cache is for (recorded in its fingerprint; train must pass the same)")] = None,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="image folder, .zip, or http(s) URL of a zip (Kontext: targets + control/ images of the same stem, or NAME_control.EXT)")] = None,
     cache_dir: CacheOpt = None,
     resolution: Annotated[Optional[int], typer.Option(help="target side in pixels (multiple of 16)")] = None,
@@ -136,7 +137,7 @@ def preprocess(
     debug: DebugOpt = False,
 ) -> None:
     """Stage 1: caption, resize and encode images into CACHE (rank r handles items r, r+N, ...)."""
-    flags = {"model.path": model, "data.source": data, "data.cache_dir": cache_dir, "data.resolution": resolution,
+    flags = {"model.path": model, "model.transformer_file": model_transformer, "data.source": data, "data.cache_dir": cache_dir, "data.resolution": resolution,
              "data.square": square, "data.trigger_word": trigger_word, "data.captioner": captioner, "data.caption_prompt": caption_prompt,
              "data.default_caption": default_caption, "data.max_sequence_length": max_sequence_length,
              "data.sample_prompts": sample_prompt or None, "preprocess.batch_size": batch_size,

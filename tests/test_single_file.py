@@ -139,3 +139,16 @@ def test_train_on_a_single_file_and_its_identity(tiny_model, cache_dir, tmp_path
     assert (out / "lora.safetensors").is_file()
     proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "3", "--model-transformer", tmp_path / "b.safetensors"))
     assert proc.returncode == 2 and "model (family, transformer config and weights)" in proc.stderr
+
+
+def test_a_cache_built_for_a_file_serves_that_file(tiny_model, images, tmp_path):
+    from conftest import preprocess_args
+
+    bfl = _to_bfl(_reference(tiny_model).state_dict(), {})
+    save_file(bfl, tmp_path / "a.safetensors")
+    save_file({k: v * 1.01 for k, v in bfl.items()}, tmp_path / "b.safetensors")
+    cache = tmp_path / "cache"
+    run_cli(*preprocess_args(tiny_model, images, cache, "--model-transformer", tmp_path / "a.safetensors"), check=True)
+    proc = run_cli(*train_args(tiny_model, cache, tmp_path / "out", "--steps", "1",
+                               "--model-transformer", tmp_path / "b.safetensors"))
+    assert proc.returncode == 2 and "was built for --model-transformer" in proc.stderr and "a.safetensors" in proc.stderr

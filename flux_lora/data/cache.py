@@ -133,8 +133,11 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
 
 
 def cache_settings(cfg: Config, sources: list[SourceImage], world: int, family: str = "flux1") -> dict:
-    return {"model": cfg.model.path, "family": family,
-            "fingerprint": model_fingerprint.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision),
+    # a --model-transformer file is recorded (and in the fingerprint) only when given: older caches keep theirs
+    file = {"transformer_file": cfg.model.transformer_file} if cfg.model.transformer_file else {}
+    return {"model": cfg.model.path, "family": family, **file,
+            "fingerprint": model_fingerprint.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision,
+                                                         cfg.model.transformer_file),
             "resolution": cfg.data.resolution, "square": cfg.data.square,
             "buckets": [list(b) for b in make_buckets(cfg.data.resolution, cfg.data.square)],
             "max_sequence_length": cfg.data.max_sequence_length, "dataset": dataset_identity(cfg, sources),
@@ -142,7 +145,7 @@ def cache_settings(cfg: Config, sources: list[SourceImage], world: int, family: 
 
 
 _LAYOUT_KEYS = ("world_size", "chunk_items")
-_IGNORED_KEYS = ("model", "source_root", "family")  # the fingerprint and dataset identity cover these
+_IGNORED_KEYS = ("model", "source_root", "family", "transformer_file")  # the fingerprint and dataset identity cover these
 
 
 def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
@@ -301,8 +304,15 @@ def open_for_training(cfg: Config, di: session.DistInfo) -> tuple[dict, CachedDa
     if not cfg.data.cache_dir:
         raise CacheError("no cache directory given; pass --cache-dir DIR (written by `flux_lora preprocess`)")
     manifest = load_manifest(cache_dir)
-    fingerprint = model_fingerprint.fingerprint(cfg.model.path, manifest["max_sequence_length"], cfg.model.revision)
+    # a cache built without a transformer file serves any (it holds no transformer output); one
+    # built with a file serves that file only
+    file = cfg.model.transformer_file if manifest.get("transformer_file") else ""
+    fingerprint = model_fingerprint.fingerprint(cfg.model.path, manifest["max_sequence_length"], cfg.model.revision, file)
     if fingerprint != manifest["fingerprint"]:
+        if manifest.get("transformer_file"):
+            raise CacheError(f"cache {cache_dir} was built for --model-transformer {manifest['transformer_file']}, "
+                             f"not {cfg.model.transformer_file or 'the transformer of ' + cfg.model.path}; pass that "
+                             "file, or rerun preprocess with this one")
         raise CacheError(f"cache {cache_dir} was built for model {manifest['model']}, not {cfg.model.path} "
                          "(different VAE/text encoders); rerun preprocess with this --model")
     problems = [p for ps in session.gather_objects(check_shard_files(cache_dir, manifest, di.rank, di.world_size))

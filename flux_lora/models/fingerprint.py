@@ -67,6 +67,14 @@ def _pipeline_of_transformer(config: dict) -> str:
     return {"FluxTransformer2DModel": "FluxPipeline"}.get(name, name)
 
 
+def _existing(transformer_file: str) -> Path:
+    if not Path(transformer_file).is_file():
+        from flux_lora.errors import ModelError
+
+        raise ModelError(f"--model-transformer {transformer_file}: no such file; pass a .safetensors file of a FLUX transformer")
+    return Path(transformer_file)
+
+
 def _file_sample(path: Path) -> list:
     """Size and a hash of 1 MiB from the middle of one weight file."""
     size = path.stat().st_size
@@ -83,20 +91,16 @@ def transformer_identity(model: str, revision: str = "", transformer_file: str =
         return hashlib.sha256(model.encode()).hexdigest()[:32]
     parts = {"family": family(model, revision), "transformer": _config_dict(model, "transformer", revision)}
     if transformer_file:
-        if not Path(transformer_file).is_file():
-            from flux_lora.errors import ModelError
-
-            raise ModelError(f"--model-transformer {transformer_file}: no such file; pass a .safetensors file of a FLUX transformer")
-        parts["weights"] = [_file_sample(Path(transformer_file))]
+        parts["weights"] = [_file_sample(_existing(transformer_file))]
     elif Path(model, "transformer").is_dir():
         parts["weights"] = _weights_sample(Path(model, "transformer"))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def fingerprint(model: str, max_sequence_length: int, revision: str = "") -> str:
+def fingerprint(model: str, max_sequence_length: int, revision: str = "", transformer_file: str = "") -> str:
     """Identity of what the cache depends on: the family, its VAE (incl. normalisation) and text
-    encoders. (FLUX.1's identity leaves the family out: caches built before there were families
-    keep theirs.)"""
+    encoders, and the --model-transformer file when preprocess was given one. (FLUX.1's identity
+    leaves the family out: caches built before there were families keep theirs.)"""
     from flux_lora.models import families
 
     parts = {"max_sequence_length": max_sequence_length}
@@ -105,6 +109,8 @@ def fingerprint(model: str, max_sequence_length: int, revision: str = "") -> str
     fam = families.of_model(model, revision)
     if fam.name != "flux1":
         parts["family"] = fam.name
+    if transformer_file:
+        parts["transformer_file"] = _file_sample(_existing(transformer_file))
     for sub in ("vae", *fam.text_parts):
         parts[sub] = _config_dict(model, sub, revision)
         if Path(model, sub).is_dir():
