@@ -1,0 +1,91 @@
+"""Several datasets in one run (`--data datasets.yaml`, data/datasets.py): the file's checks, each
+dataset's captions options, repeats in the epoch, regularization images weighted in the loss, and
+the manifest recording the sources.   pytest -q tests/test_datasets.py"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY_ARGS, torchrun, train_args
+from flux_lora.data import datasets
+from flux_lora.errors import ConfigError
+
+
+def _yaml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_datasets_file_is_read_and_checked(tmp_path):
+    (tmp_path / "a").mkdir()
+    specs = datasets.load_datasets(_yaml(tmp_path / "d.yaml", """datasets:
+  - path: a
+    trigger_word: sks
+    repeats: 3
+  - {path: /data/class, regularization: true, default_caption: a photo of a person}
+"""))
+    assert specs[0] == datasets.DatasetSpec(str(tmp_path / "a"), "sks", None, 3, False)  # relative to the file
+    assert specs[1].regularization and specs[1].trigger_word is None and specs[1].repeats == 1
+    bad = {"datasets:\n  - {path: a, repeat: 2}": "dataset 1: unknown key 'repeat'",
+           "datasets:\n  - {trigger_word: x}": "dataset 1: no path",
+           "datasets:\n  - {path: a, repeats: 0}": "repeats=0 must be a whole number >= 1",
+           "datasets:\n  - {path: a, regularization: true}": "every dataset is regularization",
+           "datasets: []": "lists no datasets", "sets:\n  - a": "unknown top-level key 'sets'",
+           "datasets:\n  - {path: a, regularization: maybe}": "regularization must be true or false"}
+    for text, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            datasets.load_datasets(_yaml(tmp_path / "bad.yaml", text))
+    with pytest.raises(ConfigError, match="does not exist"):
+        datasets.load_datasets(str(tmp_path / "missing.yaml"))
+
+
+def test_repeats_expand_an_epoch():
+    manifest = [{"first": 0, "count": 2, "repeats": 3}, {"first": 2, "count": 2, "repeats": 1}]
+    assert datasets.repeated([0, 1, 2, 3], [0, 1, 2, 3], manifest) == [0, 0, 0, 1, 1, 1, 2, 3]
+    assert datasets.repeated([0, 1], [3, 1], manifest) == [0, 1, 1, 1]  # positions follow their item's dataset
+    assert datasets.repeated([0, 1], [0, 1], None) == [0, 1]
+
+
+def test_sample_weights_scale_each_samples_loss():
+    from flux_lora.training import flow
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 8, 4, generator=g), torch.randn(3, 8, 4, generator=g)
+    weights = torch.tensor([1.0, 0.5, 0.0])
+    per_sample = (pred - target).pow(2).mean(dim=(1, 2))
+    assert torch.allclose(flow.flow_loss(pred, target, sample_weight=weights), (weights * per_sample).mean())
+    mask = torch.rand(3, 8, 4, generator=g)
+    masked = ((pred - target).pow(2) * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+    assert torch.allclose(flow.flow_loss(pred, target, mask, weights), (weights * masked).mean())
+    assert torch.equal(flow.flow_loss(pred, target, sample_weight=torch.ones(3)), flow.flow_loss(pred, target))
+
+
+def test_two_datasets_one_cache_then_train(tiny_model, images, tmp_path):
+    concept, regular = tmp_path / "concept", tmp_path / "class"
+    concept.mkdir()
+    regular.mkdir()
+    files = sorted(p for p in images.iterdir() if p.suffix != ".txt")
+    for p in files[:5]:
+        shutil.copy(p, concept / p.name)
+    for p in files[5:]:
+        shutil.copy(p, regular / p.name)
+    spec = _yaml(tmp_path / "data.yaml", f"""datasets:
+  - {{path: concept, trigger_word: zzt, repeats: 2, default_caption: a shape}}
+  - {{path: {regular}, regularization: true, default_caption: a photo of a shape}}
+""")
+    cache = tmp_path / "cache"
+    torchrun(2, "preprocess", "--model", tiny_model, "--data", spec, "--cache-dir", cache, *TINY_ARGS,
+             "--captioner", "none", "--trigger-word", "sks")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert [(d["first"], d["count"], d["repeats"], d["regularization"]) for d in manifest["datasets"]] == \
+        [(0, 5, 2, False), (5, 3, 1, True)]
+    captions = [json.loads(line) for line in (cache / "captions.jsonl").read_text().splitlines()]
+    assert [c["caption"] for c in captions] == ["zzt, a shape"] * 5 + ["sks, a photo of a shape"] * 3
+    assert captions[0]["source"].startswith("0/") and captions[-1]["source"].startswith("1/")
+
+    out = tmp_path / "out"
+    torchrun(2, *train_args(tiny_model, cache, out, "--steps", "3", "--set", "train.prior_loss_weight=0.5"))
+    start = json.loads((out / "events.jsonl").read_text().splitlines()[0])
+    assert start["dataset_size"] == 5 * 2 + 3  # an epoch: the concept twice, the class images once
