@@ -59,7 +59,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = doc("", "images: a folder, a .zip file or an http(s) URL of a zip")
+    source: str = doc("", "images: a folder, a .zip file, an http(s) URL of a zip, or a datasets .yaml listing several (each with its trigger word, default caption, repeats, regularization: flux_lora/data/datasets.py)")
     cache_dir: str = doc("", "cache directory written by preprocess and read by train")
     resolution: int = doc(512, "target side in pixels (multiple of 16); buckets keep about resolution² pixels", low=16)
     square: bool = doc(False, "center-crop every image to resolution×resolution instead of aspect buckets")
@@ -136,6 +136,7 @@ class TrainConfig:
     logit_std: float = doc(1.0, "std of the logit-normal timestep distribution", low=0, open_low=True)
     masked_loss: bool = doc(True, "weight the loss by the cache's masks where it has them (data.masks); false: learn every pixel")
     preservation_weight: float = doc(0.0, "differential output preservation (ai-toolkit's DOP): also train the LoRA's prediction on each caption with the trigger replaced by data.class_word to stay the base model's, weighted by this (e.g. 1.0; 0 = off); one more forward and backward per step", low=0)
+    prior_loss_weight: float = doc(1.0, "weight of a regularization image's loss (a datasets file's regularization: true dataset; DreamBooth's prior loss weight)", low=0)
     caption_dropout: float = doc(0.0, "probability that a sample trains on the empty caption instead of its own (kohya's caption_dropout_rate): the LoRA then also works without the trigger word, and classifier-free guidance keeps working", low=0, high=0.99)
     ema_decay: float = doc(0.0, "keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; 0 = off), saved in checkpoints and written as OUTPUT/lora-ema.safetensors", low=0, high=0.99999)
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")

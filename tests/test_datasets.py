@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_ARGS, torchrun, train_args
+from conftest import TINY_ARGS, run_cli, torchrun, train_args
 from flux_lora.data import datasets
 from flux_lora.errors import ConfigError
 
@@ -82,10 +82,52 @@ def test_two_datasets_one_cache_then_train(tiny_model, images, tmp_path):
     assert [(d["first"], d["count"], d["repeats"], d["regularization"]) for d in manifest["datasets"]] == \
         [(0, 5, 2, False), (5, 3, 1, True)]
     captions = [json.loads(line) for line in (cache / "captions.jsonl").read_text().splitlines()]
-    assert [c["caption"] for c in captions] == ["zzt, a shape"] * 5 + ["sks, a photo of a shape"] * 3
+    assert [c["caption"] for c in captions] == ["zzt, a shape"] * 5 + ["a photo of a shape"] * 3
     assert captions[0]["source"].startswith("0/") and captions[-1]["source"].startswith("1/")
+
+    missing = _yaml(tmp_path / "missing.yaml", "datasets:\n  - concept\n  - {path: nowhere, regularization: true}\n")
+    proc = run_cli("preprocess", "--model", tiny_model, "--data", missing, "--cache-dir", tmp_path / "c2", *TINY_ARGS,
+                   "--captioner", "none")
+    assert proc.returncode == 2 and "missing.yaml, regularization dataset 2: data source" in proc.stderr
 
     out = tmp_path / "out"
     torchrun(2, *train_args(tiny_model, cache, out, "--steps", "3", "--set", "train.prior_loss_weight=0.5"))
     start = json.loads((out / "events.jsonl").read_text().splitlines()[0])
     assert start["dataset_size"] == 5 * 2 + 3  # an epoch: the concept twice, the class images once
+
+
+def test_metadata_jsonl_captions(tmp_path):
+    """Hugging Face's imagefolder metadata.jsonl: one caption ("text"/"caption") or several (a list);
+    a .txt beside the image wins; a broken line is one error naming it."""
+    from PIL import Image
+
+    from flux_lora.data.sources import discover
+    from flux_lora.errors import DataError
+
+    for name in ("a.png", "b.png", "sub/c.png", "d.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "d.txt").write_text("from the sidecar")
+    rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "sub/c.png", "captions": ["one", " two "]},
+            {"file_name": "d.png", "caption": "ignored: d.txt wins"}, {"file_name": "gone.png", "text": "no image"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    found = {s.name: (s.caption, s.several_captions) for s in discover(tmp_path)}
+    assert found == {"a.png": ("a red square", False), "b.png": (None, False), "sub/c.png": ("one\ntwo", True),
+                     "d.png": ("from the sidecar", False)}
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file_name": "b.png"}\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl line 2 is not a JSON object with a file_name and a text"):
+        discover(tmp_path)
+
+
+def test_a_jsonl_list_becomes_several_captions_each_with_its_datasets_trigger():
+    from pathlib import Path
+
+    from flux_lora.config import build_config
+    from flux_lora.data.preprocess import final_captions
+    from flux_lora.data.sources import SourceImage
+
+    cfg = build_config(flags={"data.trigger_word": "sks", "data.default_caption": "a thing"})
+    entries = [(0, SourceImage(Path("a.png"), "0/a.png", "one\ntwo", several_captions=True)),
+               (1, SourceImage(Path("b.png"), "1/b.png", None, trigger_word="", default_caption="a person")),
+               (2, SourceImage(Path("c.png"), "0/c.png", "red\nblue"))]
+    assert final_captions(cfg, entries, {}) == {0: ["sks, one", "sks, two"], 1: ["a person"], 2: ["sks, red\nblue"]}

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from flux_lora.config import Config, to_yaml
+from flux_lora.data.datasets import dataset_of
 from flux_lora.data.images import make_buckets
 from flux_lora.data.sources import SourceImage
 from flux_lora.errors import CacheError, DataError
@@ -119,6 +120,8 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
         h.update(f"{s.name}\0{s.caption}\0".encode())
         if s.control is not None:
             h.update(f"{s.control.name}\0".encode())
+        if s.several_captions:  # a metadata.jsonl list (only then: older caches keep their identity)
+            h.update(b"several\0")
         if s.mask is not None or s.mask_from_alpha:  # (only then: older caches keep their identity)
             h.update(f"mask:{s.mask.name if s.mask else 'alpha'}\0".encode())
     d = cfg.data
@@ -253,6 +256,7 @@ class CachedDataset:
         self.dir = Path(cache_dir) / "shards"
         self.files = [s["file"] for s in manifest["shards"]]
         self.items = [CacheItem(r[0], r[1], r[2], (r[3], r[4])) for r in manifest["items"]]
+        self.datasets = manifest.get("datasets")  # a datasets file's: each item's dataset goes into its batch
         self._open: dict[int, dict] = {}
 
     def __len__(self) -> int:
@@ -277,6 +281,8 @@ class CachedDataset:
             choices = shard["text_ids"][item.position]
             text = int(choices[pick % len(choices)])
         out = {"latents": shard["latents"][item.position], "index": item.index, "bucket": item.bucket}
+        if self.datasets:
+            out["dataset"] = torch.tensor(dataset_of(self.datasets, item.index))
         out.update({key: shard[key][text] for key in shard.get("text_keys", ("t5", "clip"))})
         if "control" in shard:
             out["control"] = shard["control"][item.position]

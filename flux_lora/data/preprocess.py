@@ -11,6 +11,7 @@ all ranks are done. A rerun skips chunks that are already complete and valid.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from flux_lora.config import Config
-from flux_lora.data import cache
+from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
 from flux_lora.data.images import load_mask, load_rgb, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
@@ -113,8 +114,8 @@ def caption_missing(cfg: Config, entries: list[tuple[int, SourceImage]], buckets
     if cfg.data.captioner.lower() == "none":
         if di.is_main:
             reporter.warning(f"{len(missing)} image(s) on rank 0 have no .txt caption; using the default caption "
-                             f"{cfg.data.default_caption!r} (captioner is none)")
-        return {i: cfg.data.default_caption for i, _ in missing}
+                             f"{default_caption(cfg, missing[0][1])!r} (captioner is none)")
+        return {i: default_caption(cfg, s) for i, s in missing}
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code, prompt=cfg.data.caption_prompt)
     if captioner.random_weights and di.is_main:
@@ -231,14 +232,24 @@ def latent_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tenso
     return pooled[0, 0].to(torch.float16)
 
 
+def trigger_word(cfg: Config, source: SourceImage) -> str:
+    """The item's dataset's trigger word (a datasets file's), else data.trigger_word."""
+    return source.trigger_word if source.trigger_word is not None else cfg.data.trigger_word
+
+
+def default_caption(cfg: Config, source: SourceImage) -> str:
+    return source.default_caption if source.default_caption is not None else cfg.data.default_caption
+
+
 def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, list[str]]:
     """Each item's captions (one, or with data.caption_lines one per non-empty line of its .txt),
-    the trigger word applied to each."""
+    its dataset's trigger word applied to each."""
     out = {}
     for i, s in entries:
-        base = s.caption if s.caption is not None else auto.get(i, cfg.data.default_caption)
-        lines = [line.strip() for line in base.splitlines() if line.strip()] if cfg.data.caption_lines else []
-        out[i] = [apply_trigger(text, cfg.data.trigger_word) for text in (lines or [base])]
+        base = s.caption if s.caption is not None else auto.get(i, default_caption(cfg, s))
+        several = cfg.data.caption_lines or s.several_captions
+        lines = [line.strip() for line in base.splitlines() if line.strip()] if several else []
+        out[i] = [apply_trigger(text, trigger_word(cfg, s)) for text in (lines or [base])]
     return out
 
 
@@ -258,7 +269,7 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
         return
     entries = [(i, sources[i]) for _, planned in pending for i in planned]
     captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
-    preserve = {i: replace_trigger(texts[0], cfg.data.trigger_word, cfg.data.class_word)
+    preserve = {i: replace_trigger(texts[0], trigger_word(cfg, sources[i]), cfg.data.class_word)
                 for i, texts in captions.items()} if cfg.data.class_word else None
     enc = Encoders(cfg, di.device, family, reporter if di.is_main else None) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
@@ -375,16 +386,42 @@ def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str 
     return sources
 
 
+def gather_sources(cfg: Config, cache_dir: Path, family: Family, reporter) -> tuple[list[SourceImage], str, list | None]:
+    """The items of --data: one dataset (folder, ZIP, URL), or each of a datasets file's in turn
+    (their names prefixed with the dataset's number, their trigger word and default caption
+    attached); returns (items, root, the datasets as the manifest records them, or None)."""
+    def resolve(source: str, work_dir: Path) -> str:
+        return session.main_then_share(lambda: str(resolve_source(source, work_dir, cfg.preprocess.max_zip_bytes,
+                                                                  _download_display(), refresh=cfg.preprocess.overwrite)))
+
+    if not datasets.is_datasets_file(cfg.data.source):
+        root = resolve(cfg.data.source, cache_dir)
+        return find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks), root, None
+    sources, recorded = [], []
+    for k, spec in enumerate(datasets.load_datasets(cfg.data.source)):
+        trigger = spec.trigger_word if spec.trigger_word is not None else ("" if spec.regularization else None)
+        try:
+            root = resolve(spec.path, cache_dir / f"dataset-{k}")  # each dataset's own download/extraction folder
+            found = [dataclasses.replace(s, name=f"{k}/{s.name}", dataset=k, trigger_word=trigger,
+                                         default_caption=spec.default_caption)
+                     for s in find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks)]
+        except DataError as e:
+            kind = "regularization dataset" if spec.regularization else "dataset"
+            raise DataError(f"{cfg.data.source}, {kind} {k + 1}: {e}") from None
+        recorded.append(datasets.manifest_entry(spec, len(sources), len(found)))
+        sources += found
+    return sources, cfg.data.source, recorded
+
+
 def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     loading.check_model_path(cfg.model.path)
     family = families.of_model(cfg.model.path, cfg.model.revision)
-    root = session.main_then_share(lambda: resolve_source(cfg.data.source, cache_dir, cfg.preprocess.max_zip_bytes,
-                                                          _download_display(), refresh=cfg.preprocess.overwrite))
-    sources = find_sources(Path(root), family, cfg.data.strict, reporter if di.is_main else None, cfg.data.masks)
+    sources, root, recorded = gather_sources(cfg, cache_dir, family, reporter if di.is_main else None)
     for source in sources if di.is_main else []:
         if source.note:
             reporter.warning(f"{source.name}: {source.note}", file=source.name)
-    settings = {**cache.cache_settings(cfg, sources, di.world_size, family.name), "source_root": str(root)}
+    settings = {**cache.cache_settings(cfg, sources, di.world_size, family.name), "source_root": str(root),
+                **({"datasets": recorded} if recorded else {})}
     complete = session.main_then_share(lambda: cache.claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
     reporter.start(len(sources), "preprocess", world_size=di.world_size, dataset_size=len(sources),
                    cache_dir=str(cache_dir), resolution=cfg.data.resolution)

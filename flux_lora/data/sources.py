@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import hashlib
+import json
 import os
 import stat
 import urllib.request
@@ -34,6 +35,10 @@ class SourceImage:
     control: Path | None = None  # an editing pair's control (input) image; the item is the target
     mask: Path | None = None  # its loss mask (masks/STEM.*), or None
     mask_from_alpha: bool = False  # the loss mask is the image's own alpha channel
+    dataset: int = 0  # which dataset of a datasets file (data/datasets.py) it comes from
+    trigger_word: str | None = None  # its dataset's trigger word (None: data.trigger_word)
+    default_caption: str | None = None  # its dataset's caption for images without one (None: data.default_caption)
+    several_captions: bool = False  # caption holds one caption per line (a metadata.jsonl list)
 
 
 CONTROL_DIR = "control"
@@ -52,10 +57,44 @@ def contained(path: Path, root: Path) -> bool:
         return False
 
 
+METADATA = "metadata.jsonl"  # Hugging Face's imagefolder layout: {"file_name": ..., "text": ...} per line
+CAPTION_FIELDS = ("text", "caption", "captions")
+
+
+def read_metadata(root: Path) -> dict[str, tuple[str, bool]]:
+    """ROOT/metadata.jsonl, if there is one: relative image path -> (caption, several). "text" or
+    "caption" is one caption, a list (or "captions") several, one drawn per step. One line naming
+    the line number for a line that is not a JSON object with a file_name and a caption."""
+    path = Path(root) / METADATA
+    if not contained(path, root):
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        field = next((f for f in CAPTION_FIELDS if isinstance(row, dict) and f in row), None)
+        value = row.get(field) if field else None
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not texts \
+                or not all(isinstance(t, str) for t in texts):
+            raise DataError(f"{path} line {n} is not a JSON object with a file_name and a text (or a list of "
+                            "captions); fix that line")
+        texts = [t.strip() for t in texts if t.strip()]
+        if texts:
+            out[PurePosixPath(row["file_name"].replace("\\", "/")).as_posix()] = ("\n".join(texts), len(texts) > 1)
+    return out
+
+
 def discover(root: Path) -> list[SourceImage]:
-    """Images under root, recursively, sorted by relative path; captions from same-stem .txt files.
-    Symbolic links (images or captions) are not followed: they could read outside the dataset.
-    (For editing pairs, `pair_controls` then takes the control images out of this list.)"""
+    """Images under root, recursively, sorted by relative path; captions from same-stem .txt files,
+    else from ROOT/metadata.jsonl. Symbolic links (images or captions) are not followed: they could
+    read outside the dataset. (For editing pairs, `pair_controls` then takes the control images
+    out of this list.)"""
+    metadata = read_metadata(root)
     items = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
@@ -70,7 +109,10 @@ def discover(root: Path) -> list[SourceImage]:
                 note = f"caption {txt.name} is a symbolic link or lies outside the dataset; ignored"
             elif txt is not None:
                 caption, note = read_caption(txt)
-            items.append(SourceImage(p, str(rel), caption, note))
+            several = False
+            if caption is None and str(rel) in metadata:
+                caption, several = metadata[str(rel)]
+            items.append(SourceImage(p, str(rel), caption, note, several_captions=several))
     items.sort(key=lambda s: s.name)
     return items
 

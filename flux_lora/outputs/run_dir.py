@@ -36,8 +36,8 @@ OURS = {
                "lora-ema.safetensors", "tensorboard", "wandb",
                "lora-step-*.safetensors", "best.safetensors", "checkpoints/step-*", "checkpoints/.step-*.tmp",
                "samples/step-*.png", FAILURES],
-    "cache": ["events.jsonl", "config.yaml", "settings.json", "manifest.json", "captions.jsonl", "samples.pt",
-              "shards/rank-*", "progress/rank-*", "download/*", "extracted", ".extracted.tmp", FAILURES],
+    "cache": ["events.jsonl", "config.yaml", "settings.json", "manifest.json", "captions.jsonl", "samples.pt", "empty_prompt.pt",
+              "shards/rank-*", "progress/rank-*", "download/*", "extracted", ".extracted.tmp", "dataset-*", FAILURES],
 }
 _BOOKKEEPING = {MARKER, LOCK}
 _CONTAINERS = ("checkpoints", "samples", "shards", "progress", "download")  # looked into, entry by entry

@@ -66,16 +66,20 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+              sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32 (bf16 predictions would quantise small errors away). With a
     loss mask `weight` (shaped like pred, in [0, 1]): each sample's mask-weighted mean
     Σ w·(pred − target)² / Σ w, then the mean over samples, so a sample counts the same whatever
-    its masked area, and the mean over a global batch does not depend on how ranks split it."""
-    if weight is None:
+    its masked area, and the mean over a global batch does not depend on how ranks split it.
+    `sample_weight` [B] scales each sample's term (regularization images: train.prior_loss_weight)."""
+    if weight is None and sample_weight is None:
         return torch.nn.functional.mse_loss(pred.float(), target.float())
-    squared = (pred.float() - target.float()).pow(2) * weight
+    squared = (pred.float() - target.float()).pow(2)
     dims = tuple(range(1, pred.dim()))
-    return (squared.sum(dims) / weight.sum(dims).clamp_min(1e-6)).mean()
+    per_sample = squared.mean(dims) if weight is None else \
+        (squared * weight).sum(dims) / weight.sum(dims).clamp_min(1e-6)
+    return (per_sample if sample_weight is None else per_sample * sample_weight).mean()
 
 
 def loss_weight(mask: torch.Tensor | None, latent_shape: tuple, pack) -> torch.Tensor | None:

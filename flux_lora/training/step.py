@@ -33,6 +33,7 @@ class StepInputs:
     empty_prompt: dict | None = None  # its embeddings per text key (CACHE/empty_prompt.pt)
     masked_loss: bool = True  # weight the loss by the cache's masks, where it has them
     preservation_weight: float = 0.0  # differential output preservation's term (0: off)
+    dataset_weights: tuple[float, ...] | None = None  # loss weight per dataset of a datasets file (regularization's)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -61,8 +62,11 @@ def micro_loss(model, batch: dict, positions: list[int], step: int, inputs: Step
         pred = family.predict(model, flow.noisy_latents(x0, noise, t), t, batch, inputs.guidance, inputs.device,
                               inputs.dtype)
     weight = flow.loss_weight(batch.get("mask") if inputs.masked_loss else None, x0.shape, family.pack)
+    per_sample = None
+    if inputs.dataset_weights is not None:  # regularization images at train.prior_loss_weight
+        per_sample = torch.tensor(inputs.dataset_weights, device=inputs.device)[batch["dataset"].to(inputs.device)]
     return flow.flow_loss(pred, family.pack(flow.velocity_target(x0, noise)),
-                          None if weight is None else weight.to(inputs.device, non_blocking=True))
+                          None if weight is None else weight.to(inputs.device, non_blocking=True), per_sample)
 
 
 def preservation_loss(model, plain_model, batch: dict, positions: list[int], step: int,

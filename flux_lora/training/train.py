@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flux_lora.config import Config, load_yaml, to_dict, to_yaml
-from flux_lora.data import cache
+from flux_lora.data import cache, datasets
 from flux_lora.errors import CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
@@ -146,6 +146,8 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
                                                                                                      cfg.model.transformer_file)}
     if train_cfg.schedule != "constant":
         out["train.steps"] = train_cfg.steps
+    if dataset_weights(cfg, manifest) is not None:  # (only with regularization images: older checkpoints keep theirs)
+        out["train.prior_loss_weight"] = train_cfg.prior_loss_weight
     if train_cfg.optimizer != "adamw":  # checkpoints from before the choice existed were AdamW's
         out["train.optimizer"] = train_cfg.optimizer
     return out
@@ -155,6 +157,8 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     manifest, dataset = cache.open_for_training(cfg, di)
     held = validation.held_out(list(range(len(dataset))), cfg.train.validation_split)
     train_items = [k for k in range(len(dataset)) if k not in held]
+    # a datasets file's repeats: an item appears as often per epoch as its dataset says
+    train_items = datasets.repeated(train_items, [dataset.items[k].index for k in train_items], manifest.get("datasets"))
     if cfg.train.validation_split and not held:
         reporter.warning(f"train.validation_split={cfg.train.validation_split} holds out nothing: the cache has "
                          f"{len(dataset)} item(s); add images or set it to 0")
@@ -192,7 +196,8 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     inputs = StepInputs(train_cfg.seed, train_cfg.guidance if has_guidance else None, train_cfg.timestep_sampling,
                         train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device),
                         family, caption_dropout=train_cfg.caption_dropout, empty_prompt=empty_prompt(cfg, family),
-                        masked_loss=train_cfg.masked_loss, preservation_weight=preservation_weight(cfg, dataset))
+                        masked_loss=train_cfg.masked_loss, preservation_weight=preservation_weight(cfg, dataset),
+                        dataset_weights=dataset_weights(cfg, manifest))
     previews = make_previewer(cfg, di, manifest, model, reporter, family, dataset)
     reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items), family=family.name,
                    sharding="fsdp" if is_sharded(model) else "ddp",
@@ -228,6 +233,15 @@ def empty_prompt(cfg: Config, family: Family) -> dict | None:
                          "lacks (it predates caption dropout); rerun the same preprocess command: it adds it without "
                          "encoding the images again")
     return empty
+
+
+def dataset_weights(cfg: Config, manifest: dict) -> tuple[float, ...] | None:
+    """Each dataset's loss weight: train.prior_loss_weight for regularization datasets, else 1;
+    None without regularization images (the loss as before)."""
+    recorded = manifest.get("datasets") or []
+    if not any(d["regularization"] for d in recorded):
+        return None
+    return tuple(cfg.train.prior_loss_weight if d["regularization"] else 1.0 for d in recorded)
 
 
 def make_previewer(cfg: Config, di: session.DistInfo, manifest: dict, model, reporter, family: Family,
