@@ -205,6 +205,7 @@ class DistConfig:
     bucket_mb: int = doc(0, "DDP gradient bucket size in MiB. 0 (auto): one bucket for all LoRA gradients when every rank is on one host (one all-reduce after the backward), 25 across hosts (each bucket's all-reduce overlaps the rest of the backward)", low=0)
     average_per_bucket: bool = doc(True, "divide the summed gradients by the number of ranks once per bucket (one kernel over the bucket) instead of per LoRA tensor inside DDP (~840 small kernels a step for FLUX.1); same result")
     sharding: str = doc("auto", "ddp (a whole copy of the base on every GPU: fastest while it fits), fsdp (FSDP2: the frozen base, the LoRA and its optimizer state sharded block by block across the ranks, for a base that does not fit one GPU) or auto (ddp while the estimated per-GPU peak fits the GPU, else fsdp)")
+    fsdp_unit_blocks: int = doc(1, "transformer blocks per FSDP2 unit (one all-gather and one reduce-scatter each): more means fewer, larger collectives and less host work per step, and that many blocks' weights gathered at once", low=1)
     gpu_memory_gib: float = doc(0.0, "the per-GPU memory sharding=auto and gradient_checkpointing=auto plan for (0 = the GPU's own size); set it lower to leave room for another process", low=0)
 
     def __post_init__(self) -> None:

@@ -189,7 +189,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
-             "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp")}
+             "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
+             "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1)}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -309,7 +310,7 @@ def train_settings(args) -> list[dict]:
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
-            "sharding": args.sharding}
+            "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks}
     runs = [] if args.only_baseline else [ours]
     # (asked for, what changes, the report key comparing the losses)
     variants = ((args.compare_bf16, "bf16 base (loss reference)", {"fp8_compute": "off"}, "loss_vs_bf16_base"),
@@ -321,6 +322,8 @@ def train_settings(args) -> list[dict]:
                 (args.compare_masked, "masked loss", {"masked": True}, "loss_vs_masked"),
                 (args.compare_caption_dropout, "caption dropout 0.1", {"caption_dropout": 0.1}, "loss_vs_caption_dropout"),
                 (args.compare_sharding, f"sharding={other_sharding}", {"sharding": other_sharding}, "loss_vs_other_sharding"),
+                (bool(args.compare_fsdp_unit_blocks), f"FSDP2 units of {args.compare_fsdp_unit_blocks} blocks",
+                 {"sharding": "fsdp", "fsdp_unit_blocks": args.compare_fsdp_unit_blocks}, "loss_vs_fsdp_units"),
                 (args.compare_sharding_checkpointed, "sharding=fsdp, gradient checkpointing", {"sharding": "fsdp", "checkpointing": "on"},
                  "loss_vs_fsdp_checkpointed"))
     for wanted, what, change, key in variants:
@@ -420,6 +423,8 @@ def main() -> None:
     p.add_argument("--sharding", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (dist.sharding)")
     p.add_argument("--compare-sharding", action="store_true", help="under torchrun: also run the other sharding; compare the losses")
     p.add_argument("--compare-sharding-checkpointed", action="store_true", help="also run FSDP2 with gradient checkpointing (its memory floor)")
+    p.add_argument("--fsdp-unit-blocks", type=int, default=1, help="FSDP2: transformer blocks per unit (dist.fsdp_unit_blocks)")
+    p.add_argument("--compare-fsdp-unit-blocks", type=int, default=0, help="also run FSDP2 with this many blocks per unit")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -88,3 +88,14 @@ def cache_dir(tmp_path_factory, tiny_model, images) -> Path:
 
 def train_args(model: Path, cache: Path, out: Path, *extra) -> list:
     return ["train", "--model", model, "--cache-dir", cache, "--output", out, "--lora-rank", "4", *extra]
+
+
+# the longest files first: `-n 2 --dist loadfile` hands files to the two workers in collection
+# order, so long files at the end would leave one worker waiting (longest-first keeps them even)
+LONGEST_FIRST = ["test_checkpoint.py", "test_quality.py", "test_fsdp.py", "test_families_train.py", "test_learn_check.py",
+                 "test_train.py", "test_preprocess.py", "test_slurm.py", "test_watch.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their own order

@@ -85,13 +85,18 @@ def test_two_datasets_one_cache_then_train(tiny_model, images, tmp_path):
     assert [c["caption"] for c in captions] == ["zzt, a shape"] * 5 + ["a photo of a shape"] * 3
     assert captions[0]["source"].startswith("0/") and captions[-1]["source"].startswith("1/")
 
+    from flux_lora.config import build_config
+    from flux_lora.data.preprocess import gather_sources
+    from flux_lora.errors import DataError
+    from flux_lora.models import families
+
     missing = _yaml(tmp_path / "missing.yaml", "datasets:\n  - concept\n  - {path: nowhere, regularization: true}\n")
-    proc = run_cli("preprocess", "--model", tiny_model, "--data", missing, "--cache-dir", tmp_path / "c2", *TINY_ARGS,
-                   "--captioner", "none")
-    assert proc.returncode == 2 and "missing.yaml, regularization dataset 2: data source" in proc.stderr
+    with pytest.raises(DataError, match="missing.yaml, regularization dataset 2: data source .*nowhere does not exist"):
+        gather_sources(build_config(flags={"data.source": missing}), tmp_path / "c2", families.by_name("flux1"), None)
 
     out = tmp_path / "out"
-    torchrun(2, *train_args(tiny_model, cache, out, "--steps", "3", "--set", "train.prior_loss_weight=0.5"))
+    run_cli(*train_args(tiny_model, cache, out, "--steps", "3", "--batch-size", "2", "--set", "train.prior_loss_weight=0.5"),
+            check=True)
     start = json.loads((out / "events.jsonl").read_text().splitlines()[0])
     assert start["dataset_size"] == 5 * 2 + 3  # an epoch: the concept twice, the class images once
 

@@ -133,12 +133,10 @@ def test_train_on_a_single_file_and_its_identity(tiny_model, cache_dir, tmp_path
     b = fingerprint.transformer_identity(str(tiny_model), "", str(tmp_path / "b.safetensors"))
     assert len({folder, a, b}) == 3  # a checkpoint of one is not resumed onto another
 
-    out = tmp_path / "out"
-    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "2", "--model-transformer", tmp_path / "a.safetensors",
-                        "--checkpoint-every", "1"), check=True)
+    out = tmp_path / "out"  # a cache preprocessed without a file serves any
+    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "2", "--model-transformer", tmp_path / "a.safetensors"),
+            check=True)
     assert (out / "lora.safetensors").is_file()
-    proc = run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "3", "--model-transformer", tmp_path / "b.safetensors"))
-    assert proc.returncode == 2 and "model (family, transformer config and weights)" in proc.stderr
 
 
 def test_a_cache_built_for_a_file_serves_that_file(tiny_model, images, tmp_path):

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from conftest import cli_env, torchrun, train_args
+from conftest import cli_env, run_cli, torchrun, train_args
 from flux_lora.outputs import trackers
 
 
@@ -86,7 +86,7 @@ def test_tensorboard_and_offline_wandb_get_every_step(tiny_model, cache_dir, tmp
     assert run.name.endswith(run_id)
 
     # resumed (same output folder): the same wandb run goes on, TensorBoard gets the new steps
-    torchrun(2, *train_args(tiny_model, cache_dir, out, "--steps", "6", *args), env=env)
+    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "6", "--batch-size", "2", *args), env=env, check=True)
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
     assert sorted(s for s in _wandb_history(runs[-1]) if s > 4) == [5, 6]

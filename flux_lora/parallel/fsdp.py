@@ -26,9 +26,10 @@ from flux_lora.parallel.session import DistInfo
 
 
 def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInfo,
-              compute_dtype: torch.dtype) -> torch.nn.Module:
-    """fully_shard each of the transformer's blocks, then the root; returns the model (sharded in
-    place). Parameters still on the CPU move to the GPU one block at a time as they are sharded."""
+              compute_dtype: torch.dtype, unit_blocks: int = 1) -> torch.nn.Module:
+    """fully_shard the transformer's blocks, `unit_blocks` consecutive ones as one unit (gathered
+    and reduced together), then the root; returns the model (sharded in place). Parameters still
+    on the CPU move to the GPU one unit at a time as they are sharded."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -41,9 +42,11 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     # warns that an in-place op on such a view would skip its hook. Nothing here writes into them
     # (tests/test_fsdp.py: FSDP2's LoRA equals DDP's).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    for i, block in enumerate(blocks):
-        # the last block's weights are needed again at once by the backward: keep them gathered
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    units = [blocks[i:i + unit_blocks] for i in range(0, len(blocks), unit_blocks)]
+    for i, unit in enumerate(units):
+        # the last unit's weights are needed again at once by the backward: keep them gathered
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=i < len(units) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # embedders, norms: small
     model.flux_lora_sharded = True
     return model
@@ -64,6 +67,26 @@ def gradient_sync(model, enabled: bool):
         model.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_'s maths (the total 2-norm; gradients scaled by
+    min(1, max_norm / (norm + 1e-6))), returning the whole norm on every rank. On FSDP2's shards
+    it works on each rank's local pieces (an element of a Shard(0) DTensor lives on one rank): one
+    all-reduce of the squared norm instead of DTensor dispatch for each of ~760 LoRA tensors."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    import torch.distributed as dist
+
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    squared = torch.stack([n.float() for n in torch._foreach_norm(local)]).pow(2).sum()
+    dist.all_reduce(squared, group=grads[0].device_mesh.get_group())
+    total = squared.sqrt()
+    torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

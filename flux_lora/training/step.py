@@ -146,8 +146,8 @@ def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_no
            device: torch.device, world: int, ema=None) -> PendingStep:
     """Clip, agree across ranks (the loop's one all-reduce), then step or skip: on the device
     where the optimizer can (no host sync), else after reading the votes."""
-    grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
-                                                         max_grad_norm if max_grad_norm > 0 else float("inf")))
+    grad_norm = fsdp.clip_grad_norm_([p for _, p in lora.lora_parameters(model)],
+                                     max_grad_norm if max_grad_norm > 0 else float("inf"))
     local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
     votes = session.all_sum_on_device(
         torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
