@@ -39,6 +39,11 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         # checkpointing (its memory floor), and one GPU with the same settings (the scaling base)
         fsdp1024) run_ddp fsdp-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off --fuse-qkv off \
             --sharding fsdp --compare-sharding --compare-sharding-checkpointed --steps 10 ;;
+        # FSDP2 units of 1 (with DDP beside it) and 2 blocks, then 4 blocks
+        fsdpunits1024) run_ddp fsdp-units-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off \
+            --fuse-qkv off --sharding fsdp --compare-sharding --compare-fsdp-unit-blocks 2 --steps 10 ;;
+        fsdpunit4) run_ddp fsdp-unit4-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off \
+            --fuse-qkv off --sharding fsdp --fsdp-unit-blocks 4 --steps 10 ;;
         whole1024) run whole-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off --fuse-qkv off --steps 10 ;;
         # FLUX.2 [dev] (32 B) sharded over all GPUs, without and with checkpointing
         fsdpflux2) run_ddp fsdp-flux2-dev-1024 train --model random:flux2-dev --resolution 1024 --batch-size 1 --no-baseline \
