@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import tiny_captioners
-from conftest import TINY_ARGS, torchrun
+from conftest import TINY_ARGS, run_cli
 from flux_lora.data.captions import Captioner
 from flux_lora.errors import ModelError
 
@@ -38,8 +38,12 @@ def test_each_kind_captions_a_batch_as_one_at_a_time(captioners, name):
     assert batch == [captioner([image])[0] for image in _images()]  # left padding, image tokens per image
 
 
-def test_the_default_prompts():
+def test_the_default_prompts(tmp_path):
     from flux_lora.data import captions
+
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert captions.processor_chat_template(str(tmp_path)) == "{{ messages }}"  # a processor folder's own file
+    assert captions.processor_chat_template(str(tmp_path / "nothing")) is None
 
     assert captions.caption_prompt("florence2", "") == "<MORE_DETAILED_CAPTION>"
     assert captions.caption_prompt("qwen", "") == captions.CHAT_PROMPT == captions.caption_prompt("chat", "")
@@ -53,9 +57,9 @@ def test_unsupported_and_wrong_prompts_are_one_line(captioners, tiny_model):
         Captioner(str(captioners["florence2"]), torch.device("cpu"), torch.float32, prompt="describe it")
 
 
-def test_preprocess_captions_with_a_vlm_on_two_ranks(captioners, tiny_model, images, tmp_path):
+def test_preprocess_captions_with_a_vlm(captioners, tiny_model, images, tmp_path):
     cache = tmp_path / "cache"
-    torchrun(2, "preprocess", "--model", tiny_model, "--data", images, "--cache-dir", cache, *TINY_ARGS,
-             "--captioner", captioners["qwen2_5_vl"], "--caption-prompt", "Describe the image.", "--trigger-word", "sks")
+    run_cli("preprocess", "--model", tiny_model, "--data", images, "--cache-dir", cache, *TINY_ARGS, "--captioner",
+            captioners["qwen3_vl"], "--caption-prompt", "Describe the image.", "--trigger-word", "sks", check=True)
     rows = [json.loads(line) for line in (cache / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(r["caption"].startswith("sks") for r in rows)

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from conftest import cli_env, run_cli, torchrun, train_args
+from conftest import cli_env, torchrun, train_args
 from flux_lora.outputs import trackers
 
 
@@ -59,7 +59,7 @@ def _wandb_history(run_dir):
     return rows
 
 
-def test_tensorboard_and_offline_wandb_get_every_step(tiny_model, cache_dir, tmp_path):
+def test_tensorboard_and_offline_wandb_get_every_step(tiny_model, cache_dir, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "out"
@@ -86,7 +86,13 @@ def test_tensorboard_and_offline_wandb_get_every_step(tiny_model, cache_dir, tmp
     assert run.name.endswith(run_id)
 
     # resumed (same output folder): the same wandb run goes on, TensorBoard gets the new steps
-    run_cli(*train_args(tiny_model, cache_dir, out, "--steps", "6", "--batch-size", "2", *args), env=env, check=True)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for key in ("WANDB_SILENT", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(key, env[key])
+    resumed = trackers.Trackers(["tensorboard", "wandb"], out)
+    for step in (5, 6):
+        resumed.write({"event": "progress", "stage": "train", "step": step, "loss": 0.5 / step})
+    resumed.close()
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
     assert sorted(s for s in _wandb_history(runs[-1]) if s > 4) == [5, 6]

@@ -64,7 +64,8 @@ def llava(out: Path) -> Path:
 
 
 def qwen_vl(out: Path, version: str = "2.5") -> Path:
-    """Qwen2.5-VL or Qwen3-VL, saved as tokenizer + image processor (+ chat template)."""
+    """Qwen2.5-VL or Qwen3-VL, saved as tokenizer + image processor, the chat template in the
+    tokenizer's config (Qwen2.5-VL) or beside it as chat_template.jinja (Qwen3-VL, as the hub has it)."""
     import transformers as T
 
     tok = _tokenizer(QWEN_TOKENS)
@@ -92,9 +93,13 @@ def qwen_vl(out: Path, version: str = "2.5") -> Path:
         model = T.Qwen2_5_VLForConditionalGeneration(config)
     images = T.Qwen2VLImageProcessorPil(min_pixels=(2 * patch) ** 2, max_pixels=(4 * patch) ** 2, patch_size=patch,
                                         merge_size=2)
-    tok.chat_template = QWEN_TEMPLATE
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    if version == "3":
+        tok.save_pretrained(out)
+        (Path(out) / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    else:
+        tok.chat_template = QWEN_TEMPLATE
+        tok.save_pretrained(out)
     images.save_pretrained(out)
     return out
 

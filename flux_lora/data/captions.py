@@ -67,6 +67,23 @@ def caption_prompt(kind: str, prompt: str) -> str:
     return (prompt or CHAT_PROMPT) if kind in ("qwen", "chat") else ""
 
 
+def processor_chat_template(model_id: str) -> str | None:
+    """The chat template a processor folder keeps beside the tokenizer (chat_template.jinja, or
+    chat_template.json's), read as a file: Qwen-VL's processor class itself needs torchvision."""
+    import json
+    from pathlib import Path
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(model_id, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path:
+            text = Path(path).read_text(encoding="utf-8")
+            return json.loads(text).get("chat_template") if name.endswith(".json") else text
+    return None
+
+
 class Captioner:
     """Loads an image-to-text model once and captions PIL images in batches."""
 
@@ -96,8 +113,10 @@ class Captioner:
 
             self.tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
             self.images = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+            self.tokenizer.chat_template = self.tokenizer.chat_template or processor_chat_template(model_id)
             if not self.tokenizer.chat_template:
-                self.tokenizer.chat_template = AutoProcessor.from_pretrained(model_id).chat_template
+                raise ModelError(f"captioner {model_id} has no chat template (chat_template.jinja/.json or in its "
+                                 "tokenizer_config.json); pass a complete Qwen-VL folder or hub id")
         else:
             self.processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
             self.tokenizer = getattr(self.processor, "tokenizer", None)
