@@ -76,8 +76,11 @@ def processor_chat_template(model_id: str) -> str | None:
     from transformers.utils import cached_file
 
     for name in ("chat_template.jinja", "chat_template.json"):
-        path = cached_file(model_id, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
+        try:
+            path = cached_file(model_id, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:  # not a folder nor a valid hub id
+            return None
         if path:
             text = Path(path).read_text(encoding="utf-8")
             return json.loads(text).get("chat_template") if name.endswith(".json") else text
