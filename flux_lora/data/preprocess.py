@@ -22,6 +22,7 @@ import torch
 from flux_lora.config import Config
 from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
+from flux_lora.fast import memory
 from flux_lora.data.images import load_mask, load_rgb, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, DataError
@@ -437,7 +438,7 @@ def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     if di.is_main:
         write_samples(cfg, di, family)  # encodes: only rank 0 loads the text encoders again
     cache.write_config(cache_dir, cfg)
-    session.barrier()
+    summary["host_peak_rss_mib_per_rank"] = session.gather_objects(memory.host_peak_rss_mib())  # also the barrier
     reporter.done(**summary, cache_dir=str(cache_dir))
     reporter.info(f"cache ready: {summary['total_items']} items in {cache_dir}")
     return summary

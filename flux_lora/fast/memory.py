@@ -84,3 +84,10 @@ def gpu_bytes(device: torch.device, budget_gib: float = 0.0) -> int:
     if budget_gib:
         return int(budget_gib * 2**30)
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+
+
+def host_peak_rss_mib() -> float:
+    """This process's peak resident host memory so far (MiB), as the done events report it per rank."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux

@@ -32,7 +32,7 @@ from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
 from flux_lora.parallel.fsdp import is_sharded
-from flux_lora.fast import quantize
+from flux_lora.fast import memory, quantize
 from flux_lora.training import checkpoint, conditioning, faults, lora, optim, plan, sharding, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
 from flux_lora.training.ema import Ema
@@ -350,7 +350,8 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
                                  "rank 0's were saved")
     finite = [x[1] for x in state.loss_history if math.isfinite(x[1])]
     summary = {"lora": str(final), "steps": state.step, "ranks_agree": len(set(digests)) == 1,
-               "final_loss": finite[-1] if finite else None, **timings, "elapsed_s": time.time() - t_start}
+               "final_loss": finite[-1] if finite else None, **timings, "elapsed_s": time.time() - t_start,
+               "host_peak_rss_mib_per_rank": session.gather_objects(memory.host_peak_rss_mib())}
     if state.best.history:
         summary["best"] = {"path": str(current.out / "best.safetensors"), "step": state.best.step,
                            "validation_loss": state.best.loss, "reason": state.best.reason()}
