@@ -103,3 +103,19 @@ def test_buckets_of_many_token_counts_compile_a_bounded_number_of_graphs(monkeyp
     for name, grad in eager_grads.items():
         assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
     torch._dynamo.reset()
+
+
+def test_the_compile_cache_folder_is_torchs(tmp_path, monkeypatch):
+    """train.compile_cache_dir becomes inductor's cache folder (created), for every rank and node
+    that names it; an unwritable one is one line."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from flux_lora.errors import ConfigError
+    from flux_lora.fast.compiled_blocks import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    use_compile_cache(str(tmp_path / "shared" / "compile"))
+    assert cache_dir() == str(tmp_path / "shared" / "compile") and (tmp_path / "shared" / "compile").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="compile_cache_dir .*cannot create it"):
+        use_compile_cache(str(tmp_path / "file" / "sub"))

@@ -4,7 +4,9 @@ Measured with scripts/bench.py; figures in bench/README.md."""
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -82,6 +84,20 @@ def _strided_like_later_single_blocks(block, args, kwargs):
     if rest is not None:
         return (image, text, *rest), kwargs
     return args, {**kwargs, "hidden_states": image, "encoder_hidden_states": text}
+
+
+def use_compile_cache(folder: str) -> None:
+    """Point torch.compile's on-disk caches at `folder` (created): inductor reads
+    TORCHINDUCTOR_CACHE_DIR when it first looks for a cache, after this. Its entries are written
+    under temporary names and renamed, so ranks and nodes can share one folder."""
+    if folder:
+        path = Path(folder).expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.compile_cache_dir {folder}: cannot create it ({e.strerror or e}); "
+                              "pass a writable folder") from None
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
 
 def allow_compile_cache_of_fp8_functions() -> None:

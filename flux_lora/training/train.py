@@ -21,6 +21,7 @@ import torch
 from flux_lora.config import Config, load_yaml, to_dict, to_yaml
 from flux_lora.data import cache, datasets
 from flux_lora.errors import CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
+from flux_lora.fast import compiled_blocks
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
 from flux_lora.models import families, fingerprint, loading
@@ -181,6 +182,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     if too_big:
         reporter.info(f"warning: {too_big}")  # now, before the model loads; the event follows the start event
     optim.check_choice(cfg.train, di.device, choice.mode == "fsdp" and di.distributed)
+    compiled_blocks.use_compile_cache(cfg.train.compile_cache_dir)
     model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = optim.make_optimizer(model, cfg.train, di.device)

@@ -11,6 +11,8 @@
 #   GPUS_PER_NODE   ranks per node (default: SLURM's GPU count for the node, else nvidia-smi, else 1)
 #   RDZV_PORT       rendezvous port on the first node (default 29500 + job id % 1000)
 #   HF_HOME         model cache; node-local is fine (see README: what must be shared)
+#   COMPILE_CACHE   torch.compile's cache folder on the shared filesystem (train.compile_cache_dir):
+#                   the job's other nodes and later jobs start with compiled blocks (unset: per node)
 
 FLUX_LORA_HOME=${FLUX_LORA_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$FLUX_LORA_HOME"
@@ -38,6 +40,9 @@ RDZV_PORT=${RDZV_PORT:-$((29500 + JOB_ID % 1000))}
 PREEMPT_MARKER=${TMPDIR:-/tmp}/flux-lora-${JOB_ID}.preempted
 export FLUX_LORA_HOME CONFIG GPUS_PER_NODE NNODES JOB_ID MASTER_NODE RDZV_PORT PREEMPT_MARKER
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+if [ -n "${COMPILE_CACHE:-}" ]; then
+    export TORCHINDUCTOR_CACHE_DIR=$COMPILE_CACHE  # what train.compile_cache_dir sets
+fi
 # a dead rank must end the job in minutes, and NCCL must report errors instead of hanging
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 echo "flux_lora on SLURM: job $JOB_ID, $NNODES node(s) x $GPUS_PER_NODE rank(s), rendezvous $MASTER_NODE:$RDZV_PORT, config $CONFIG" >&2
