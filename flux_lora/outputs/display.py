@@ -25,9 +25,12 @@ def progress_line(ev: dict) -> str:
     loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else "nan"
     avg = ev.get("avg_loss")
     avg_s = f"{avg:.4f}" if isinstance(avg, (int, float)) else "nan"
+    overall, training = ev.get("samples_per_s") or 0, ev.get("training_samples_per_s")
+    # the rate the end comes at; the training steps' own when previews and checkpoints slow it by over 2%
+    rate = f"{overall:.2f} samples/s" + (f" ({training:.2f} in training steps)"
+                                         if training and training > 1.02 * overall else "")
     return (f"step {ev.get('step')}/{ev.get('total_steps')}  loss {loss_s} (avg {avg_s})  "
-            f"lr {ev.get('learning_rate', 0):.2e}  {ev.get('samples_per_s', 0):.2f} samples/s  "
-            f"eta {format_duration(ev.get('eta_s'))}")
+            f"lr {ev.get('learning_rate', 0):.2e}  {rate}  eta {format_duration(ev.get('eta_s'))}")
 
 
 class Display:

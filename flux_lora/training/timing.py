@@ -35,12 +35,21 @@ def step_timings(t_start: float, setup_s: float, first_step_s: float | None, pau
 
 
 class Meter:
-    """Running figures for progress events (loss averaged over ranks, samples/s, ETA)."""
+    """Running figures for progress events (loss averaged over ranks, samples/s, ETA).
+    samples_per_s counts all the time since the first step (previews, validation and checkpoints
+    included): the rate the run's end comes at, which the ETA uses; training_samples_per_s counts
+    the training steps alone."""
 
     def __init__(self, total: int, start: int, global_batch: int):
         self.total, self.global_batch = total, global_batch
         self.t0, self.sum, self.n, self.avg_loss = time.time(), 0.0, 0, float("nan")
         self.t_first, self.step_first = None, start
+        self.outputs_s = 0.0  # spent on previews, validation and checkpoints since the first step
+
+    def exclude(self, seconds: float) -> None:
+        """Time that was not training (periodic outputs), left out of training_samples_per_s."""
+        if self.t_first is not None:
+            self.outputs_s += seconds
 
     def update(self, step: int, loss: float, lr: float) -> dict:
         now = time.time()
@@ -51,8 +60,10 @@ class Meter:
             self.t_first, self.step_first = now, step
         done, dt = step - self.step_first, now - self.t_first
         steps_s = done / dt if done and dt > 0 else 0.0
+        training_s = dt - self.outputs_s
         out = {"step": step, "total_steps": self.total, "progress": step / self.total, "loss": loss,
                "avg_loss": self.avg_loss, "learning_rate": lr, "samples_per_s": steps_s * self.global_batch,
+               "training_samples_per_s": done / training_s * self.global_batch if done and training_s > 0 else 0.0,
                "eta_s": (self.total - step) / steps_s if steps_s else None, "elapsed_s": now - self.t0}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # no sync: a host-side counter

@@ -308,7 +308,9 @@ def book_step(current: Run, result: StepResult, stop: checkpoint.StopFlag, meter
     if state.nonfinite_in_row >= train_cfg.max_nonfinite:
         return DivergedError(f"loss was non-finite {state.nonfinite_in_row} steps in a row at step {state.step}; "
                              "checkpoint saved from before the divergence; lower --lr and rerun")
+    started = time.time()
     periodic_outputs(current)
+    meter.exclude(time.time() - started)  # previews and checkpoints: not in the training rate
     faults.after_step(state.step, current.di.rank)
     if result.stop:
         return StoppedError(f"stopped at step {state.step} ({stop.signal_name or 'a signal'}); "
