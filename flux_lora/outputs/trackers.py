@@ -20,7 +20,7 @@ import numbers
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flux_lora.errors import ConfigError
 _NOT_SCALARS = {"v", "time", "step", "total_steps"}  # bookkeeping, or the x axis itself
@@ -124,12 +124,17 @@ class Wandb:
         self.run.finish()
 
 
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 class Trackers:
     """Every tracker of a run, fed each event with the step it belongs to (events without a step
-    of their own, e.g. warnings and done, go at the last step seen)."""
+    of their own, e.g. warnings and done, go at the last step seen). `say` prints a line for a
+    person (the run's display, so a progress bar is not torn)."""
 
-    def __init__(self, names: list[str], out: Path, project: str = "flux_lora"):
-        self.step, self.active = 0, []
+    def __init__(self, names: list[str], out: Path, project: str = "flux_lora", say: Callable[[str], None] = _to_stderr):
+        self.step, self.active, self.say = 0, [], say
         for name in names:
             self.active.append(TensorBoard(out) if name == "tensorboard" else Wandb(out, project))
 
@@ -141,19 +146,19 @@ class Trackers:
                 tracker.write(ev, self.step)
             except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training
                 self.active.remove(tracker)
-                print(f"warning: {type(tracker).__name__.lower()} logging stopped ({type(e).__name__}: {e}); "
-                      "events.jsonl has every event", file=sys.stderr, flush=True)
+                self.say(f"warning: {type(tracker).__name__.lower()} logging stopped ({type(e).__name__}: {e}); "
+                         "events.jsonl has every event")
 
     def close(self) -> None:
         for tracker in self.active:
             try:
                 tracker.close()
             except Exception as e:  # noqa: BLE001
-                print(f"warning: closing {type(tracker).__name__.lower()}: {e}", file=sys.stderr, flush=True)
+                self.say(f"warning: closing {type(tracker).__name__.lower()}: {e}")
         self.active = []
 
 
-def open_trackers(log_to: str, out: Path, project: str) -> Any:
+def open_trackers(log_to: str, out: Path, project: str, say: Callable[[str], None] = _to_stderr) -> Any:
     """The run's trackers, or None when output.log_to is empty."""
     names = parse_log_to(log_to)
-    return Trackers(names, Path(out), project) if names else None
+    return Trackers(names, Path(out), project, say) if names else None

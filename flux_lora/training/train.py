@@ -449,7 +449,7 @@ def open_trackers(cfg: Config, out: Path, reporter) -> None:
     failure = None
     if cfg.output.log_to and isinstance(reporter, Reporter):
         try:
-            reporter.trackers = trackers.open_trackers(cfg.output.log_to, out, cfg.output.wandb_project)
+            reporter.trackers = trackers.open_trackers(cfg.output.log_to, out, cfg.output.wandb_project, reporter.info)
         except ConfigError as e:
             failure = str(e)
         except Exception as e:  # noqa: BLE001 - a tracker library's own failure, told to every rank
