@@ -52,6 +52,10 @@ class Workload:
     steps: int
     paired: bool = False  # an editing model: the control image's tokens too
 
+    def micro_batch_tokens(self) -> int:
+        """Tokens of the largest micro-batch (what the step's activations scale with)."""
+        return self.batch_size * ((2 if self.paired else 1) * self.image_tokens + self.text_tokens)
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -96,7 +100,7 @@ def weight_bytes(sizes: PlannedSizes, setting: Setting) -> int:
 
 
 def peak_bytes(sizes: PlannedSizes, work: Workload, setting: Setting) -> int:
-    tokens = work.batch_size * ((2 if work.paired else 1) * work.image_tokens + work.text_tokens)
+    tokens = work.micro_batch_tokens()
     weights = weight_bytes(sizes, setting)
     if setting.sharding == "fsdp" and work.ranks > 1:
         return memory.sharded_step_memory_bytes(weights, sizes.lora_params, tokens, sizes.blocks, sizes.hidden,
@@ -217,8 +221,7 @@ def report(cfg, gpus: int, gpu_name: str, gpu_memory_gib: float) -> tuple[str, l
     predictions = [predict(sizes, work, s, tflops, budget) for s in settings_to_compare(gpus, fp8_gpu)]
     # sharding=auto decided as train decides it, on these GPUs
     planned = dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, gpu_memory_gib=gpu_memory_gib))
-    tokens = work.batch_size * ((2 if work.paired else 1) * work.image_tokens + work.text_tokens)
-    mode = decide(planned, SimpleNamespace(world_size=gpus, device=torch.device("cpu")), lambda: sizes, tokens,
+    mode = decide(planned, SimpleNamespace(world_size=gpus, device=torch.device("cpu")), lambda: sizes, work.micro_batch_tokens(),
                   fp8_gpu and cfg.train.fp8_compute != "off").mode
     chosen = setting_of(cfg, mode, fp8_gpu, sizes, work, budget)
     if chosen not in [p.setting for p in predictions]:

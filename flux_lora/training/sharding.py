@@ -4,6 +4,7 @@ The sharding itself is parallel.fsdp / parallel.ddp."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -79,13 +80,20 @@ def check_combination(train_cfg, di: DistInfo) -> None:
 
 
 def planned_sizes(family: Family, model_path: str, revision: str, dtype: torch.dtype, lora_cfg) -> PlannedSizes:
-    """A transformer's sizes from its config alone, built on the meta device (no weights read)."""
+    """A transformer's sizes from its config alone, built on the meta device (no weights read);
+    once per process for a model and LoRA (sharding=auto and train's memory check both ask)."""
+    return _planned_sizes(family, model_path, revision, dtype, lora_cfg.rank, lora_cfg.targets)
+
+
+@functools.lru_cache(maxsize=4)
+def _planned_sizes(family: Family, model_path: str, revision: str, dtype: torch.dtype, rank: int,
+                   targets: str) -> PlannedSizes:
     config = family.transformer_config(model_path, revision)
     cls = family.diffusers_class(family.transformer_class)
     with torch.device("meta"):
         model = cls.from_config(config)
     item = torch.tensor([], dtype=dtype).element_size()
-    targeted = set(lora.matched_modules(model, lora.target_pattern(lora_cfg.targets, family.lora_presets)))
+    targeted = set(lora.matched_modules(model, lora.target_pattern(targets, family.lora_presets)))
     lora_params = sum(m.in_features + m.out_features for name, m in model.named_modules() if name in targeted)
     blocks = loading.transformer_blocks(model)
     linear, per_token = 0, 0
@@ -96,7 +104,7 @@ def planned_sizes(family: Family, model_path: str, revision: str, dtype: torch.d
                 linear += m.weight.numel()
                 if "norm" not in name:  # modulation: once per sample, not per token
                     per_token += m.weight.numel() // (2 if double else 1)
-    return PlannedSizes(sum(p.numel() for p in model.parameters()) * item, lora_params * lora_cfg.rank, len(blocks),
+    return PlannedSizes(sum(p.numel() for p in model.parameters()) * item, lora_params * rank, len(blocks),
                         config["num_attention_heads"] * config["attention_head_dim"],
                         max(sum(p.numel() for p in b.parameters()) for b in blocks) * item, linear, per_token)
 
