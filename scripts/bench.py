@@ -49,7 +49,7 @@ from flux_lora.parallel import fsdp, session  # noqa: E402
 from flux_lora.parallel.ddp import wrap_ddp  # noqa: E402
 from flux_lora.training import lora  # noqa: E402
 from flux_lora.training.batches import Slice  # noqa: E402
-from flux_lora.training.model import build_model  # noqa: E402
+from flux_lora.training.model import build_model, train_settings_for  # noqa: E402
 from flux_lora.training.optim import make_optimizer  # noqa: E402
 from flux_lora.training.step import StepInputs, Trainee, pipelined_steps, train_step  # noqa: E402
 
@@ -57,7 +57,8 @@ from flux_lora.training.step import StepInputs, Trainee, pipelined_steps, train_
 class ShapedData:
     """Cache-shaped batches of the model's family (what CachedDataset.collate returns), random, on the host."""
 
-    def __init__(self, family, conf, batch: int, resolution: int, text_len: int, masked: bool = False):
+    def __init__(self, family, conf, batch: int, resolution: int, text_len: int, masked: bool = False,
+                 preserve: bool = False):
         g = torch.Generator().manual_seed(0)
         shapes = family.cache_shapes(conf, resolution, resolution, text_len)
         self.batch = {k: torch.randn(batch, *shape, generator=g) for k, shape in shapes.items()}
@@ -65,6 +66,9 @@ class ShapedData:
             if len(shapes[k]) == 2:  # sequences are cached in the encoders' dtype
                 self.batch[k] = self.batch[k].to(torch.bfloat16)
         self.empty = {k: torch.zeros(shapes[k], dtype=self.batch[k].dtype) for k in family.text_keys}
+        if preserve:  # the class-word captions of differential output preservation
+            self.batch.update({f"preserve_{k}": torch.randn(self.batch[k].shape, generator=g).to(self.batch[k].dtype)
+                               for k in family.text_keys})
         if masked:  # a loss mask over the left half, as a cache with masks/ holds it
             mask = torch.zeros(batch, *shapes["latents"][-2:], dtype=torch.float16)
             mask[..., : mask.shape[-1] // 2] = 1.0
@@ -190,7 +194,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
-             "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1)}
+             "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1),
+             "train.preservation_weight": setting.get("preservation_weight", 0.0)}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -211,20 +216,22 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         for _, p in lora.lora_parameters(model):
             p.data = p.data.to(torch.bfloat16)
     conf = model.config
-    data = ShapedData(family, conf, setting["batch"], setting["resolution"], args.text_len, setting.get("masked", False))
+    data = ShapedData(family, conf, setting["batch"], setting["resolution"], args.text_len, setting.get("masked", False),
+                      bool(setting.get("preservation_weight")))
     inputs = StepInputs(0, 1.0 if conf.guidance_embeds else None, "flux-shift", 0.0, 1.0, di.device,
                         loading.resolve_dtype("auto", di.device), family,
-                        caption_dropout=setting.get("caption_dropout", 0.0), empty_prompt=data.empty)
+                        caption_dropout=setting.get("caption_dropout", 0.0), empty_prompt=data.empty,
+                        preservation_weight=setting.get("preservation_weight", 0.0))
     slices = [Slice(0, list(range(setting["batch"])), list(range(setting["batch"])))]
     # counted on one sample (FLOPs grow linearly with the batch): the counting pass runs eagerly
     # through Python dispatch and needs far more memory than a compiled step
-    one_sample = ShapedData(family, conf, 1, setting["resolution"], args.text_len)
+    one_sample = ShapedData(family, conf, 1, setting["resolution"], args.text_len, preserve=bool(setting.get("preservation_weight")))
     flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"] \
         if setting.get("count_flops", True) else None
     note("FLOPs counted")
     if di.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
-    train_cfg = dataclasses.replace(cfg.train, compile=setting["compile"])
+    train_cfg = dataclasses.replace(train_settings_for(cfg), compile=setting["compile"])  # as train: e.g. DOP's graphs off
     compiled = compiled_blocks.use_compile(train_cfg, di.device)
     if compiled:
         # as train does: FSDP2 gathers each block's weights into new memory every step, which
@@ -321,6 +328,8 @@ def train_settings(args) -> list[dict]:
                 (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"),
                 (args.compare_masked, "masked loss", {"masked": True}, "loss_vs_masked"),
                 (args.compare_caption_dropout, "caption dropout 0.1", {"caption_dropout": 0.1}, "loss_vs_caption_dropout"),
+                (args.compare_preservation, "differential output preservation 1.0", {"preservation_weight": 1.0},
+                 "loss_vs_preservation"),
                 (args.compare_sharding, f"sharding={other_sharding}", {"sharding": other_sharding}, "loss_vs_other_sharding"),
                 (bool(args.compare_fsdp_unit_blocks), f"FSDP2 units of {args.compare_fsdp_unit_blocks} blocks",
                  {"sharding": "fsdp", "fsdp_unit_blocks": args.compare_fsdp_unit_blocks}, "loss_vs_fsdp_units"),
@@ -419,6 +428,7 @@ def main() -> None:
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--compare-masked", action="store_true", help="also run with a loss mask (half the image); the step's cost")
+    p.add_argument("--compare-preservation", action="store_true", help="also run with differential output preservation (weight 1): its second forward and backward")
     p.add_argument("--compare-caption-dropout", action="store_true", help="also run with caption dropout 0.1; the step's cost")
     p.add_argument("--sharding", default="ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP or FSDP2 (dist.sharding)")
     p.add_argument("--compare-sharding", action="store_true", help="under torchrun: also run the other sharding; compare the losses")
