@@ -37,12 +37,11 @@ def scalars(ev: dict) -> dict[str, float]:
     section = _SECTION.get(ev.get("event", ""))
     if section is None or ev.get("stage", "train") != "train":
         return {}
-    return {f"{section}/{k}": float(v) for k, v in ev.items()
-            if k not in _NOT_SCALARS and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+    return {f"{section}/{k}": v for k, v in summary_numbers(ev).items()}
 
 
 def summary_numbers(ev: dict) -> dict[str, float]:
-    """The top-level numbers of a done event (final_loss, steps, time_to_first_step_s, ...)."""
+    """The top-level numbers of an event (for done: final_loss, steps, time_to_first_step_s, ...)."""
     return {k: float(v) for k, v in ev.items()
             if k not in _NOT_SCALARS and isinstance(v, numbers.Real) and not isinstance(v, bool)}
 

@@ -21,7 +21,7 @@ import torch
 from flux_lora.config import Config, load_yaml, to_dict, to_yaml
 from flux_lora.data import cache, datasets
 from flux_lora.errors import CacheError, CheckpointError, ConfigError, DivergedError, FluxLoraError, StoppedError
-from flux_lora.fast import compiled_blocks
+from flux_lora.fast import compiled_blocks, memory, quantize
 from flux_lora.fast.compiled_blocks import zero_grad
 from flux_lora.fast.gc_freeze import GcPauses, frozen_gc_after_warmup
 from flux_lora.models import families, fingerprint, loading
@@ -33,7 +33,6 @@ from flux_lora.outputs.previews import Previewer
 from flux_lora.parallel import session
 from flux_lora.parallel.ddp import wrap_ddp
 from flux_lora.parallel.fsdp import is_sharded
-from flux_lora.fast import memory, quantize
 from flux_lora.training import checkpoint, conditioning, faults, lora, optim, plan, sharding, validation
 from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
 from flux_lora.training.ema import Ema
@@ -196,7 +195,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
                                  train_cfg.batch_size * di.world_size * train_cfg.grad_accum, train_cfg.seed)
     has_guidance = bool(getattr(model.config, "guidance_embeds", False))
     inputs = StepInputs(train_cfg.seed, train_cfg.guidance if has_guidance else None, train_cfg.timestep_sampling,
-                        train_cfg.logit_mean, train_cfg.logit_std, di.device, loading.resolve_dtype(cfg.model.dtype, di.device),
+                        train_cfg.logit_mean, train_cfg.logit_std, di.device, dtype,
                         family, caption_dropout=train_cfg.caption_dropout, empty_prompt=empty_prompt(cfg, family),
                         masked_loss=train_cfg.masked_loss, preservation_weight=preservation_weight(cfg, dataset),
                         dataset_weights=dataset_weights(cfg, manifest))
