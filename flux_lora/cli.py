@@ -116,7 +116,8 @@ def preprocess(
     model_transformer: Annotated[Optional[str], typer.Option(help="a single-file transformer the cache is for (recorded in its fingerprint; train must pass the same)")] = None,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="image folder, .zip, or http(s) URL of a zip (Kontext: targets + control/ images of the same stem, or NAME_control.EXT)")] = None,
     cache_dir: CacheOpt = None,
-    resolution: Annotated[Optional[int], typer.Option(help="target side in pixels (multiple of 16)")] = None,
+    resolution: Annotated[Optional[str], typer.Option(help="target side in pixels (multiple of 16), or several: 512,768,1024 (each image cached at each; the text once)")] = None,
+    add_resolution: Annotated[Optional[str], typer.Option(help="add resolution(s), e.g. 1024, to the finished cache in --cache-dir: only their latents are encoded; other settings come from the cache's config.yaml unless given")] = None,
     square: Annotated[Optional[bool], typer.Option("--square/--buckets", help="center-crop squares instead of aspect buckets")] = None,
     trigger_word: Annotated[Optional[str], typer.Option(help="word prepended to every caption")] = None,
     captioner: Annotated[Optional[str], typer.Option(help="captioner for images without .txt (BLIP, Florence-2, Qwen2.5-VL/Qwen3-VL, LLaVA/JoyCaption: id or path), or none")] = None,
@@ -137,7 +138,7 @@ def preprocess(
     debug: DebugOpt = False,
 ) -> None:
     """Stage 1: caption, resize and encode images into CACHE (rank r handles items r, r+N, ...)."""
-    flags = {"model.path": model, "model.transformer_file": model_transformer, "data.source": data, "data.cache_dir": cache_dir, "data.resolution": resolution,
+    flags = {"model.path": model, "model.transformer_file": model_transformer, "data.source": data, "data.cache_dir": cache_dir,
              "data.square": square, "data.trigger_word": trigger_word, "data.captioner": captioner, "data.caption_prompt": caption_prompt,
              "data.default_caption": default_caption, "data.max_sequence_length": max_sequence_length,
              "data.sample_prompts": sample_prompt or None, "preprocess.batch_size": batch_size,
@@ -145,9 +146,14 @@ def preprocess(
              "data.trust_remote_code": trust_remote_code, "output.json": json_events}
 
     def go():
+        from flux_lora.config import data_resolution_flags
         from flux_lora.data import preprocess as stage
 
-        stage.run(_build(config, flags, set_))
+        flags.update(data_resolution_flags(resolution))
+        if add_resolution is not None:
+            stage.run(stage.extension_config(cache_dir, add_resolution, config, flags, set_))
+        else:
+            stage.run(_build(config, flags, set_))
     guarded(go, debug)
 
 

@@ -62,6 +62,7 @@ class DataConfig:
     source: str = doc("", "images: a folder, a .zip file, an http(s) URL of a zip, or a datasets .yaml listing several (each with its trigger word, default caption, repeats, regularization: flux_lora/data/datasets.py)")
     cache_dir: str = doc("", "cache directory written by preprocess and read by train")
     resolution: int = doc(512, "target side in pixels (multiple of 16); buckets keep about resolution² pixels", low=16)
+    resolutions: list = doc([], "several resolutions in one cache, e.g. [512, 768, 1024] (ai-toolkit's resolution list; on the command line --resolution 512,768,1024): each image is cached at each, with buckets per resolution, and training draws every batch from one bucket of one of them; the first is data.resolution (previews use it). The text is encoded once; `preprocess --add-resolution R` adds one to a finished cache")
     square: bool = doc(False, "center-crop every image to resolution×resolution instead of aspect buckets")
     trigger_word: str = doc("", "prepended to every caption (once); replaces a [trigger] placeholder")
     caption_lines: bool = doc(False, "each non-empty line of a .txt is one caption of its image (several captions per image); a step trains on one of them, drawn from the seed, the step and the sample's position")
@@ -77,12 +78,40 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_ranges("data", self)
+        self.resolutions = parse_resolutions(self.resolutions)
+        if self.resolutions:
+            self.resolution = self.resolutions[0]
         if self.resolution <= 0 or self.resolution % 16:
             raise ConfigError(f"data.resolution={self.resolution} is not a positive multiple of 16; use e.g. 512 or 1024")
         self.sample_prompts = [str(p) for p in self.sample_prompts]
         _choice("data.masks", self.masks, ("auto", "folder", "alpha", "off"))
         if self.class_word and not self.trigger_word:
             raise ConfigError("data.class_word replaces the trigger word in each caption; set data.trigger_word (--trigger-word) too")
+
+
+def parse_resolutions(values) -> list[int]:
+    """[512, "768,1024"] -> [512, 768, 1024]: whole numbers, multiples of 16, each once, in order."""
+    out: list[int] = []
+    for value in values if isinstance(values, list) else [values]:
+        for part in str(value).replace(" ", "").split(","):
+            if not part:
+                continue
+            if not part.isdigit() or int(part) <= 0 or int(part) % 16:
+                raise ConfigError(f"data.resolutions: {part!r} is not a positive multiple of 16; "
+                                  "give sides in pixels, e.g. --resolution 512,768,1024")
+            if int(part) not in out:
+                out.append(int(part))
+    return out
+
+
+def data_resolution_flags(text: str | None) -> dict:
+    """--resolution 512 or 512,768,1024 -> the config keys it sets."""
+    if text is None:
+        return {}
+    sides = parse_resolutions([text])
+    if not sides:
+        raise ConfigError(f"--resolution {text!r} names no resolution; give e.g. 512 or 512,768,1024")
+    return {"data.resolution": sides[0], "data.resolutions": sides if len(sides) > 1 else None}
 
 
 @dataclass

@@ -3,6 +3,7 @@
     CACHE/settings.json                        what the cache is being built with (claims the dir)
     CACHE/shards/rank-RRRRR-of-NNNNN-part-PPPP.pt    one chunk of rank R's items
     CACHE/shards/rank-RRRRR-of-NNNNN-part-PPPP.json  its sidecar: sha256, planned and stored items
+    CACHE/shards/res-SSSSS/rank-...                  a further resolution's chunks (latents only)
     CACHE/manifest.json                        written last, by rank 0: the cache is complete
     CACHE/samples.pt                           embeddings of the sample prompts (may be absent)
     CACHE/empty_prompt.pt                      embeddings of the empty caption (caption dropout)
@@ -22,6 +23,12 @@ A shard is a dict loaded with `torch.load(weights_only=True, mmap=True)`:
     share a row); editing pairs add control, a list of [C, h, w] latents of the control images;
     a masked dataset adds mask, a list of float16 [h, w] loss weights at the latents' size; with
     data.class_word, preserve_id [n] points at each caption's class-word version in the same table.
+
+Several resolutions (data.resolutions): the first is the base, whose shards hold everything above.
+Each further one is a layer, shards/res-SSSSS/, whose shards hold the items' latents (control,
+mask) at that size and no text: an item's text is read from its base item. The manifest lists the
+base's shards and items at the top and each layer's under "layers"; `all_shards` and `all_items`
+flatten them. A layer is added to a finished cache without encoding any text again.
 """
 
 from __future__ import annotations
@@ -52,19 +59,20 @@ def shard_name(rank: int, world: int, part: int) -> str:
 
 # ---------------------------------------------------------------- writing
 
-def pack_shard(items: list[dict], texts: dict[str, torch.Tensor]) -> dict:
-    """items: dicts with index, latents, bucket, caption, source, text_id (and control for pairs);
-    texts: the encoded unique captions, one [U, ...] tensor per text key."""
+def pack_shard(items: list[dict], texts: dict[str, torch.Tensor] | None) -> dict:
+    """items: dicts with index, latents, bucket, source, and with text caption and text_id (and
+    control for pairs); texts: the encoded unique captions, one [U, ...] tensor per text key, or
+    None for a further resolution's shard (its items' text is the base's)."""
     shard = {
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
         "latents": [it["latents"].contiguous() for it in items],
         "bucket": [list(it["bucket"]) for it in items],
-        "caption": [it["caption"] for it in items],
         "source": [it["source"] for it in items],
-        "text_id": torch.tensor([it["text_id"] for it in items], dtype=torch.int64),
-        "text_keys": list(texts),
-        **{k: v.contiguous() for k, v in texts.items()},
     }
+    if texts is not None:
+        shard.update({"caption": [it["caption"] for it in items],
+                      "text_id": torch.tensor([it["text_id"] for it in items], dtype=torch.int64),
+                      "text_keys": list(texts), **{k: v.contiguous() for k, v in texts.items()}})
     if items and "control" in items[0]:
         shard["control"] = [it["control"].contiguous() for it in items]
     if items and "mask" in items[0]:
@@ -85,8 +93,8 @@ def write_shard(shards_dir: Path, name: str, shard: dict, planned: list[int], sk
     files.write_atomic(shards_dir / f"{name}.pt", data, every_rank=True)
     side = {"file": f"{name}.pt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "planned": planned, "items": len(shard["index"]), "index": shard["index"].tolist(),
-            "bucket": shard["bucket"], "caption": shard["caption"], "source": shard["source"],
-            "skipped": skipped, **({"captions": shard["captions"]} if "captions" in shard else {})}
+            "bucket": shard["bucket"], "source": shard["source"], "skipped": skipped,
+            **{k: shard[k] for k in ("caption", "captions") if k in shard}}
     files.write_atomic(shards_dir / f"{name}.json", side, as_json=True, every_rank=True)
     return side
 
@@ -100,15 +108,56 @@ def valid_sidecar(shards_dir: Path, name: str, planned: list[int]) -> dict | Non
     return side if files.sha256_file(pt) == side["sha256"] else None
 
 
-def build_manifest(settings: dict, sidecars: list[dict]) -> dict:
+def layer_dir(resolution: int) -> str:
+    """A further resolution's folder under shards/."""
+    return f"res-{resolution:05d}"
+
+
+def shard_entries(sidecars: list[dict], folder: str = "") -> tuple[list[dict], list[list]]:
+    """The manifest's shards (files relative to shards/) and items [index, shard, position, w, h]."""
     shards, items = [], []
     for s_idx, side in enumerate(sidecars):
-        shards.append({"file": side["file"], "items": side["items"], "sha256": side["sha256"], "bytes": side["bytes"]})
+        shards.append({"file": folder + side["file"], "items": side["items"], "sha256": side["sha256"],
+                       "bytes": side["bytes"]})
         for pos, (index, bucket) in enumerate(zip(side["index"], side["bucket"])):
             items.append([index, s_idx, pos, bucket[0], bucket[1]])
-    items.sort()
+    return shards, sorted(items)
+
+
+def build_manifest(settings: dict, sidecars: list[dict], layers: list[dict] | None = None) -> dict:
+    shards, items = shard_entries(sidecars)
     return {**settings, "format_version": FORMAT_VERSION, "shards": shards, "total_items": len(items),
-            "items_columns": ["index", "shard", "position", "width", "height"], "items": items}
+            "items_columns": ["index", "shard", "position", "width", "height"], "items": items,
+            **({"layers": layers} if layers else {})}
+
+
+def build_layer(resolution: int, square: bool, world: int, sidecars: list[dict]) -> dict:
+    """The manifest's record of a further resolution: its buckets, shards and items."""
+    shards, items = shard_entries(sidecars, layer_dir(resolution) + "/")
+    return {"resolution": resolution, "buckets": [list(b) for b in make_buckets(resolution, square)],
+            "world_size": world, "shards": shards, "items": items}
+
+
+def resolutions_of(manifest_or_settings: dict) -> list[int]:
+    """Every resolution a cache holds (or is built with), the base first."""
+    return manifest_or_settings.get("resolutions") or [manifest_or_settings["resolution"]]
+
+
+def all_shards(manifest: dict) -> list[dict]:
+    """The base's shards, then each layer's."""
+    return manifest["shards"] + [s for layer in manifest.get("layers", []) for s in layer["shards"]]
+
+
+def all_items(manifest: dict) -> list[list]:
+    """Every item of every resolution as [index, shard, position, w, h] over all_shards: the
+    base's first (in index order), then each layer's; a layer's item whose image the base does
+    not hold (it failed to read there) is left out, as it has no text."""
+    items, offset = [list(r) for r in manifest["items"]], len(manifest["shards"])
+    held = {r[0] for r in manifest["items"]}
+    for layer in manifest.get("layers", []):
+        items += [[r[0], r[1] + offset, *r[2:]] for r in layer["items"] if r[0] in held]
+        offset += len(layer["shards"])
+    return items
 
 
 # ---------------------------------------------------------------- claiming and finishing
@@ -135,14 +184,18 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
     return h.hexdigest()[:32]
 
 
-def cache_settings(cfg: Config, sources: list[SourceImage], world: int, family: str = "flux1") -> dict:
+def cache_settings(cfg: Config, sources: list[SourceImage], world: int, family: str = "flux1",
+                   resolutions: list[int] | None = None) -> dict:
+    """What the cache is built with; `resolutions` (the base first) defaults to data.resolution(s)."""
+    resolutions = resolutions or cfg.data.resolutions or [cfg.data.resolution]
     # a --model-transformer file is recorded (and in the fingerprint) only when given: older caches keep theirs
     file = {"transformer_file": cfg.model.transformer_file} if cfg.model.transformer_file else {}
+    several = {"resolutions": resolutions} if len(resolutions) > 1 else {}  # (only then: older caches keep theirs)
     return {"model": cfg.model.path, "family": family, **file,
             "fingerprint": model_fingerprint.fingerprint(cfg.model.path, cfg.data.max_sequence_length, cfg.model.revision,
                                                          cfg.model.transformer_file),
-            "resolution": cfg.data.resolution, "square": cfg.data.square,
-            "buckets": [list(b) for b in make_buckets(cfg.data.resolution, cfg.data.square)],
+            "resolution": resolutions[0], "square": cfg.data.square, **several,
+            "buckets": [list(b) for b in make_buckets(resolutions[0], cfg.data.square)],
             "max_sequence_length": cfg.data.max_sequence_length, "dataset": dataset_identity(cfg, sources),
             "num_sources": len(sources), "world_size": world, "chunk_items": cfg.preprocess.chunk_items}
 
@@ -151,20 +204,26 @@ _LAYOUT_KEYS = ("world_size", "chunk_items")
 _IGNORED_KEYS = ("model", "source_root", "family", "transformer_file")  # the fingerprint and dataset identity cover these
 
 
-def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
+def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> dict | None:
     """Rank 0, holding the cache's lock: record the settings this cache is built with, or refuse
-    a cache built with others. Returns True if a complete cache with these settings exists."""
+    a cache built with others. Returns the manifest of a finished cache with these settings (one
+    that may lack some of the resolutions asked for: those are added to it), else None."""
     old = None if overwrite else files.read_json(cache_dir / "settings.json")  # --overwrite emptied it first
     if old is None and (cache_dir / "shards").is_dir() and any((cache_dir / "shards").iterdir()):
         raise CacheError(f"{cache_dir} holds shards of an unknown cache; pass --overwrite or another --cache-dir")
     if old is not None:
-        diff = [k for k in settings if k not in _LAYOUT_KEYS + _IGNORED_KEYS and old.get(k) != settings[k]]
+        diff = [k for k in settings if k not in _LAYOUT_KEYS + _IGNORED_KEYS + ("resolutions",)
+                and old.get(k) != settings[k]]
         if diff:
             raise CacheError(f"{cache_dir} holds a cache built with different {', '.join(diff)}; "
                              "pass --overwrite to rebuild it or choose another --cache-dir")
         manifest = files.read_json(cache_dir / "manifest.json")
-        if manifest and not check_shard_files(cache_dir, manifest, hashes=False):
-            return True
+        if manifest and manifest.get("format_version") == FORMAT_VERSION \
+                and not check_shard_files(cache_dir, manifest, hashes=False):
+            if resolutions_of(settings) != resolutions_of(old):  # layers to add: the finished ones stay
+                files.write_atomic(cache_dir / "settings.json", {**old, "resolutions": resolutions_of(settings)},
+                                   as_json=True)
+            return manifest
         layout = [k for k in _LAYOUT_KEYS if old.get(k) != settings[k]]
         if layout:
             raise CacheError(f"{cache_dir} holds an unfinished cache started with "
@@ -173,7 +232,17 @@ def claim_cache(cache_dir: Path, settings: dict, overwrite: bool) -> bool:
     (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
     (cache_dir / "manifest.json").unlink(missing_ok=True)
     files.write_atomic(cache_dir / "settings.json", settings, as_json=True)
-    return False
+    return None
+
+
+def merged_resolutions(old_settings: dict | None, requested: list[int]) -> list[int]:
+    """The resolutions a cache is built with: those asked for; when a cache already in the folder
+    has its base among them, that base first and every resolution it holds kept (a cache only
+    gains resolutions; --overwrite starts over)."""
+    if not old_settings or old_settings.get("resolution") not in requested:
+        return list(requested)
+    base = old_settings["resolution"]
+    return [base] + [r for r in dict.fromkeys(resolutions_of(old_settings) + list(requested)) if r != base]
 
 
 def plan_parts(mine: list[int], chunk: int) -> list[list[int]]:
@@ -181,16 +250,32 @@ def plan_parts(mine: list[int], chunk: int) -> list[list[int]]:
     return [mine[i:i + chunk] for i in range(0, len(mine), chunk)] or [[]]
 
 
-def write_manifest(cache_dir: Path, settings: dict, reporter) -> dict:
-    """Rank 0, after every rank is done: manifest.json (the cache is complete) + captions.jsonl."""
-    world = settings["world_size"]
-    sidecars = []
-    for side_path in sorted((cache_dir / "shards").glob(f"rank-*-of-{world:05d}-part-*.json")):
+def _sidecars(folder: Path, world: int) -> list[dict]:
+    out = []
+    for side_path in sorted(folder.glob(f"rank-*-of-{world:05d}-part-*.json")):
         side = files.read_json(side_path)
         if side is None:
             raise CacheError(f"{side_path} is unreadable; rerun preprocess to rebuild that chunk")
-        sidecars.append(side)
-    manifest = build_manifest(settings, sidecars)
+        out.append(side)
+    return out
+
+
+def write_manifest(cache_dir: Path, settings: dict, reporter, finished: dict | None = None) -> dict:
+    """Rank 0, after every rank is done: manifest.json (the cache is complete) + captions.jsonl.
+    `finished`: the manifest of the finished cache being given more resolutions; its base and
+    layers are kept as they are."""
+    world, resolutions = settings["world_size"], resolutions_of(settings)
+    kept = {layer["resolution"]: layer for layer in (finished or {}).get("layers", [])}
+    layers = [kept.get(r) or build_layer(r, settings["square"], world,
+                                         _sidecars(cache_dir / "shards" / layer_dir(r), world))
+              for r in resolutions[1:]]
+    if finished is not None:
+        manifest = {k: v for k, v in finished.items() if k not in ("resolutions", "layers")}
+        manifest.update({"resolutions": resolutions, "layers": layers} if layers else {})
+        files.write_atomic(cache_dir / "manifest.json", manifest, as_json=True)
+        return {"total_items": manifest["total_items"], "skipped": 0, "shards": len(all_shards(manifest))}
+    sidecars = _sidecars(cache_dir / "shards", world)
+    manifest = build_manifest(settings, sidecars, layers)
     skipped = [s for side in sidecars for s in side.get("skipped", [])]
     if manifest["total_items"] == 0:
         raise DataError(f"no usable images: all {len(skipped)} file(s) in {settings['source_root']} were unreadable; "
@@ -205,7 +290,7 @@ def write_manifest(cache_dir: Path, settings: dict, reporter) -> dict:
                                           side.get("captions", [[c] for c in side["caption"]]))]
     files.write_atomic(cache_dir / "captions.jsonl", "\n".join(sorted(lines, key=lambda line: json.loads(line)["index"])) + "\n")
     files.write_atomic(cache_dir / "manifest.json", manifest, as_json=True)
-    return {"total_items": manifest["total_items"], "skipped": len(skipped), "shards": len(manifest["shards"])}
+    return {"total_items": manifest["total_items"], "skipped": len(skipped), "shards": len(all_shards(manifest))}
 
 
 # ---------------------------------------------------------------- reading
@@ -216,6 +301,7 @@ class CacheItem:
     shard: int
     position: int
     bucket: tuple[int, int]
+    text: tuple[int, int]  # (shard, position) of the item holding its text: itself, or its base item
 
 
 def load_manifest(cache_dir: Path) -> dict:
@@ -238,7 +324,7 @@ def check_shard_files(cache_dir: Path, manifest: dict, rank: int = 0, world: int
     """Problems with the shards: every file's presence and size; with `hashes`, the sha256 of the
     shards this rank checks (rank r of W hashes shards r, r+W, ...)."""
     problems = []
-    for i, shard in enumerate(manifest["shards"]):
+    for i, shard in enumerate(all_shards(manifest)):
         path = Path(cache_dir) / "shards" / shard["file"]
         if not path.is_file():
             problems.append(f"shard {shard['file']} is missing")
@@ -254,8 +340,10 @@ class CachedDataset:
 
     def __init__(self, cache_dir: Path, manifest: dict):
         self.dir = Path(cache_dir) / "shards"
-        self.files = [s["file"] for s in manifest["shards"]]
-        self.items = [CacheItem(r[0], r[1], r[2], (r[3], r[4])) for r in manifest["items"]]
+        self.files = [s["file"] for s in all_shards(manifest)]
+        base = {r[0]: (r[1], r[2]) for r in manifest["items"]}
+        self.items = [CacheItem(r[0], r[1], r[2], (r[3], r[4]), base[r[0]]) for r in all_items(manifest)]
+        self.base_items = len(manifest["items"])  # the first ones: one per image, at the base resolution
         self.datasets = manifest.get("datasets")  # a datasets file's: each item's dataset goes into its batch
         self._open: dict[int, dict] = {}
 
@@ -276,21 +364,23 @@ class CachedDataset:
         item with several captions gives caption `pick` (mod their number), or its first."""
         item = self.items[k]
         shard = self._shard(item.shard)
-        text = int(shard["text_id"][item.position])
-        if pick is not None and "text_ids" in shard:
-            choices = shard["text_ids"][item.position]
+        texts, at = self._shard(item.text[0]), item.text[1]  # a further resolution's item reads its base's text
+        text = int(texts["text_id"][at])
+        if pick is not None and "text_ids" in texts:
+            choices = texts["text_ids"][at]
             text = int(choices[pick % len(choices)])
         out = {"latents": shard["latents"][item.position], "index": item.index, "bucket": item.bucket}
         if self.datasets:
             out["dataset"] = torch.tensor(dataset_of(self.datasets, item.index))
-        out.update({key: shard[key][text] for key in shard.get("text_keys", ("t5", "clip"))})
+        keys = texts.get("text_keys", ("t5", "clip"))
+        out.update({key: texts[key][text] for key in keys})
         if "control" in shard:
             out["control"] = shard["control"][item.position]
         if "mask" in shard:
             out["mask"] = shard["mask"][item.position]
-        if "preserve_id" in shard:  # the caption with the class word (preservation), under preserve_KEY
-            row = int(shard["preserve_id"][item.position])
-            out.update({f"preserve_{key}": shard[key][row] for key in shard.get("text_keys", ("t5", "clip"))})
+        if "preserve_id" in texts:  # the caption with the class word (preservation), under preserve_KEY
+            row = int(texts["preserve_id"][at])
+            out.update({f"preserve_{key}": texts[key][row] for key in keys})
         return out
 
     def collate(self, positions: list[int], picks: list[int] | None = None) -> dict:

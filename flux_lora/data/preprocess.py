@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flux_lora.config import Config
+from flux_lora.config import Config, build_config, parse_resolutions
 from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
 from flux_lora.fast import memory
-from flux_lora.data.images import load_mask, load_rgb, nearest_bucket, resize_to_bucket
+from flux_lora.data.images import load_mask, load_rgb, make_buckets, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
-from flux_lora.errors import CacheError, DataError
+from flux_lora.errors import CacheError, ConfigError, DataError
 from flux_lora.models import families, loading, placement
 from flux_lora.models.families.base import Family
 from flux_lora.outputs import files
@@ -81,15 +82,23 @@ class Progress:
         self.dir, self.di, self.total, self.reporter = cache_dir / "progress", di, total, reporter
         self.dir.mkdir(parents=True, exist_ok=True)
         self.t0, self.done_here, self.base = time.time(), 0, 0
+        self.spans: list[tuple[int, float]] = []  # (items, seconds) of each finished stretch of encoding
 
     def restart(self) -> None:
+        """Encoding starts (again) now: what was counted before is not this stretch's work."""
         self.t0, self.base = time.time(), self.done_here
+
+    def close_span(self) -> None:
+        """A stretch of encoding (one resolution's chunks) is over: keep its items and time."""
+        self.spans.append((self.done_here - self.base, time.time() - self.t0))
+        self.restart()
 
     def throughput(self) -> dict:
         """Items encoded by all ranks in this run over the longest rank's encoding time: the
         stage's rate (the live events only see the ranks' files as rank 0 finishes a chunk).
         A collective: every rank calls it."""
-        rows = session.gather_objects((self.done_here - self.base, time.time() - self.t0))
+        spans = self.spans + [(self.done_here - self.base, time.time() - self.t0)]
+        rows = session.gather_objects((sum(n for n, _ in spans), sum(t for _, t in spans)))
         items, seconds = sum(n for n, _ in rows), max(t for _, t in rows)
         return {"encoded_items": items, "encode_s": seconds,
                 "items_per_s": items / seconds if seconds > 0 and items else None}
@@ -146,11 +155,11 @@ def _caption_batch(captioner: Captioner, batch: list[dict]) -> dict[int, str]:
 class Encoders:
     """The family's VAE + text encoders on this rank's device, loaded once for all chunks."""
 
-    def __init__(self, cfg: Config, device: torch.device, family: Family, reporter=None):
+    def __init__(self, cfg: Config, device: torch.device, family: Family, reporter=None, text: bool = True):
         dtype = loading.resolve_dtype(cfg.model.dtype, device)
         self.family = family
         self.vae = family.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
-        self.text = load_text_encoders(cfg, device, family, reporter)
+        self.text = load_text_encoders(cfg, device, family, reporter) if text else None  # a further resolution: latents only
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
 
@@ -224,6 +233,20 @@ def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[st
     return cache.pack_shard(items, encoded)
 
 
+def encode_layer_chunk(enc: Encoders, records: list[dict], sources: list[SourceImage]) -> dict:
+    """A further resolution's chunk: latents (control, mask) only; the text is the base's."""
+    latents = enc.latents(records)
+    controls = enc.latents(records, "control") if records and "control" in records[0] else {}
+    items = [{"index": r["index"], "latents": latents[r["index"]], "bucket": r["bucket"],
+              "source": sources[r["index"]].name} for r in records]
+    for item in items if controls else []:
+        item["control"] = controls[item["index"]]
+    masked = {r["index"]: r["mask"] for r in records if "mask" in r}
+    for item in items if masked else []:
+        item["mask"] = latent_mask(masked.get(item["index"]), item["latents"].shape[-2:])
+    return cache.pack_shard(items, None)
+
+
 def latent_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
     """A pixel mask (uint8 [H, W], or None: learn everything) averaged over each latent pixel's
     area: float16 [h, w] in [0, 1]."""
@@ -254,27 +277,50 @@ def final_captions(cfg: Config, entries, auto: dict[int, str]) -> dict[int, list
     return out
 
 
-def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress: Progress, family: Family) -> None:
-    """Encode and write every chunk of this rank that is not already complete on disk."""
-    shards_dir = Path(cfg.data.cache_dir) / "shards"
-    world = di.world_size
+@dataclass(frozen=True)
+class Layer:
+    """One resolution of the cache being encoded: the base (text and latents) or a further one."""
+    resolution: int
+    buckets: list
+    shards_dir: Path
+    base: bool
+
+
+def layers_to_encode(cfg: Config, resolutions: list[int], finished: dict | None) -> list[Layer]:
+    """The resolutions still to encode: all of them for a new cache; for a finished one, those it lacks."""
+    shards = Path(cfg.data.cache_dir) / "shards"
+    done = set(cache.resolutions_of(finished)) if finished else set()
+    return [Layer(r, make_buckets(r, cfg.data.square), shards if k == 0 else shards / cache.layer_dir(r), k == 0)
+            for k, r in enumerate(resolutions) if r not in done]
+
+
+def pending_parts(layer: Layer, di, parts, progress: Progress) -> list[tuple[int, list[int]]]:
+    """This rank's chunks of a layer not already complete on disk (those count as done)."""
     pending = []
     for p, planned in enumerate(parts):
-        name = cache.shard_name(di.rank, world, p)
-        if cache.valid_sidecar(shards_dir, name, planned) is not None:
+        if cache.valid_sidecar(layer.shards_dir, cache.shard_name(di.rank, di.world_size, p), planned) is not None:
             progress.add(len(planned))
         else:
             pending.append((p, planned))
+    return pending
+
+
+def encode_pending(cfg: Config, di, parts, sources, layer: Layer, reporter, progress: Progress, family: Family) -> None:
+    """Encode and write every chunk of this rank and layer that is not already complete on disk."""
+    layer.shards_dir.mkdir(parents=True, exist_ok=True)
+    pending = pending_parts(layer, di, parts, progress)
     if not pending:
         progress.restart()  # nothing encoded here: the chunks found complete are not this run's work
         return
     entries = [(i, sources[i]) for _, planned in pending for i in planned]
-    captions = final_captions(cfg, entries, caption_missing(cfg, entries, buckets, di, reporter))
-    preserve = {i: replace_trigger(texts[0], trigger_word(cfg, sources[i]), cfg.data.class_word)
-                for i, texts in captions.items()} if cfg.data.class_word else None
-    enc = Encoders(cfg, di.device, family, reporter if di.is_main else None) if entries else None
+    captions = preserve = None
+    if layer.base:
+        captions = final_captions(cfg, entries, caption_missing(cfg, entries, layer.buckets, di, reporter))
+        preserve = {i: replace_trigger(texts[0], trigger_word(cfg, sources[i]), cfg.data.class_word)
+                    for i, texts in captions.items()} if cfg.data.class_word else None
+    enc = Encoders(cfg, di.device, family, reporter if di.is_main else None, text=layer.base) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
-    stream = iter(_decoded(entries, buckets, cfg.preprocess))
+    stream = iter(_decoded(entries, layer.buckets, cfg.preprocess))
     writer = ThreadPoolExecutor(max_workers=1)  # serialising + hashing + fsync overlap the next chunk
     writing = None
     for p, planned in pending:
@@ -286,20 +332,26 @@ def encode_pending(cfg: Config, di, parts, sources, buckets, reporter, progress:
             if "error" in rec:
                 if cfg.data.strict:
                     raise DataError(f"{rec['error']} (--strict); remove or fix the file")
-                reporter.warning(f"skipping {rec['error']}", file=sources[rec["index"]].name)
+                if layer.base:  # a further resolution's failures are the base's: reported once
+                    reporter.warning(f"skipping {rec['error']}", file=sources[rec["index"]].name)
                 skipped.append({"index": rec["index"], "source": sources[rec["index"]].name, "error": rec["error"]})
             else:
                 records.append(rec)
-        shard = encode_chunk(enc, records, captions, sources, preserve) if records else cache.pack_shard([], {})
+        if not layer.base:
+            shard = encode_layer_chunk(enc, records, sources)
+        else:
+            shard = encode_chunk(enc, records, captions, sources, preserve) if records else cache.pack_shard([], {})
         if writing is not None:
             writing.result()  # at most one chunk in flight: memory stays bounded, errors surface
-        writing = writer.submit(_write_chunk, shards_dir, cache.shard_name(di.rank, world, p), shard, planned,
-                                skipped, progress)
+        writing = writer.submit(_write_chunk, layer.shards_dir, cache.shard_name(di.rank, di.world_size, p), shard,
+                                planned, skipped, progress)
     if writing is not None:
         writing.result()
     writer.shutdown()
+    progress.close_span()
     if enc is not None:
-        reporter.emit("timing", rank=di.rank, **{f"{k}_s": round(v, 3) for k, v in enc.seconds.items()})
+        reporter.emit("timing", rank=di.rank, resolution=layer.resolution,
+                      **{f"{k}_s": round(v, 3) for k, v in enc.seconds.items()})
         enc.close()
 
 
@@ -414,6 +466,26 @@ def gather_sources(cfg: Config, cache_dir: Path, family: Family, reporter) -> tu
     return sources, cfg.data.source, recorded
 
 
+def extension_config(cache_dir: str | None, added: str, config_path, flags: dict, sets) -> Config:
+    """`preprocess --add-resolution R`: the finished cache's own config (CACHE/config.yaml, or
+    --config) under the flags given, with R added to the resolutions it holds."""
+    if not cache_dir:
+        raise ConfigError("--add-resolution adds to a finished cache; pass its --cache-dir")
+    if flags.get("data.resolution") is not None:
+        raise ConfigError("pass --resolution (the cache's resolutions) or --add-resolution (more of them), not both")
+    if flags.get("preprocess.overwrite"):
+        raise ConfigError("--add-resolution keeps the cache and --overwrite rebuilds it; pass one of them")
+    manifest = cache.load_manifest(Path(cache_dir))
+    added_sides = parse_resolutions([added])
+    if not added_sides:
+        raise ConfigError(f"--add-resolution {added!r} names no resolution; give e.g. 1024 or 768,1024")
+    own = Path(cache_dir) / "config.yaml"
+    base = config_path if config_path is not None else (own if own.is_file() else None)
+    # the cache's config.yaml may say overwrite (the run that built it): adding keeps what is there
+    flags = {**flags, "data.resolutions": cache.resolutions_of(manifest) + added_sides, "preprocess.overwrite": False}
+    return build_config(base, flags, sets or [])
+
+
 def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     loading.check_model_path(cfg.model.path)
     family = families.of_model(cfg.model.path, cfg.model.revision)
@@ -421,24 +493,35 @@ def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     for source in sources if di.is_main else []:
         if source.note:
             reporter.warning(f"{source.name}: {source.note}", file=source.name)
-    settings = {**cache.cache_settings(cfg, sources, di.world_size, family.name), "source_root": str(root),
+    old = None if cfg.preprocess.overwrite else session.main_then_share(
+        lambda: files.read_json(cache_dir / "settings.json"))
+    resolutions = cache.merged_resolutions(old, cfg.data.resolutions or [cfg.data.resolution])
+    settings = {**cache.cache_settings(cfg, sources, di.world_size, family.name, resolutions), "source_root": str(root),
                 **({"datasets": recorded} if recorded else {})}
-    complete = session.main_then_share(lambda: cache.claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
-    reporter.start(len(sources), "preprocess", world_size=di.world_size, dataset_size=len(sources),
-                   cache_dir=str(cache_dir), resolution=cfg.data.resolution)
-    if complete:
+    finished = session.main_then_share(lambda: cache.claim_cache(cache_dir, settings, cfg.preprocess.overwrite))
+    todo = layers_to_encode(cfg, resolutions, finished)
+    reporter.start(len(sources) * max(len(todo), 1), "preprocess", world_size=di.world_size, dataset_size=len(sources),
+                   cache_dir=str(cache_dir), resolution=cfg.data.resolution, resolutions=resolutions)
+    if not todo:
         reporter.info(f"cache in {cache_dir} is already complete for these settings; nothing to do")
-        summary = session.main_then_share(lambda: {"total_items": files.read_json(cache_dir / "manifest.json")["total_items"]})
+        summary = {"total_items": finished["total_items"]}
     else:
+        if finished:
+            reporter.info(f"adding {', '.join(str(layer.resolution) for layer in todo)} px to the finished cache in "
+                          f"{cache_dir}: latents only, its text is reused")
         parts = cache.plan_parts(session.shard_indices(len(sources), di.rank, di.world_size), cfg.preprocess.chunk_items)
-        progress = Progress(cache_dir, di, len(sources), reporter)
-        encode_pending(cfg, di, parts, sources, settings["buckets"], reporter, progress, family)
+        progress = Progress(cache_dir, di, len(sources) * len(todo), reporter)
+        for layer in todo:
+            encode_pending(cfg, di, parts, sources, layer, reporter, progress, family)
         rate = progress.throughput()  # also the barrier before rank 0 writes the manifest
-        summary = {**session.main_then_share(lambda: cache.write_manifest(cache_dir, settings, reporter)), **rate}
+        summary = {**session.main_then_share(lambda: cache.write_manifest(cache_dir, settings, reporter, finished)),
+                   **rate}
     if di.is_main:
         write_samples(cfg, di, family)  # encodes: only rank 0 loads the text encoders again
-    cache.write_config(cache_dir, cfg)
+    held = dataclasses.replace(cfg.data, resolutions=resolutions if len(resolutions) > 1 else [])
+    cache.write_config(cache_dir, dataclasses.replace(cfg, data=held))  # what --add-resolution builds on
     summary["host_peak_rss_mib_per_rank"] = session.gather_objects(memory.host_peak_rss_mib())  # also the barrier
     reporter.done(**summary, cache_dir=str(cache_dir))
-    reporter.info(f"cache ready: {summary['total_items']} items in {cache_dir}")
+    reporter.info(f"cache ready: {summary['total_items']} items in {cache_dir}"
+                  + (f" at {', '.join(map(str, resolutions))} px" if len(resolutions) > 1 else ""))
     return summary

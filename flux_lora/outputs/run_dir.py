@@ -37,7 +37,7 @@ OURS = {
                "lora-step-*.safetensors", "best.safetensors", "checkpoints/step-*", "checkpoints/.step-*.tmp",
                "samples/step-*.png", FAILURES],
     "cache": ["events.jsonl", "config.yaml", "settings.json", "manifest.json", "captions.jsonl", "samples.pt", "empty_prompt.pt",
-              "shards/rank-*", "progress/rank-*", "download/*", "extracted", ".extracted.tmp", "dataset-*", FAILURES],
+              "shards/rank-*", "shards/res-*", "progress/rank-*", "download/*", "extracted", ".extracted.tmp", "dataset-*", FAILURES],
 }
 _BOOKKEEPING = {MARKER, LOCK}
 _CONTAINERS = ("checkpoints", "samples", "shards", "progress", "download")  # looked into, entry by entry

@@ -141,7 +141,7 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
            "train.logit_std": train_cfg.logit_std, "train.validation_split": train_cfg.validation_split,
            "train.validation_timesteps": train_cfg.validation_timesteps,
            "global batch (batch_size × ranks × grad_accum)": train_cfg.batch_size * world * train_cfg.grad_accum,
-           "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in manifest["shards"]),
+           "cache": manifest["fingerprint"] + ":" + ",".join(s["sha256"][:12] for s in cache.all_shards(manifest)),
            "model (family, transformer config and weights)": fingerprint.transformer_identity(cfg.model.path, cfg.model.revision,
                                                                                                      cfg.model.transformer_file)}
     if train_cfg.schedule != "constant":
@@ -155,7 +155,7 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
 
 def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: str | None) -> Run:
     manifest, dataset = cache.open_for_training(cfg, di)
-    held = validation.held_out(list(range(len(dataset))), cfg.train.validation_split)
+    held = validation.held_out_items(dataset, cfg.train.validation_split)
     train_items = [k for k in range(len(dataset)) if k not in held]
     # a datasets file's repeats: an item appears as often per epoch as its dataset says
     train_items = datasets.repeated(train_items, [dataset.items[k].index for k in train_items], manifest.get("datasets"))
@@ -384,7 +384,8 @@ def card_info(current: Run) -> model_card.CardInfo:
     cache_dir = Path(cfg.data.cache_dir)
     built = load_yaml(cache_dir / "config.yaml") if (cache_dir / "config.yaml").is_file() else {}
     trigger = str((built.get("data") or {}).get("trigger_word") or "")
-    resolution = (files.read_json(cache_dir / "settings.json") or {}).get("resolution", cfg.data.resolution)
+    built_with = files.read_json(cache_dir / "settings.json") or {"resolution": cfg.data.resolution}
+    resolution = ", ".join(map(str, cache.resolutions_of(built_with)))
     settings = {"steps": current.state.step, "global batch": current.sampler.global_batch, "resolution": resolution,
                 "learning rate": cfg.train.lr, "LoRA rank / alpha": f"{cfg.lora.rank} / {cfg.lora.alpha:g}",
                 "LoRA targets": cfg.lora.targets, "images": len(current.train_items), "GPUs": current.di.world_size}

@@ -34,6 +34,14 @@ def held_out(indices: list[int], split: float) -> set[int]:
     return set(ranked[:count])
 
 
+def held_out_items(dataset, split: float) -> set[int]:
+    """The dataset positions held out: held_out over the images (the base resolution's items,
+    which come first), then every resolution of each held-out image, so none of it is trained."""
+    base = held_out(list(range(dataset.base_items)), split)
+    images = {dataset.items[k].index for k in base}
+    return {k for k, item in enumerate(dataset.items) if item.index in images}
+
+
 def timesteps(count: int) -> list[float]:
     """Evenly spaced midpoints of (0, 1): the same t for every item and every evaluation."""
     return [(k + 0.5) / count for k in range(count)]
