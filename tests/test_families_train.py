@@ -63,6 +63,23 @@ def test_kontext_pairs_warn_skip_and_cache_controls(family_setup):
     assert not torch.equal(shard["control"][0], shard["latents"][0])  # the mirrored image, encoded
 
 
+def test_kontext_cache_gains_a_resolution_with_its_controls(family_setup, tmp_path):
+    """--add-resolution on an editing-pairs cache: each pair's target and control at the new size;
+    the pair skipped at the base (its control unreadable) is skipped again."""
+    from flux_lora.data import cache as cache_mod, preprocess
+
+    model, cache, _ = family_setup("flux1-kontext")
+    grown = tmp_path / "cache"
+    shutil.copytree(cache, grown)
+    preprocess.run(preprocess.extension_config(str(grown), "96", None, {"data.cache_dir": str(grown)}, []))
+    manifest = cache_mod.load_manifest(grown)
+    assert [len(layer["items"]) for layer in manifest["layers"]] == [6] and manifest["resolutions"] == [64, 96]
+    dataset = cache_mod.CachedDataset(grown, manifest)
+    item = dataset[dataset.base_items]
+    assert item["control"].shape == item["latents"].shape and item["latents"].shape[-1] > dataset[0]["latents"].shape[-1]
+    assert not torch.equal(item["control"], item["latents"])
+
+
 def test_kontext_strict_refuses_a_pair_without_control(tmp_path, images):
     from flux_lora.data.preprocess import find_sources
     from flux_lora.errors import DataError
