@@ -263,6 +263,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         step_s = (time.perf_counter() - t1) / args.steps
         breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
+    previews = preview_timings(args, di, cfg, model, family, setting, lambda: steps(args.warmup + args.steps, 3)) \
+        if args.compare_previews and "loss_key" not in setting and "lora_bf16" not in setting else None
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
@@ -272,6 +274,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "sharded": fsdp.is_sharded(model)}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
+    if previews:
+        out["previews"] = previews
     out["compile_report"] = compile_report()
     if flops:
         per_sample = flops / setting["batch"]
@@ -297,6 +301,47 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         # its shards stay allocated into the next setting's build and steps (seen: +30 GiB)
         gc.collect()
         torch.cuda.empty_cache()
+    return out
+
+
+def preview_timings(args, di, cfg, model, family, setting: dict, more_steps) -> dict:
+    """A preview grid's cost, as train draws it between steps: 2 prompts at the setting's resolution,
+    train.sample_steps denoising steps, drawn a prompt at a time with eager blocks (before), as one
+    batch eagerly, and as one batch with the transformer replayed from a CUDA graph (now); twice
+    each (the first call warms up / records). Then 3 training steps: the step after previews."""
+
+    from flux_lora.outputs.previews import Previewer
+
+    if family.name != "flux1":
+        raise SystemExit("--compare-previews: FLUX.1 models only (their cached prompt shapes)")
+    conf, g = model.config, torch.Generator().manual_seed(0)
+    samples = {"prompts": ["one", "two"], "text_keys": ["t5", "clip"],
+               "t5": torch.randn(2, args.text_len, conf.joint_attention_dim, generator=g),
+               "clip": torch.randn(2, conf.pooled_projection_dim, generator=g)}
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=tempfile.mkdtemp()))
+    out, images = {"sample_steps": cfg.train.sample_steps, "prompts": 2}, {}
+    for name, how in (("per_prompt_eager", {"batched": False, "graphed": False}),
+                      ("batched_eager", {"batched": True, "graphed": False}), ("batched_graphed", {})):
+        previewer = Previewer(cfg, di, {"resolution": setting["resolution"]}, model, samples, None, family, **how)
+        seconds = []
+        for _ in range(2):
+            _sync(di.device)
+            t0 = time.perf_counter()
+            images[name] = previewer.images()
+            _sync(di.device)
+            seconds.append(time.perf_counter() - t0)
+        out[f"{name}_s"] = seconds
+        out[f"{name}_graphed"] = previewer.graphed
+    import numpy as np
+
+    out["max_pixel_difference_graphed_vs_per_prompt"] = max(
+        int(np.abs(np.asarray(images["batched_graphed"][i], np.int16) - np.asarray(images["per_prompt_eager"][i], np.int16)).max())
+        for i in images["per_prompt_eager"])
+    _sync(di.device)
+    t0 = time.perf_counter()
+    out["losses_after_previews"] = more_steps()
+    _sync(di.device)
+    out["step_s_after_previews"] = (time.perf_counter() - t0) / 3
     return out
 
 
@@ -435,6 +480,7 @@ def main() -> None:
     p.add_argument("--compare-sharding-checkpointed", action="store_true", help="also run FSDP2 with gradient checkpointing (its memory floor)")
     p.add_argument("--fsdp-unit-blocks", type=int, default=1, help="FSDP2: transformer blocks per unit (dist.fsdp_unit_blocks)")
     p.add_argument("--compare-fsdp-unit-blocks", type=int, default=0, help="also run FSDP2 with this many blocks per unit")
+    p.add_argument("--compare-previews", action="store_true", help="time a 2-prompt preview grid the old way (a prompt at a time, eager) and the new (batched, CUDA graph)")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

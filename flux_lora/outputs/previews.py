@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from flux_lora.fast import graphed_inference
 from flux_lora.fast.compiled_blocks import eager_stance
 from flux_lora.models import families, loading
 from flux_lora.outputs import files
@@ -34,10 +35,14 @@ def make_grid(images: list, captions: list[str]):
 
 class Previewer:
     """Draws the cached sample prompts with the current LoRA. Prompts are split over the ranks and
-    the images gathered on rank 0, so no rank idles long enough to hit a collective timeout. An
-    editing family draws prompt i on the control image of cached item i (mod the items)."""
+    the images gathered on rank 0, so no rank idles long enough to hit a collective timeout. A
+    rank's prompts go through the pipeline as one batch (each with its own seeded noise, as alone),
+    and on a GPU the transformer's calls replay a CUDA graph (fast/graphed_inference.py). An
+    editing family draws prompt i on the control image of cached item i (mod the items), one
+    prompt at a time (the controls' sizes differ)."""
 
-    def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter, family=None, dataset=None):
+    def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter, family=None, dataset=None,
+                 batched: bool = True, graphed: bool = True):
         self.family = family or families.of_model(cfg.model.path, cfg.model.revision)
         dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
         self.vae = self.family.load_vae(cfg.model.path, dtype, cfg.model.revision, di.device).to(di.device).eval()
@@ -46,40 +51,52 @@ class Previewer:
         self.size, self.steps, self.seed = manifest["resolution"], cfg.train.sample_steps, cfg.train.seed
         self.dataset = dataset
         self.out_dir = Path(cfg.output.dir) / "samples"
+        self.batched = batched and not self.family.paired
+        self.graphed = graphed and graphed_inference.can_graph(model, di.device)
 
-    def _inputs(self, i: int) -> dict:
-        """Pipeline arguments of prompt i: its cached embeddings (and control, size)."""
+    def _inputs(self, prompts: list[int]) -> dict:
+        """Pipeline arguments of these prompts: their cached embeddings (and control, size)."""
         device = self.di.device
         keys = self.samples.get("text_keys", ["t5", "clip"])
-        text = {k: self.samples[k][i:i + 1].to(device, self.dtype) for k in keys}
+        text = {k: self.samples[k][prompts].to(device, self.dtype) for k in keys}
         negative = self.samples.get("negative")
-        negative = {k: v.to(device, self.dtype) for k, v in negative.items()} if negative else None
+        if negative:  # one negative prompt for the batch
+            negative = {k: v.to(device, self.dtype).expand(len(prompts), *v.shape[1:]) for k, v in negative.items()}
         control, height, width = None, self.size, self.size
         if self.family.paired and self.dataset is not None and len(self.dataset):
-            control = self.dataset[i % len(self.dataset)]["control"][None].to(device, self.dtype)
+            control = self.dataset[prompts[0] % len(self.dataset)]["control"][None].to(device, self.dtype)
             scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's pixels per latent pixel
             height, width = (s * scale for s in control.shape[-2:])
         return {**self.family.preview_kwargs(text, negative, control), **self.family.size_kwargs(height, width)}
 
+    def _draw(self, pipe, prompts: list[int]) -> list:
+        generators = [torch.Generator(device=self.di.device).manual_seed(self.seed + i) for i in prompts]
+        return pipe(**self._inputs(prompts), num_inference_steps=self.steps, guidance_scale=self.family.preview_guidance,
+                    generator=generators if len(generators) > 1 else generators[0]).images
+
     @torch.no_grad()
-    def __call__(self, step: int) -> None:
+    def images(self) -> dict:
+        """{prompt number: PIL image} of this rank's prompts."""
         prompts = self.samples["prompts"]
         mine = session.shard_indices(len(prompts), self.di.rank, self.di.world_size)
+        groups = ([mine] if mine else []) if self.batched else [[i] for i in mine]
+        calls = (1 if prompts else 0) if self.batched else -(-len(prompts) // self.di.world_size)
         was_training = self.model.training
         self.model.eval()
         pipe = self.family.inference_pipeline(self.model, self.vae, self.scheduler)
         images = {}
-        with eager_stance(self.model):
-            for i in mine:
-                gen = torch.Generator(device=self.di.device).manual_seed(self.seed + i)
-                images[i] = pipe(**self._inputs(i), num_inference_steps=self.steps,
-                                 guidance_scale=self.family.preview_guidance, generator=gen).images[0]
-            for _ in range(fsdp.lockstep_extra(self.model, len(mine), len(prompts), self.di.world_size)):
-                pipe(**self._inputs(0), num_inference_steps=self.steps, guidance_scale=self.family.preview_guidance,
-                     generator=torch.Generator(device=self.di.device).manual_seed(self.seed))
+        with eager_stance(self.model), graphed_inference.graphed_forward(self.model, self.graphed):
+            for group in groups:
+                images.update(zip(group, self._draw(pipe, group)))
+            for _ in range(fsdp.lockstep_extra(self.model, len(groups), calls * self.di.world_size, self.di.world_size)):
+                self._draw(pipe, [0])  # under FSDP2 every rank joins as many forwards as the busiest
         self.model.train(was_training)
         fsdp.reshard(self.model)
-        gathered = {k: v for part in session.gather_objects(images) for k, v in part.items()}
+        return images
+
+    def __call__(self, step: int) -> None:
+        prompts = self.samples["prompts"]
+        gathered = {k: v for part in session.gather_objects(self.images()) for k, v in part.items()}
         path = self.out_dir / f"step-{step:06d}.png"
         if files.writes_here():
             grid = make_grid([gathered[i] for i in range(len(prompts))], prompts)
