@@ -194,7 +194,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
-             "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1),
+             "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1), "dist.fsdp_prefetch": setting.get("fsdp_prefetch", 1),
              "train.preservation_weight": setting.get("preservation_weight", 0.0)}
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
@@ -334,6 +334,15 @@ def preview_timings(args, di, cfg, model, family, setting: dict, more_steps) -> 
         out[f"{name}_graphed"] = previewer.graphed
     import numpy as np
 
+    if args.profile:  # where a preview's time goes: the ops by host time and by GPU time
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            previewer.images()
+            _sync(di.device)
+        table = prof.key_averages()
+        out["profile_by_cpu"] = table.table(sort_by="self_cpu_time_total", row_limit=25).splitlines()
+        out["profile_by_gpu"] = table.table(sort_by="self_device_time_total", row_limit=15).splitlines()
     out["max_pixel_difference_graphed_vs_per_prompt"] = max(
         int(np.abs(np.asarray(images["batched_graphed"][i], np.int16) - np.asarray(images["per_prompt_eager"][i], np.int16)).max())
         for i in images["per_prompt_eager"])
@@ -362,7 +371,7 @@ def train_settings(args) -> list[dict]:
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
-            "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks}
+            "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch}
     runs = [] if args.only_baseline else [ours]
     # (asked for, what changes, the report key comparing the losses)
     variants = ((args.compare_bf16, "bf16 base (loss reference)", {"fp8_compute": "off"}, "loss_vs_bf16_base"),
@@ -378,6 +387,8 @@ def train_settings(args) -> list[dict]:
                 (args.compare_sharding, f"sharding={other_sharding}", {"sharding": other_sharding}, "loss_vs_other_sharding"),
                 (bool(args.compare_fsdp_unit_blocks), f"FSDP2 units of {args.compare_fsdp_unit_blocks} blocks",
                  {"sharding": "fsdp", "fsdp_unit_blocks": args.compare_fsdp_unit_blocks}, "loss_vs_fsdp_units"),
+                (args.compare_fsdp_prefetch > 1, f"FSDP2 gathering {args.compare_fsdp_prefetch} blocks ahead",
+                 {"sharding": "fsdp", "fsdp_prefetch": args.compare_fsdp_prefetch}, "loss_vs_fsdp_prefetch"),
                 (args.compare_sharding_checkpointed, "sharding=fsdp, gradient checkpointing", {"sharding": "fsdp", "checkpointing": "on"},
                  "loss_vs_fsdp_checkpointed"))
     for wanted, what, change, key in variants:
@@ -479,6 +490,8 @@ def main() -> None:
     p.add_argument("--compare-sharding", action="store_true", help="under torchrun: also run the other sharding; compare the losses")
     p.add_argument("--compare-sharding-checkpointed", action="store_true", help="also run FSDP2 with gradient checkpointing (its memory floor)")
     p.add_argument("--fsdp-unit-blocks", type=int, default=1, help="FSDP2: transformer blocks per unit (dist.fsdp_unit_blocks)")
+    p.add_argument("--fsdp-prefetch", type=int, default=1, help="FSDP2: blocks gathered ahead (dist.fsdp_prefetch)")
+    p.add_argument("--compare-fsdp-prefetch", type=int, default=0, help="also run FSDP2 gathering this many blocks ahead")
     p.add_argument("--compare-fsdp-unit-blocks", type=int, default=0, help="also run FSDP2 with this many blocks per unit")
     p.add_argument("--compare-previews", action="store_true", help="time a 2-prompt preview grid the old way (a prompt at a time, eager) and the new (batched, CUDA graph)")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")

@@ -54,6 +54,7 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
     freed) and autograd adds each replay's output into them, under DDP and no_sync alike."""
     allow_compile_cache_of_fp8_functions()
     for block in transformer_blocks(model):
+        block.flux_lora_forward = block.forward  # the eager forward, for inference_blocks
         block.forward = torch.compile(block.forward, dynamic=None, mode="reduce-overhead" if cuda_graphs else None)
     if len(model.single_transformer_blocks):
         model.single_transformer_blocks[0].register_forward_pre_hook(_strided_like_later_single_blocks, with_kwargs=True)
@@ -126,6 +127,26 @@ def uses_cuda_graphs(model) -> bool:
 def zero_grad(model, opt) -> None:
     """After an update: free the gradients, or zero them in place where CUDA graphs need them kept."""
     opt.zero_grad(set_to_none=not uses_cuda_graphs(model))
+
+
+@contextlib.contextmanager
+def inference_blocks(model):
+    """For an inference call that the caller records into a CUDA graph of its own (previews,
+    fast/graphed_inference.py): blocks compiled with CUDA graph trees run, instead, a compile of
+    their forward without graphs (fused kernels that a capture can record); other blocks stay as
+    they are (eager, or compiled without graphs already). The first call compiles (no autograd,
+    the preview's shapes: seconds, cached like the training graphs)."""
+    blocks = [b for b in transformer_blocks(model) if hasattr(b, "flux_lora_forward")] if uses_cuda_graphs(model) else []
+    training = [b.forward for b in blocks]
+    for block in blocks:
+        if not hasattr(block, "flux_lora_inference_forward"):
+            block.flux_lora_inference_forward = torch.compile(block.flux_lora_forward, dynamic=False)
+        block.forward = block.flux_lora_inference_forward
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, training):
+            block.forward = forward
 
 
 def eager_stance(model):

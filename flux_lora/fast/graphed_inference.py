@@ -26,14 +26,20 @@ class GraphedForward:
     @staticmethod
     def key(kwargs: dict):
         """The call's shapes, dtypes and other arguments, or None where a graph cannot stand in
-        (an argument that is neither a tensor nor a plain value, or a dict/ModelOutput result)."""
+        (an argument that is neither a tensor nor plain values, or a dict/ModelOutput result).
+        Plain values include a dict of them: FluxPipeline passes joint_attention_kwargs={}."""
+        def plain(value) -> bool:
+            if isinstance(value, dict):
+                return all(isinstance(k, str) and plain(v) for k, v in value.items())
+            return value is None or isinstance(value, (bool, int, float, str))
+
         parts = []
         for name in sorted(kwargs):
             value = kwargs[name]
             if isinstance(value, torch.Tensor):
                 parts.append((name, tuple(value.shape), value.dtype, value.device))
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                parts.append((name, value))
+            elif plain(value):
+                parts.append((name, repr(sorted(value.items())) if isinstance(value, dict) else value))
             else:
                 return None
         return tuple(parts) if kwargs.get("return_dict") is False else None
@@ -76,14 +82,18 @@ def can_graph(model, device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def graphed_forward(model, enabled: bool = True):
-    """model.forward replaced by a GraphedForward (eager blocks inside: the training blocks' own
-    compiled graphs are for the training shapes) until the context ends."""
+    """model.forward replaced by a GraphedForward until the context ends; blocks compiled with
+    CUDA graph trees of their own run a plain compile of their forward meanwhile (those graphs are
+    for the training step; a capture cannot contain them). Under autocast, its cast cache must be
+    off (`cache_enabled=False`): a graph replays the casts it recorded."""
     if not enabled:
         yield model
         return
+    from flux_lora.fast.compiled_blocks import inference_blocks
+
     model.forward = GraphedForward(model.forward)
     try:
-        with torch.compiler.set_stance("force_eager"):
+        with inference_blocks(model):
             yield model
     finally:
         del model.forward

@@ -26,10 +26,12 @@ from flux_lora.parallel.session import DistInfo
 
 
 def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInfo,
-              compute_dtype: torch.dtype, unit_blocks: int = 1) -> torch.nn.Module:
+              compute_dtype: torch.dtype, unit_blocks: int = 1, prefetch: int = 1) -> torch.nn.Module:
     """fully_shard the transformer's blocks, `unit_blocks` consecutive ones as one unit (gathered
     and reduced together), then the root; returns the model (sharded in place). Parameters still
-    on the CPU move to the GPU one unit at a time as they are sharded."""
+    on the CPU move to the GPU one unit at a time as they are sharded. `prefetch` > 1 (units of
+    one block): each block starts the all-gathers of that many blocks after it (before it, in the
+    backward), where FSDP2 on its own gathers the next one as the current one starts."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -48,6 +50,10 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy,
                     reshard_after_forward=i < len(units) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # embedders, norms: small
+    if prefetch > 1 and unit_blocks == 1:
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
     model.flux_lora_sharded = True
     return model
 

@@ -98,7 +98,8 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     if why:
         reporter.info(f"gradient checkpointing on ({why})")
     if sharded:
-        fsdp.wrap_fsdp(transformer, loading.transformer_blocks(transformer), di, dtype, cfg.dist.fsdp_unit_blocks)
+        fsdp.wrap_fsdp(transformer, loading.transformer_blocks(transformer), di, dtype, cfg.dist.fsdp_unit_blocks,
+                       cfg.dist.fsdp_prefetch)
     return transformer, n_params
 
 
