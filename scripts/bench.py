@@ -436,7 +436,8 @@ def run_preprocess(args) -> dict:
     flags = {"model.path": args.model, "data.source": str(images), "data.cache_dir": str(cache_dir),
              "data.resolution": args.resolution, "data.captioner": "none", "data.max_sequence_length": args.text_len,
              "preprocess.batch_size": args.batch_size, "preprocess.num_workers": args.workers,
-             "preprocess.overwrite": True, "data.square": True, "preprocess.chunk_items": 16}
+             "preprocess.overwrite": True, "data.square": True, "preprocess.chunk_items": 16,
+             "preprocess.compile": args.compile}
     cfg = build_config(None, flags)
     t0 = time.perf_counter()
     _wait_for_images(images, args.images)
@@ -446,9 +447,15 @@ def run_preprocess(args) -> dict:
     done = [e for e in events if e["event"] == "done"]
     world = int(os.environ.get("WORLD_SIZE", 1))
     rate = done[-1].get("items_per_s") if done else None  # all ranks' items over the encoding time
+    # steady state: from the progress event at a quarter of the items to the last (compiles done)
+    progress = [e for e in events if e["event"] == "progress" and e.get("stage", "preprocess") == "preprocess"]
+    quarter = next((e for e in progress if e["done"] >= args.images / 4), None)
+    steady = (progress[-1]["done"] - quarter["done"]) / (progress[-1]["time"] - quarter["time"]) \
+        if quarter and progress[-1]["time"] > quarter["time"] else None
     report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
-              "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall,
+              "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall, "compile": args.compile,
               "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None,
+              "steady_images_per_s": steady, "steady_images_per_s_per_gpu": steady / world if steady else None,
               "timing": [e for e in events if e["event"] == "timing"]}
     if torch.cuda.is_available():
         report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

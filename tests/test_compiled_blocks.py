@@ -119,3 +119,27 @@ def test_the_compile_cache_folder_is_torchs(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="compile_cache_dir .*cannot create it"):
         use_compile_cache(str(tmp_path / "file" / "sub"))
+
+
+def test_preprocess_encoders_compile_and_encode_as_eager(tiny_model, monkeypatch):
+    """preprocess.compile: the VAE encoder and FLUX.1's T5 stack are compiled (auto: on CUDA only)
+    and encode what they encode eagerly; a second image size is one more compile, not a failure."""
+    from flux_lora.fast import compiled_encoders
+    from flux_lora.models import families
+
+    assert not compiled_encoders.use_compile("auto", torch.device("cpu"))
+    assert compiled_encoders.use_compile("auto", torch.device("cuda")) and compiled_encoders.use_compile("on", torch.device("cpu"))
+    family = families.of_model(str(tiny_model))
+    vae = family.load_vae(str(tiny_model), torch.float32).eval()
+    text = family.load_text_pipeline(str(tiny_model), torch.float32)
+    pixels = [torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 48, 80) * 2 - 1]  # (aot_eager on the CPU fails a batch of 1 once shapes are symbolic; inductor does not)
+    with torch.no_grad():
+        eager = [family.encode_latents(vae, x) for x in pixels]
+    prompts = family.encode_prompts(text, ["a red circle", "sks"], 32, torch.device("cpu"))
+    _compile_on_cpu_quickly(monkeypatch)
+    assert compiled_encoders.compile_encoders(vae, text) == ["vae.encoder", "t5.encoder"]
+    with torch.no_grad():
+        for x, ref in zip(pixels, eager):
+            torch.testing.assert_close(family.encode_latents(vae, x), ref, rtol=1e-5, atol=1e-5)
+    again = family.encode_prompts(text, ["a red circle", "sks"], 32, torch.device("cpu"))
+    torch.testing.assert_close(again["t5"], prompts["t5"], rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import torch
 from flux_lora.config import Config, build_config, parse_resolutions
 from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
-from flux_lora.fast import memory
+from flux_lora.fast import compiled_encoders, memory
 from flux_lora.data.images import load_mask, load_rgb, make_buckets, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, ConfigError, DataError
@@ -160,6 +160,8 @@ class Encoders:
         self.family = family
         self.vae = family.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
         self.text = load_text_encoders(cfg, device, family, reporter) if text else None  # a further resolution: latents only
+        if compiled_encoders.use_compile(cfg.preprocess.compile, device):
+            compiled_encoders.compile_encoders(self.vae, self.text)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
 
