@@ -122,13 +122,14 @@ def test_the_compile_cache_folder_is_torchs(tmp_path, monkeypatch):
 
 
 def test_preprocess_encoders_compile_and_encode_as_eager(tiny_model, monkeypatch):
-    """preprocess.compile: the VAE encoder and FLUX.1's T5 stack are compiled (auto: on CUDA only)
-    and encode what they encode eagerly; a second image size is one more compile, not a failure."""
+    """preprocess.compile: the VAE encoder and FLUX.1's T5 stack are compiled (auto: on CUDA from
+    1,000 items a rank) and encode what they encode eagerly; a second image size is one more compile, not a failure."""
     from flux_lora.fast import compiled_encoders
     from flux_lora.models import families
 
-    assert not compiled_encoders.use_compile("auto", torch.device("cpu"))
-    assert compiled_encoders.use_compile("auto", torch.device("cuda")) and compiled_encoders.use_compile("on", torch.device("cpu"))
+    use = compiled_encoders.use_compile
+    assert not use("auto", torch.device("cpu"), 5000) and not use("auto", torch.device("cuda"), 999)
+    assert use("auto", torch.device("cuda"), 1000) and use("on", torch.device("cpu"), 1) and not use("off", torch.device("cuda"), 5000)
     family = families.of_model(str(tiny_model))
     vae = family.load_vae(str(tiny_model), torch.float32).eval()
     text = family.load_text_pipeline(str(tiny_model), torch.float32)

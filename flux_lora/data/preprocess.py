@@ -155,12 +155,13 @@ def _caption_batch(captioner: Captioner, batch: list[dict]) -> dict[int, str]:
 class Encoders:
     """The family's VAE + text encoders on this rank's device, loaded once for all chunks."""
 
-    def __init__(self, cfg: Config, device: torch.device, family: Family, reporter=None, text: bool = True):
+    def __init__(self, cfg: Config, device: torch.device, family: Family, reporter=None, text: bool = True,
+                 items: int = 0):
         dtype = loading.resolve_dtype(cfg.model.dtype, device)
         self.family = family
         self.vae = family.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
         self.text = load_text_encoders(cfg, device, family, reporter) if text else None  # a further resolution: latents only
-        if compiled_encoders.use_compile(cfg.preprocess.compile, device):
+        if compiled_encoders.use_compile(cfg.preprocess.compile, device, items):  # items: this rank's to encode
             compiled_encoders.compile_encoders(self.vae, self.text)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
@@ -320,7 +321,8 @@ def encode_pending(cfg: Config, di, parts, sources, layer: Layer, reporter, prog
         captions = final_captions(cfg, entries, caption_missing(cfg, entries, layer.buckets, di, reporter))
         preserve = {i: replace_trigger(texts[0], trigger_word(cfg, sources[i]), cfg.data.class_word)
                     for i, texts in captions.items()} if cfg.data.class_word else None
-    enc = Encoders(cfg, di.device, family, reporter if di.is_main else None, text=layer.base) if entries else None
+    enc = Encoders(cfg, di.device, family, reporter if di.is_main else None, text=layer.base,
+                   items=len(entries)) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
     stream = iter(_decoded(entries, layer.buckets, cfg.preprocess))
     writer = ThreadPoolExecutor(max_workers=1)  # serialising + hashing + fsync overlap the next chunk

@@ -1,18 +1,23 @@
 """torch.compile for preprocess's encoders: the VAE's encoder (every family) and FLUX.1's T5-XXL
 encoder stack. On one H200 at 1024 px, batch 8 (scripts/encoder_speed.py): the VAE encoder 47.7 ->
-18.9 ms an image, T5-XXL at 512 tokens 27.2 -> 17.2 ms; mostly GroupNorm/SiLU and T5's layer norms
-and activations fused into their neighbours. A new image size or a short last batch compiles
-once more (then those sizes are symbolic), so a dataset of many buckets costs two compiles, not
-one per bucket."""
+18.8 ms an image, T5-XXL at 512 tokens 26.0 -> 17.2 ms (GroupNorm/SiLU and T5's norms and
+activations fused into their neighbours), both nearer an fp32 copy's output than eager bf16 is.
+A new image size or a short last batch compiles once more (then those sizes are symbolic), so a
+dataset of many buckets costs two compiles, not one per bucket. The compiles cost ~20 s on a
+fresh machine, which ~1,000 images at 1024 px win back: `auto` compiles from that many items."""
 
 from __future__ import annotations
 
 import torch
 
 
-def use_compile(setting: str, device: torch.device) -> bool:
-    """preprocess.compile: auto compiles on CUDA."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+AUTO_MIN_ITEMS = 1000  # a rank's items to encode before `auto` compiles (the compile's break-even)
+
+
+def use_compile(setting: str, device: torch.device, items: int) -> bool:
+    """preprocess.compile: on; off; auto compiles on CUDA when this rank has at least
+    AUTO_MIN_ITEMS items to encode."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda" and items >= AUTO_MIN_ITEMS)
 
 
 def compile_encoders(vae, text_pipe) -> list[str]:
