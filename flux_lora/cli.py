@@ -292,7 +292,7 @@ def plan(
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="samples per GPU per micro-step")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="micro-steps per optimizer step")] = None,
-    resolution: Annotated[Optional[int], typer.Option(help="without a cache: the training resolution")] = None,
+    resolution: Annotated[Optional[str], typer.Option(help="without a cache: the training resolution, or several: 512,1024")] = None,
     gpus: Annotated[int, typer.Option(help="GPUs of the run (default: this machine's)")] = 0,
     gpu: Annotated[str, typer.Option(help="GPU model for the time estimate, e.g. H100, H200, A100, L40S, RTX 4090 (default: this machine's)")] = "",
     gpu_memory_gib: Annotated[float, typer.Option(help="memory per GPU in GiB (default: dist.gpu_memory_gib, else this machine's GPU)")] = 0.0,
@@ -309,11 +309,12 @@ def plan(
 
         import torch
 
+        from flux_lora.config import data_resolution_flags
         from flux_lora.training import plan as planner
 
         cfg = _build(config, {"model.path": model, "data.cache_dir": cache_dir, "train.steps": steps,
                               "train.batch_size": batch_size, "train.grad_accum": grad_accum,
-                              "data.resolution": resolution}, set_)
+                              **data_resolution_flags(resolution)}, set_)
         cuda = torch.cuda.is_available()
         ranks = gpus or int(os.environ.get("WORLD_SIZE", 0)) or (torch.cuda.device_count() if cuda else 1)
         name = gpu or (torch.cuda.get_device_name(0) if cuda else "")

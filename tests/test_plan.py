@@ -98,3 +98,15 @@ def test_plan_command_json(tiny_model, cache_dir):
                    "--gpu", "H200", "--gpu-memory-gib", "141", "--json", check=True)
     rows = json.loads(proc.stdout)
     assert rows and all(r["fits"] for r in rows) and {r["setting"]["sharding"] for r in rows} == {"ddp", "fsdp"}
+
+
+def test_workload_counts_every_resolution():
+    """Without a cache, data.resolutions' sizes; with one, every layer's items (the largest bucket
+    for memory, the mean for time)."""
+    cfg = build_config(flags={"data.resolutions": "512,1024"})
+    work = plan.workload_of(None, cfg, 1, False)
+    assert (work.image_tokens, work.mean_image_tokens) == (4096, (1024 + 4096) / 2)
+    manifest = {"max_sequence_length": 512, "shards": [{}], "items": [[0, 0, 0, 512, 512], [1, 0, 1, 512, 512]],
+                "layers": [{"shards": [{}], "items": [[0, 0, 0, 1024, 1024], [1, 0, 1, 1024, 1024]]}]}
+    work = plan.workload_of(manifest, cfg, 1, False)
+    assert (work.image_tokens, work.mean_image_tokens) == (4096, (1024 + 4096) / 2)

@@ -245,3 +245,39 @@ def test_a_stop_that_a_library_rewrapped_is_still_a_stop():
     except RuntimeError as wrapped:
         assert _stop_inside(wrapped) is stop
     assert _stop_inside(RuntimeError("a crash of our own")) is None
+
+
+def test_a_caption_shared_across_chunks_is_encoded_once(tmp_path, tiny_model, images, monkeypatch):
+    """Images without captions all get the default caption: over three chunks the text encoders
+    see it once, and every chunk stores the same embedding (diffusers' encode_prompt's)."""
+    from diffusers import FluxPipeline
+
+    from flux_lora.config import build_config
+    from flux_lora.data import preprocess
+    from flux_lora.models.families import flux1
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(images.iterdir()):
+        if p.suffix != ".txt":
+            shutil.copy(p, data / p.name)
+    seen = []
+    real = flux1.FAMILY.__class__.encode_prompts
+
+    def counting(self, text_pipe, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real(self, text_pipe, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(flux1.FAMILY.__class__, "encode_prompts", counting)
+    cache = tmp_path / "cache"
+    preprocess.run(build_config(flags={"model.path": str(tiny_model), "data.source": str(data), "data.cache_dir": str(cache),
+                                       "data.resolution": 64, "data.max_sequence_length": 32, "data.captioner": "none",
+                                       "data.default_caption": "a shape", "preprocess.num_workers": 0,
+                                       "preprocess.chunk_items": 3}))
+    assert seen.count("a shape") == 1  # once for three chunks (the empty prompt is another text)
+    items = _shards(cache)
+    assert len(load_manifest(cache)["shards"]) == 3 and len(items) == 8
+    t5, pooled, _ = FluxPipeline.from_pretrained(tiny_model).encode_prompt("a shape", "a shape", max_sequence_length=32)
+    for it in items.values():
+        torch.testing.assert_close(it["t5"], t5[0])
+        torch.testing.assert_close(it["clip"], pooled[0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -152,6 +153,9 @@ def _caption_batch(captioner: Captioner, batch: list[dict]) -> dict[int, str]:
     return {r["index"]: text for r, text in zip(batch, captioner(images))}
 
 
+MEMO_TEXTS = 16  # encoded texts a rank keeps between chunks (T5 at 512 tokens: 4 MiB each in bf16)
+
+
 class Encoders:
     """The family's VAE + text encoders on this rank's device, loaded once for all chunks."""
 
@@ -165,6 +169,7 @@ class Encoders:
             compiled_encoders.compile_encoders(self.vae, self.text)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
+        self.memo: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # recent texts' rows
 
     def latents(self, records: list[dict], key: str = "pixels") -> dict[int, torch.Tensor]:
         """Latents of records[key] per item index, batched within each bucket."""
@@ -186,13 +191,25 @@ class Encoders:
         return out
 
     def prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """{text key: [U, ...]} for unique texts, batched."""
-        parts: list[dict[str, torch.Tensor]] = []
+        """{text key: [U, ...]} for unique texts, batched. A text this rank encoded in one of its
+        last chunks is not encoded again (the last MEMO_TEXTS of them: a dataset captioned alike,
+        one default caption or one class prompt, encodes it once, not once per chunk)."""
+        if not texts:
+            return {}
+        new = [t for t in texts if t not in self.memo]
         t0 = time.perf_counter()
-        for i in range(0, len(texts), self.batch):
-            parts.append(self.family.encode_prompts(self.text, texts[i:i + self.batch], self.max_len, self.device))
+        for i in range(0, len(new), self.batch):
+            batch = new[i:i + self.batch]
+            encoded = self.family.encode_prompts(self.text, batch, self.max_len, self.device)
+            for j, text in enumerate(batch):
+                self.memo[text] = {k: v[j].clone() for k, v in encoded.items()}  # a row, not a view of the batch
         self.seconds["text"] += time.perf_counter() - t0
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        out = {k: torch.stack([self.memo[t][k] for t in texts]) for k in self.memo[texts[0]]}
+        for text in texts:  # the ones used last stay longest
+            self.memo.move_to_end(text)
+        while len(self.memo) > MEMO_TEXTS:
+            self.memo.popitem(last=False)
+        return out
 
     def close(self) -> None:
         del self.vae, self.text
