@@ -22,6 +22,7 @@ class GraphedForward:
         self.forward = forward
         self.warm: set = set()
         self.graphs: dict = {}  # key -> (graph, static inputs, static outputs)
+        self.failure: str | None = None  # why recording failed (then every call runs eagerly)
 
     @staticmethod
     def key(kwargs: dict):
@@ -45,7 +46,7 @@ class GraphedForward:
         return tuple(parts) if kwargs.get("return_dict") is False else None
 
     def __call__(self, *args, **kwargs):
-        key = None if args else self.key(kwargs)
+        key = None if args or self.failure else self.key(kwargs)
         if key is None:
             return self.forward(*args, **kwargs)
         if key not in self.warm:  # first of its shape: eager, on a side stream as graph capture wants
@@ -59,8 +60,13 @@ class GraphedForward:
         if key not in self.graphs:
             static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = self.forward(**static)
+            try:
+                with torch.cuda.graph(graph):
+                    outputs = self.forward(**static)
+            except RuntimeError as e:  # something in the forward cannot be recorded: eager from now on
+                self.failure = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+                torch.cuda.synchronize()
+                return self.forward(**kwargs)
             self.graphs[key] = (graph, static, outputs)
         graph, static, outputs = self.graphs[key]
         for name, value in kwargs.items():
@@ -82,19 +88,20 @@ def can_graph(model, device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def graphed_forward(model, enabled: bool = True):
-    """model.forward replaced by a GraphedForward until the context ends; blocks compiled with
+    """model.forward replaced by a GraphedForward (yielded; None when not enabled) until the
+    context ends; blocks compiled with
     CUDA graph trees of their own run a plain compile of their forward meanwhile (those graphs are
     for the training step; a capture cannot contain them). Under autocast, its cast cache must be
     off (`cache_enabled=False`): a graph replays the casts it recorded."""
     if not enabled:
-        yield model
+        yield None
         return
     from flux_lora.fast.compiled_blocks import inference_blocks
 
-    model.forward = GraphedForward(model.forward)
+    graphed = model.forward = GraphedForward(model.forward)
     try:
         with inference_blocks(model):
-            yield model
+            yield graphed
     finally:
         del model.forward
         torch.cuda.synchronize()

@@ -53,7 +53,8 @@ class Previewer:
         self.dataset = dataset
         self.out_dir = Path(cfg.output.dir) / "samples"
         self.batched = batched and not self.family.paired
-        self.graphed = graphed and graphed_inference.can_graph(model, di.device)
+        # measured in the fast mode (bench --compare-previews); fp8 / nf4 weights keep the eager path
+        self.graphed = graphed and cfg.train.memory_mode == "fast" and graphed_inference.can_graph(model, di.device)
 
     def _inputs(self, prompts: list[int]) -> dict:
         """Pipeline arguments of these prompts: their cached embeddings (and control, size)."""
@@ -88,11 +89,15 @@ class Previewer:
         images = {}
         # graphed: the blocks' training graphs give way to an inference compile; else they run eagerly
         stance = contextlib.nullcontext() if self.graphed else eager_stance(self.model)
-        with stance, self._autocast(), graphed_inference.graphed_forward(self.model, self.graphed):
+        with stance, self._autocast(), graphed_inference.graphed_forward(self.model, self.graphed) as graphed:
             for group in groups:
                 images.update(zip(group, self._draw(pipe, group)))
             for _ in range(fsdp.lockstep_extra(self.model, len(groups), calls * self.di.world_size, self.di.world_size)):
                 self._draw(pipe, [0])  # under FSDP2 every rank joins as many forwards as the busiest
+        if graphed is not None and graphed.failure:
+            self.graphed = False  # the next previews run eagerly from the start
+            if self.reporter is not None:
+                self.reporter.warning(f"previews run eagerly: their CUDA graph could not be recorded ({graphed.failure})")
         self.model.train(was_training)
         fsdp.reshard(self.model)
         return images
