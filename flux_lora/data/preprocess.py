@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ import torch
 from flux_lora.config import Config, build_config, parse_resolutions
 from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
-from flux_lora.fast import compiled_encoders, memory
 from flux_lora.data.images import load_mask, load_rgb, make_buckets, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, ConfigError, DataError
+from flux_lora.fast import compiled_encoders, memory
 from flux_lora.models import families, loading, placement
 from flux_lora.models.families.base import Family
 from flux_lora.outputs import files

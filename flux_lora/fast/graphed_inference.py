@@ -89,19 +89,23 @@ def can_graph(model, device: torch.device) -> bool:
 @contextlib.contextmanager
 def graphed_forward(model, enabled: bool = True):
     """model.forward replaced by a GraphedForward (yielded; None when not enabled) until the
-    context ends; blocks compiled with
-    CUDA graph trees of their own run a plain compile of their forward meanwhile (those graphs are
-    for the training step; a capture cannot contain them). Under autocast, its cast cache must be
-    off (`cache_enabled=False`): a graph replays the casts it recorded."""
+    context ends; blocks compiled with CUDA graph trees of their own run a plain compile of their
+    forward meanwhile (those graphs are for the training step; a capture cannot contain them).
+    Under autocast, its cast cache must be off (`cache_enabled=False`): a graph replays the casts
+    it recorded."""
     if not enabled:
         yield None
         return
     from flux_lora.fast.compiled_blocks import inference_blocks
 
+    own = model.__dict__.get("forward")  # a forward set on the instance (a hook's), kept
     graphed = model.forward = GraphedForward(model.forward)
     try:
         with inference_blocks(model):
             yield graphed
     finally:
-        del model.forward
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
         torch.cuda.synchronize()
