@@ -187,6 +187,23 @@ def compile_report() -> dict:
     return {**found, "slowest_phases_s": [(n, round(v, 2)) for v, n in phases]}
 
 
+WHOLE_RUN = {"allocated": 0.0, "reserved": 0.0}  # GiB: the current setting's peaks, kept through resets
+
+
+def reset_peak(device: torch.device) -> None:
+    """reset_peak_memory_stats, keeping the setting's whole peak (loading included) in WHOLE_RUN."""
+    WHOLE_RUN["allocated"] = max(WHOLE_RUN["allocated"], torch.cuda.max_memory_allocated(device) / 2**30)
+    WHOLE_RUN["reserved"] = max(WHOLE_RUN["reserved"], torch.cuda.max_memory_reserved(device) / 2**30)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def cap_gpu_memory(device: torch.device, gib: float) -> None:
+    """The process may allocate at most `gib` of the GPU from now on (a smaller card, from the first
+    allocation: the CUDA caching allocator raises OutOfMemoryError past it)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+
+
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
@@ -196,10 +213,13 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
              "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1), "dist.fsdp_prefetch": setting.get("fsdp_prefetch", 1),
              "train.preservation_weight": setting.get("preservation_weight", 0.0)}
+    if args.gpu_memory_cap:  # the run plans for the cap (e.g. a quantized base staged on the CPU)
+        flags["dist.gpu_memory_gib"] = args.gpu_memory_cap
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()  # before this setting's first allocation (the cap held since the start)
+        WHOLE_RUN.update(allocated=0.0, reserved=0.0)
     t0 = time.perf_counter()
     family = families.of_model(args.model)
     image_tokens = (setting["resolution"] // 16) ** 2 * (2 if family.paired else 1)  # a control image doubles them
@@ -211,7 +231,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
                                flush=True)) if di.is_main else (lambda what: None)
     note("model built")
     if di.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # the step's peak, not the bf16 load before quantizing
+        reset_peak(di.device)  # the step's peak, not the bf16 load before quantizing
     if setting.get("lora_bf16"):
         for _, p in lora.lora_parameters(model):
             p.data = p.data.to(torch.bfloat16)
@@ -230,7 +250,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         if setting.get("count_flops", True) else None
     note("FLOPs counted")
     if di.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # FLOP counting runs through Python dispatch: not a real step
+        reset_peak(di.device)  # FLOP counting runs through Python dispatch: not a real step
     train_cfg = dataclasses.replace(train_settings_for(cfg), compile=setting["compile"])  # as train: e.g. DOP's graphs off
     compiled = compiled_blocks.use_compile(train_cfg, di.device)
     if compiled:
@@ -289,6 +309,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         out["weights_gib"] = torch.cuda.memory_allocated(di.device) / 2**30
         out["load_peak_gib"] = load_peak
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(di.device) / 2**30
+        reset_peak(di.device)  # model building, FLOP counting, the steps: the whole setting's peak
+        out["whole_run_peak_gib"], out["whole_run_peak_reserved_gib"] = WHOLE_RUN["allocated"], WHOLE_RUN["reserved"]
+        out["gpu_memory_cap_gib"] = args.gpu_memory_cap or None
     model = ddp = opt = data = trainee = batch = None  # free the GPU before the next setting
     if di.device.type == "cuda":
         from torch._inductor.cudagraph_trees import reset_cudagraph_trees
@@ -404,6 +427,8 @@ def train_settings(args) -> list[dict]:
 def run_train(args) -> dict:
     with session.process_group(600) as di:
         loading.quiet_libraries()
+        if args.gpu_memory_cap and di.device.type == "cuda":
+            cap_gpu_memory(di.device, args.gpu_memory_cap)
         peak = matmul_peak_tflops(di.device)
         results = []
         for setting in train_settings(args):
@@ -500,6 +525,7 @@ def main() -> None:
     p.add_argument("--fsdp-prefetch", type=int, default=1, help="FSDP2: blocks gathered ahead (dist.fsdp_prefetch)")
     p.add_argument("--compare-fsdp-prefetch", type=int, default=0, help="also run FSDP2 gathering this many blocks ahead")
     p.add_argument("--compare-fsdp-unit-blocks", type=int, default=0, help="also run FSDP2 with this many blocks per unit")
+    p.add_argument("--gpu-memory-cap", type=float, default=0.0, help="GiB: cap this process's GPU memory from its first allocation (torch.cuda.set_per_process_memory_fraction) and plan for it (dist.gpu_memory_gib); reports the whole-run peak")
     p.add_argument("--compare-previews", action="store_true", help="time a 2-prompt preview grid the old way (a prompt at a time, eager) and the new (batched, CUDA graph)")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
     p.add_argument("--steps", type=int, default=10)

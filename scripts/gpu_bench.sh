@@ -35,6 +35,12 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         b4-1024) run b4-1024 train --resolution 1024 --batch-size 4 --no-baseline --steps 5 ;;
         fp8) run fp8-1024 train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline ;;
         nf4) run nf4-1024 train --resolution 1024 --batch-size 1 --memory-mode nf4 --no-baseline ;;
+        # the small-card claims from the process start: GPU memory capped to 16 / 12 GiB before the
+        # first allocation, the random base built on the CPU and converted onto the GPU block by block
+        fp8cap16) run fp8-1024-cap16 train --resolution 1024 --batch-size 1 --memory-mode fp8 --no-baseline --gpu-memory-cap 16 ;;
+        nf4cap12) run nf4-1024-cap12 train --resolution 1024 --batch-size 1 --memory-mode nf4 --no-baseline --gpu-memory-cap 12 ;;
+        previews512) run previews-512 train --resolution 512 --batch-size 4 --compare-previews --no-baseline --steps 10 ;;
+        enc1024) echo "== encoder-speed"; timeout "${LIMIT:-300}" python3 scripts/encoder_speed.py --resolution 1024 --batch-size 8 --out "$out/encoder-speed-1024.json" > "$out/encoder-speed.log" 2>&1; echo "rc=$?" ;;
         # FSDP2 against DDP on the same GPUs (bf16 base: FSDP2 shards no fp8 copy), FSDP2 with
         # checkpointing (its memory floor), and one GPU with the same settings (the scaling base)
         fsdp1024) run_ddp fsdp-1024 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off --fuse-qkv off \
@@ -49,6 +55,8 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         fsdpflux2) run_ddp fsdp-flux2-dev-1024 train --model random:flux2-dev --resolution 1024 --batch-size 1 --no-baseline \
             --fp8-compute off --sharding fsdp --compare-sharding-checkpointed --steps 6 --warmup 2 ;;
         pre1024) run preprocess-1024 preprocess --resolution 1024 --images 128 --batch-size 8 ;;
+        pre1024compile) run preprocess-1024-compile-off preprocess --resolution 1024 --images 256 --batch-size 8 --compile off
+            run preprocess-1024-compile-on preprocess --resolution 1024 --images 256 --batch-size 8 --compile on ;;
         pre1024b16) run preprocess-1024-b16 preprocess --resolution 1024 --images 128 --batch-size 16 ;;
     esac
 done

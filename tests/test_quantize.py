@@ -30,9 +30,10 @@ def test_fp8_compute_accepts_booleans_and_rejects_nf4():
 def test_quantized_base_is_staged_on_the_cpu_for_small_gpus(monkeypatch):
     cuda = torch.device("cuda", 0)
     nf4 = TrainConfig(memory_mode="nf4")
-    monkeypatch.setattr(quantize, "gpu_bytes", lambda device: 16 * GIB)
-    assert quantize.load_device(nf4, cuda, torch.bfloat16, synthetic=False).type == "cpu"
-    assert quantize.load_device(nf4, cuda, torch.bfloat16, synthetic=True) == cuda  # built on the GPU in any case
-    assert quantize.load_device(TrainConfig(fp8_compute="off"), cuda, torch.bfloat16, synthetic=False) == cuda
-    monkeypatch.setattr(quantize, "gpu_bytes", lambda device: 80 * GIB)
-    assert quantize.load_device(nf4, cuda, torch.bfloat16, synthetic=False) == cuda
+    monkeypatch.setattr(quantize, "gpu_bytes", lambda device, budget=0.0: int(budget * GIB) or 16 * GIB)
+    assert quantize.load_device(nf4, cuda, torch.bfloat16).type == "cpu"
+    assert quantize.load_device(TrainConfig(fp8_compute="off"), cuda, torch.bfloat16) == cuda
+    assert quantize.load_device(nf4, cuda, torch.bfloat16, budget_gib=80) == cuda
+    monkeypatch.setattr(quantize, "gpu_bytes", lambda device, budget=0.0: int(budget * GIB) or 80 * GIB)
+    assert quantize.load_device(nf4, cuda, torch.bfloat16) == cuda
+    assert quantize.load_device(nf4, cuda, torch.bfloat16, budget_gib=12).type == "cpu"  # a run capped below the card

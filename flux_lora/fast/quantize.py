@@ -64,13 +64,13 @@ def uses_fp8_base(train_cfg, device: torch.device, dtype: torch.dtype = torch.bf
 STAGE_ON_GPU_BYTES = 48 * 2**30  # holds FLUX.1's bf16 transformer (24 GB) while it is converted
 
 
-def load_device(train_cfg, device: torch.device, dtype: torch.dtype, synthetic: bool) -> torch.device:
-    """Where the bf16 transformer is loaded. A base that will be quantized (nf4, fp8) goes to the
-    CPU first and moves to the GPU block by block as it is converted, so a 12-24 GB card never
-    holds it in bf16; a GPU of 48 GiB or more takes it directly (faster). Synthetic models are
-    built on the GPU in any case."""
+def load_device(train_cfg, device: torch.device, dtype: torch.dtype, budget_gib: float = 0.0) -> torch.device:
+    """Where the bf16 transformer is loaded (or a random one built). A base that will be quantized
+    (nf4, fp8) goes to the CPU first and moves to the GPU block by block as it is converted, so a
+    12-24 GB card (or a run given dist.gpu_memory_gib below 48) never holds it in bf16; a GPU of
+    48 GiB or more takes it directly (faster)."""
     quantized = train_cfg.memory_mode != "fast" or uses_fp8_base(train_cfg, device, dtype)
-    if synthetic or not quantized or device.type != "cuda" or gpu_bytes(device) >= STAGE_ON_GPU_BYTES:
+    if not quantized or device.type != "cuda" or gpu_bytes(device, budget_gib) >= STAGE_ON_GPU_BYTES:
         return device
     return torch.device("cpu")
 

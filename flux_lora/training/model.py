@@ -68,7 +68,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     if sharded:  # whole on no GPU: a real model loads to host memory, random weights build on the GPU (bench)
         stage = di.device if synthetic_model else torch.device("cpu")
     else:
-        stage = quantize.load_device(cfg.train, di.device, dtype, synthetic_model)
+        stage = quantize.load_device(cfg.train, di.device, dtype, cfg.dist.gpu_memory_gib)
     transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage, cfg.model.transformer_file)
     attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets, family.lora_presets):
