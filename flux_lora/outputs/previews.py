@@ -39,8 +39,8 @@ class Previewer:
     the images gathered on rank 0, so no rank idles long enough to hit a collective timeout. A
     rank's prompts go through the pipeline as one batch (each with its own seeded noise, as alone),
     and on a GPU the transformer's calls replay a CUDA graph (fast/graphed_inference.py). An
-    editing family draws prompt i on the control image of cached item i (mod the items), one
-    prompt at a time (the controls' sizes differ)."""
+    editing family draws prompt i on the control image of cached item i (mod the items), in one
+    batch per control size."""
 
     def __init__(self, cfg, di, manifest: dict, model, samples: dict, reporter, family=None, dataset=None,
                  batched: bool = True, graphed: bool = True):
@@ -52,7 +52,7 @@ class Previewer:
         self.size, self.steps, self.seed = manifest["resolution"], cfg.train.sample_steps, cfg.train.seed
         self.dataset = dataset
         self.out_dir = Path(cfg.output.dir) / "samples"
-        self.batched = batched and not self.family.paired
+        self.batched = batched
         # measured in the fast mode (bench --compare-previews); fp8 / nf4 weights keep the eager path
         self.graphed = graphed and cfg.train.memory_mode == "fast" and graphed_inference.can_graph(model, di.device)
 
@@ -66,10 +66,24 @@ class Previewer:
             negative = {k: v.to(device, self.dtype).expand(len(prompts), *v.shape[1:]) for k, v in negative.items()}
         control, height, width = None, self.size, self.size
         if self.family.paired and self.dataset is not None and len(self.dataset):
-            control = self.dataset[prompts[0] % len(self.dataset)]["control"][None].to(device, self.dtype)
+            control = torch.stack([self._control(i) for i in prompts]).to(device, self.dtype)
             scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's pixels per latent pixel
             height, width = (s * scale for s in control.shape[-2:])
         return {**self.family.preview_kwargs(text, negative, control), **self.family.size_kwargs(height, width)}
+
+    def _control(self, prompt: int) -> torch.Tensor:
+        return self.dataset[prompt % len(self.dataset)]["control"]
+
+    def _groups(self, prompts: list[int]) -> list[list[int]]:
+        """These prompts' pipeline calls: one batch, or per control size; one call each unbatched."""
+        if not self.batched:
+            return [[i] for i in prompts]
+        if not (self.family.paired and self.dataset is not None and len(self.dataset)):
+            return [prompts] if prompts else []
+        by_size: dict[tuple, list[int]] = {}
+        for i in prompts:
+            by_size.setdefault(tuple(self._control(i).shape), []).append(i)
+        return list(by_size.values())
 
     def _draw(self, pipe, prompts: list[int]) -> list:
         generators = [torch.Generator(device=self.di.device).manual_seed(self.seed + i) for i in prompts]
@@ -80,9 +94,10 @@ class Previewer:
     def images(self) -> dict:
         """{prompt number: PIL image} of this rank's prompts."""
         prompts = self.samples["prompts"]
-        mine = session.shard_indices(len(prompts), self.di.rank, self.di.world_size)
-        groups = ([mine] if mine else []) if self.batched else [[i] for i in mine]
-        calls = (1 if prompts else 0) if self.batched else -(-len(prompts) // self.di.world_size)
+        world = self.di.world_size
+        groups = self._groups(session.shard_indices(len(prompts), self.di.rank, world))
+        # the busiest rank's calls (FSDP2's lock step): every rank can count every rank's
+        calls = max(len(self._groups(session.shard_indices(len(prompts), r, world))) for r in range(world))
         was_training = self.model.training
         self.model.eval()
         pipe = self.family.inference_pipeline(self.model, self.vae, self.scheduler)
@@ -92,7 +107,7 @@ class Previewer:
         with stance, self._autocast(), graphed_inference.graphed_forward(self.model, self.graphed) as graphed:
             for group in groups:
                 images.update(zip(group, self._draw(pipe, group)))
-            for _ in range(fsdp.lockstep_extra(self.model, len(groups), calls * self.di.world_size, self.di.world_size)):
+            for _ in range(fsdp.lockstep_extra(self.model, len(groups), calls * world, world)):
                 self._draw(pipe, [0])  # under FSDP2 every rank joins as many forwards as the busiest
         if graphed is not None and graphed.failure:
             self.graphed = False  # the next previews run eagerly from the start
