@@ -203,11 +203,16 @@ def test_different_settings_refused_then_overwrite(tmp_path, tiny_model, images)
 
 
 def test_two_ranks_match_one_rank(tmp_path, tiny_model, images, cache_dir):
+    """Two ranks build what one builds (with a second resolution beside it: each rank's chunks of
+    both, the base's equal to the one-rank cache's)."""
     cache = tmp_path / "c2"
-    torchrun(2, *preprocess_args(tiny_model, images, cache))
+    torchrun(2, *preprocess_args(tiny_model, images, cache, "--resolution", "64,80"))
     m = load_manifest(cache)
     assert m["world_size"] == 2
     assert sorted(s["file"] for s in m["shards"]) == ["rank-00000-of-00002-part-0000.pt", "rank-00001-of-00002-part-0000.pt"]
+    assert sorted(s["file"] for s in m["layers"][0]["shards"]) == \
+        ["res-00080/rank-00000-of-00002-part-0000.pt", "res-00080/rank-00001-of-00002-part-0000.pt"]
+    assert sorted(r[0] for r in m["layers"][0]["items"]) == list(range(8))
     a, b = _shards(cache_dir), _shards(cache)
     assert a.keys() == b.keys()
     for k in a:
@@ -216,7 +221,8 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_model, images, cache_dir):
     shard1 = torch.load(cache / "shards" / "rank-00001-of-00002-part-0000.pt", weights_only=True)
     assert shard1["index"].tolist() == [1, 3, 5, 7]
     done = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines()][-1]
-    assert done["encoded_items"] == 8 and done["items_per_s"] == pytest.approx(8 / done["encode_s"], rel=0.01)  # both ranks' items
+    # both ranks' items at both resolutions
+    assert done["encoded_items"] == 16 and done["items_per_s"] == pytest.approx(16 / done["encode_s"], rel=0.01)
 
 
 def test_fewer_images_than_ranks(tmp_path, tiny_model, images):

@@ -408,10 +408,17 @@ def test_preservation_trains_the_same_on_one_and_two_ranks(tiny_model, images, c
 
     from safetensors.torch import load_file
 
-    from conftest import preprocess_args, torchrun
+    from conftest import torchrun
+    from flux_lora.config import build_config
+    from flux_lora.data import preprocess
+    from flux_lora.errors import CacheError, ConfigError
+    from flux_lora.training import train
 
     plain_cache, cache_dir = cache_dir, tmp_path / "cache"
-    run_cli(*preprocess_args(tiny_model, images, cache_dir, "--class-word", "thing"), check=True)
+    flags = {"model.path": str(tiny_model), "data.source": str(images), "data.cache_dir": str(cache_dir),
+             "data.resolution": 64, "data.max_sequence_length": 32, "preprocess.num_workers": 0,
+             "data.captioner": str(tiny_model / "captioner"), "data.trigger_word": "sks", "data.class_word": "thing"}
+    preprocess.run(build_config(flags=flags))  # in this process: the CLI path is the session cache's
     captions = [json.loads(line)["caption"] for line in (cache_dir / "captions.jsonl").read_text().splitlines()]
     dataset = cache.CachedDataset(cache_dir, cache.load_manifest(cache_dir))
     assert all(c.startswith("sks, ") for c in captions) and "preserve_t5" in dataset[0]
@@ -424,8 +431,8 @@ def test_preservation_trains_the_same_on_one_and_two_ranks(tiny_model, images, c
     gap = sum((a[k] - b[k]).pow(2).sum() for k in a).sqrt() / sum(a[k].pow(2).sum() for k in a).sqrt()
     # 1.0e-5 here with preservation and without it alike (sum order, lifted by Adam at lr 1e-2)
     assert gap < 5e-5, float(gap)
-    proc = run_cli(*train_args(tiny_model, plain_cache, tmp_path / "o", *args))  # the session's cache: no class word
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "rerun preprocess with --class-word" in lines[0], proc.stderr
-    proc = run_cli(*preprocess_args(tiny_model, images, tmp_path / "c2", "--class-word", "thing", "--trigger-word", ""))
-    assert proc.returncode == 2 and "set data.trigger_word" in proc.stderr
+    plain = build_config(flags={"data.cache_dir": str(plain_cache), "train.preservation_weight": 1.0})
+    with pytest.raises(CacheError, match="rerun preprocess with --class-word"):  # the session's cache: no class word
+        train.preservation_weight(plain, cache.CachedDataset(plain_cache, cache.load_manifest(plain_cache)))
+    with pytest.raises(ConfigError, match="set data.trigger_word"):
+        build_config(flags={**flags, "data.trigger_word": ""})

@@ -30,10 +30,10 @@ def _sha(path):
 
 @pytest.fixture(scope="module")
 def two_resolutions(tiny_model, images, tmp_path_factory):
-    """A cache of the 8 images at 64 px (the base) and 96 px, built by two ranks."""
+    """A cache of the 8 images at 64 px (the base) and 96 px, built in this process (two ranks
+    build one in test_preprocess.py's test_two_ranks_match_one_rank)."""
     cache_dir = tmp_path_factory.mktemp("multires") / "c"
-    torchrun(2, "preprocess", "--model", tiny_model, "--data", images, "--cache-dir", cache_dir, "--resolution", "64,96",
-             "--max-sequence-length", 32, "--num-workers", 0, "--captioner", "none", "--trigger-word", "sks")
+    preprocess.run(build_config(flags=_flags(tiny_model, images, cache_dir, "64,96")))
     return cache_dir
 
 
@@ -47,7 +47,7 @@ def test_each_image_at_each_resolution_with_the_text_once(tiny_model, images, tw
     layer = manifest["layers"][0]
     assert layer["resolution"] == 96 and layer["buckets"] == [list(b) for b in make_buckets(96)]
     assert sorted(r[0] for r in layer["items"]) == sorted(r[0] for r in manifest["items"])  # every image, again
-    assert [s["file"].split("-of-")[0] for s in layer["shards"]] == ["res-00096/rank-00000", "res-00096/rank-00001"]
+    assert [s["file"] for s in layer["shards"]] == ["res-00096/rank-00000-of-00001-part-0000.pt"]
     dataset = cache.CachedDataset(two_resolutions, manifest)
     assert len(dataset) == 2 * dataset.base_items == 16
     layer_shard = torch.load(two_resolutions / "shards" / layer["shards"][0]["file"], weights_only=True)
