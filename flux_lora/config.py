@@ -111,7 +111,8 @@ def data_resolution_flags(text: str | None) -> dict:
     sides = parse_resolutions([text])
     if not sides:
         raise ConfigError(f"--resolution {text!r} names no resolution; give e.g. 512 or 512,768,1024")
-    return {"data.resolution": sides[0], "data.resolutions": sides if len(sides) > 1 else None}
+    # one size also empties a config file's list: the flag wins over the YAML
+    return {"data.resolution": sides[0], "data.resolutions": sides if len(sides) > 1 else []}
 
 
 @dataclass

@@ -109,6 +109,13 @@ def test_a_resolution_added_without_encoding_text(tiny_model, images, tmp_path, 
         preprocess.extension_config(str(tmp_path / "none"), "96", None, {}, [])
     with pytest.raises(ConfigError, match="'100' is not a positive multiple of 16"):
         preprocess.extension_config(str(cache_dir), "100", None, {}, [])
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("data:\n  resolutions: [512, 1024]\n")
+    from flux_lora.config import data_resolution_flags
+
+    assert (build_config(yaml).data.resolution, build_config(yaml).data.resolutions) == (512, [512, 1024])
+    flagged = build_config(yaml, data_resolution_flags("768"))  # the flag wins over the file's list
+    assert (flagged.data.resolution, flagged.data.resolutions) == (768, [])
     proc = run_cli("preprocess", "--cache-dir", cache_dir, "--resolution", "64,9x6")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
         "error: data.resolutions: '9x6' is not a positive multiple of 16; give sides in pixels, e.g. --resolution 512,768,1024"
