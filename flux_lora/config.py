@@ -88,6 +88,11 @@ class DataConfig:
         if self.class_word and not self.trigger_word:
             raise ConfigError("data.class_word replaces the trigger word in each caption; set data.trigger_word (--trigger-word) too")
 
+    @property
+    def sizes(self) -> list[int]:
+        """Every resolution asked for, the base first: data.resolutions, else data.resolution."""
+        return self.resolutions or [self.resolution]
+
 
 def parse_resolutions(values) -> list[int]:
     """[512, "768,1024"] -> [512, 768, 1024]: whole numbers, multiples of 16, each once, in order."""

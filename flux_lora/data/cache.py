@@ -186,8 +186,8 @@ def dataset_identity(cfg: Config, sources: list[SourceImage]) -> str:
 
 def cache_settings(cfg: Config, sources: list[SourceImage], world: int, family: str = "flux1",
                    resolutions: list[int] | None = None) -> dict:
-    """What the cache is built with; `resolutions` (the base first) defaults to data.resolution(s)."""
-    resolutions = resolutions or cfg.data.resolutions or [cfg.data.resolution]
+    """What the cache is built with; `resolutions` (the base first) defaults to data.sizes."""
+    resolutions = resolutions or cfg.data.sizes
     # a --model-transformer file is recorded (and in the fingerprint) only when given: older caches keep theirs
     file = {"transformer_file": cfg.model.transformer_file} if cfg.model.transformer_file else {}
     several = {"resolutions": resolutions} if len(resolutions) > 1 else {}  # (only then: older caches keep theirs)

@@ -229,32 +229,9 @@ def load_text_encoders(cfg: Config, device: torch.device, family: Family, report
     return placement.place(text, device, offload)
 
 
-def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[str]], sources: list[SourceImage],
-                 preserve: dict[int, str] | None = None) -> dict:
-    latents = enc.latents(records)
-    controls = enc.latents(records, "control") if records and "control" in records[0] else {}
-    texts = list(dict.fromkeys([text for r in records for text in captions[r["index"]]]
-                               + [preserve[r["index"]] for r in records if preserve]))
-    encoded = enc.prompts(texts)
-    items = [{"index": r["index"], "latents": latents[r["index"]], "bucket": r["bucket"],
-              "caption": captions[r["index"]][0], "source": sources[r["index"]].name,
-              "text_id": texts.index(captions[r["index"]][0])} for r in records]
-    for item in items if preserve else []:  # the caption with the class word: differential output preservation
-        item["preserve_id"] = texts.index(preserve[item["index"]])
-    if any(len(captions[r["index"]]) > 1 for r in records):
-        for item in items:
-            item["captions"] = captions[item["index"]]
-            item["text_ids"] = [texts.index(text) for text in item["captions"]]
-    for item in items if controls else []:
-        item["control"] = controls[item["index"]]
-    masked = {r["index"]: r["mask"] for r in records if "mask" in r}
-    for item in items if masked else []:  # at the latents' size: the share of each latent pixel's area to learn
-        item["mask"] = latent_mask(masked.get(item["index"]), item["latents"].shape[-2:])
-    return cache.pack_shard(items, encoded)
-
-
-def encode_layer_chunk(enc: Encoders, records: list[dict], sources: list[SourceImage]) -> dict:
-    """A further resolution's chunk: latents (control, mask) only; the text is the base's."""
+def image_items(enc: Encoders, records: list[dict], sources: list[SourceImage]) -> list[dict]:
+    """A chunk's items without text: latents, and the control's latents and the loss mask where
+    the records have them (the mask at the latents' size: the share of each latent pixel to learn)."""
     latents = enc.latents(records)
     controls = enc.latents(records, "control") if records and "control" in records[0] else {}
     items = [{"index": r["index"], "latents": latents[r["index"]], "bucket": r["bucket"],
@@ -264,7 +241,30 @@ def encode_layer_chunk(enc: Encoders, records: list[dict], sources: list[SourceI
     masked = {r["index"]: r["mask"] for r in records if "mask" in r}
     for item in items if masked else []:
         item["mask"] = latent_mask(masked.get(item["index"]), item["latents"].shape[-2:])
-    return cache.pack_shard(items, None)
+    return items
+
+
+def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[str]], sources: list[SourceImage],
+                 preserve: dict[int, str] | None = None) -> dict:
+    items = image_items(enc, records, sources)
+    texts = list(dict.fromkeys([text for r in records for text in captions[r["index"]]]
+                               + [preserve[r["index"]] for r in records if preserve]))
+    encoded = enc.prompts(texts)
+    for item in items:
+        item["caption"] = captions[item["index"]][0]
+        item["text_id"] = texts.index(item["caption"])
+    for item in items if preserve else []:  # the caption with the class word: differential output preservation
+        item["preserve_id"] = texts.index(preserve[item["index"]])
+    if any(len(captions[r["index"]]) > 1 for r in records):
+        for item in items:
+            item["captions"] = captions[item["index"]]
+            item["text_ids"] = [texts.index(text) for text in item["captions"]]
+    return cache.pack_shard(items, encoded)
+
+
+def encode_layer_chunk(enc: Encoders, records: list[dict], sources: list[SourceImage]) -> dict:
+    """A further resolution's chunk: latents (control, mask) only; the text is the base's."""
+    return cache.pack_shard(image_items(enc, records, sources), None)
 
 
 def latent_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
@@ -516,7 +516,7 @@ def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
             reporter.warning(f"{source.name}: {source.note}", file=source.name)
     old = None if cfg.preprocess.overwrite else session.main_then_share(
         lambda: files.read_json(cache_dir / "settings.json"))
-    resolutions = cache.merged_resolutions(old, cfg.data.resolutions or [cfg.data.resolution])
+    resolutions = cache.merged_resolutions(old, cfg.data.sizes)
     settings = {**cache.cache_settings(cfg, sources, di.world_size, family.name, resolutions), "source_root": str(root),
                 **({"datasets": recorded} if recorded else {})}
     finished = session.main_then_share(lambda: cache.claim_cache(cache_dir, settings, cfg.preprocess.overwrite))

@@ -165,7 +165,7 @@ def table(predictions: list[Prediction], chosen: Setting | None = None) -> str:
 
 def workload_of(manifest: dict | None, cfg, ranks: int, paired: bool) -> Workload:
     """The run's tokens: the cache's buckets (the largest for memory, the items' mean for time),
-    or, without a cache, each of data.resolutions squared and data.max_sequence_length."""
+    or, without a cache, each of data.sizes squared and data.max_sequence_length."""
     t = cfg.train
     if manifest and manifest.get("items"):
         cols = manifest.get("items_columns", ["index", "shard", "position", "width", "height"])
@@ -173,7 +173,7 @@ def workload_of(manifest: dict | None, cfg, ranks: int, paired: bool) -> Workloa
         tokens = [(row[w] // 16) * (row[h] // 16) for row in all_items(manifest)]
         return Workload(max(tokens), sum(tokens) / len(tokens), int(manifest["max_sequence_length"]), t.batch_size,
                         t.grad_accum, ranks, t.steps, paired)
-    tokens = [(side // 16) ** 2 for side in cfg.data.resolutions or [cfg.data.resolution]]
+    tokens = [(side // 16) ** 2 for side in cfg.data.sizes]
     return Workload(max(tokens), sum(tokens) / len(tokens), cfg.data.max_sequence_length, t.batch_size, t.grad_accum,
                     ranks, t.steps, paired)
 
@@ -227,7 +227,7 @@ def report(cfg, gpus: int, gpu_name: str, gpu_memory_gib: float) -> tuple[str, l
     chosen = setting_of(cfg, mode, fp8_gpu, sizes, work, budget)
     if chosen not in [p.setting for p in predictions]:
         predictions.append(predict(sizes, work, chosen, tflops, budget))
-    sides = ",".join(map(str, cfg.data.resolutions or [cfg.data.resolution]))
+    sides = ",".join(map(str, cfg.data.sizes))
     source = f"the cache's {len(all_items(manifest))} items" if manifest else f"{sides} px (no cache given)"
     lines = [f"{family.title}: {sizes.weight_bytes / GIB:.1f} GiB of bf16 weights, LoRA rank {cfg.lora.rank} "
              f"({sizes.lora_params / 1e6:.1f} M parameters)",
