@@ -245,6 +245,7 @@ class DistConfig:
     sharding: str = doc("auto", "ddp (a whole copy of the base on every GPU: fastest while it fits), fsdp (FSDP2: the frozen base, the LoRA and its optimizer state sharded block by block across the ranks, for a base that does not fit one GPU) or auto (ddp while the estimated per-GPU peak fits the GPU, else fsdp)")
     fsdp_unit_blocks: int = doc(1, "transformer blocks per FSDP2 unit (one all-gather and one reduce-scatter each): more means fewer, larger collectives and less host work per step, and that many blocks' weights gathered at once", low=1)
     fsdp_prefetch: int = doc(1, "FSDP2 units whose weights are gathered ahead of the one running, forward and backward: 1 is FSDP2's own schedule; more gives ranks that drift apart on host work slack, at that many units' weights more per GPU (units of one block only)", low=1)
+    fsdp_keep_gathered: int = doc(-1, "FSDP2: transformer blocks (the last ones) whose weights stay gathered from their forward to their backward, which then gathers nothing for them (half their traffic) at a whole block's weights each per GPU until the backward frees them. -1 (auto): as many as the memory estimate leaves room for under the GPU's size (dist.gpu_memory_gib); 0: none (the least memory)", low=-1)
     gpu_memory_gib: float = doc(0.0, "the per-GPU memory sharding=auto and gradient_checkpointing=auto plan for (0 = the GPU's own size); set it lower to leave room for another process", low=0)
 
     def __post_init__(self) -> None:

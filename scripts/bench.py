@@ -47,7 +47,7 @@ from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
 from flux_lora.parallel import fsdp, session  # noqa: E402
 from flux_lora.parallel.ddp import wrap_ddp  # noqa: E402
-from flux_lora.training import lora  # noqa: E402
+from flux_lora.training import lora, plan, sharding  # noqa: E402
 from flux_lora.training.batches import Slice  # noqa: E402
 from flux_lora.training.model import build_model, train_settings_for  # noqa: E402
 from flux_lora.training.optim import make_optimizer  # noqa: E402
@@ -212,6 +212,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
              "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1), "dist.fsdp_prefetch": setting.get("fsdp_prefetch", 1),
+             "dist.fsdp_keep_gathered": setting.get("fsdp_keep_gathered", -1),
              "train.preservation_weight": setting.get("preservation_weight", 0.0)}
     if args.gpu_memory_cap:  # the run plans for the cap (e.g. a quantized base staged on the CPU)
         flags["dist.gpu_memory_gib"] = args.gpu_memory_cap
@@ -246,8 +247,14 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     # counted on one sample (FLOPs grow linearly with the batch): the counting pass runs eagerly
     # through Python dispatch and needs far more memory than a compiled step
     one_sample = ShapedData(family, conf, 1, setting["resolution"], args.text_len, preserve=bool(setting.get("preservation_weight")))
-    flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"] \
-        if setting.get("count_flops", True) else None
+    if not setting.get("count_flops", True):
+        flops = None
+    elif args.gpu_memory_cap:  # the eager counting pass would not fit the cap: the plan's count (within 3% of it)
+        sizes = sharding.planned_sizes(family, args.model, "", loading.resolve_dtype("auto", di.device), cfg.lora)
+        flops = plan.flops_per_sample(sizes, image_tokens / (2 if family.paired else 1), args.text_len,
+                                      model.is_gradient_checkpointing, family.paired) * setting["batch"]
+    else:
+        flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"]
     note("FLOPs counted")
     if di.device.type == "cuda":
         reset_peak(di.device)  # FLOP counting runs through Python dispatch: not a real step
@@ -291,7 +298,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
            "cuda_graphs_on": compiled_blocks.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
            "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules()),
-           "sharded": fsdp.is_sharded(model)}
+           "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None)}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     if previews:
@@ -299,7 +306,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     out["compile_report"] = compile_report()
     if flops:
         per_sample = flops / setting["batch"]
-        out.update(tflop_per_sample=per_sample / 1e12, tflops_per_gpu=per_sample * samples_s / di.world_size / 1e12)
+        out.update(tflop_per_sample=per_sample / 1e12, tflops_per_gpu=per_sample * samples_s / di.world_size / 1e12,
+                   flops_counted_by="the plan (under a memory cap)" if args.gpu_memory_cap else "FlopCounterMode")
         if peak:
             out["mfu"] = out["tflops_per_gpu"] / peak
     if di.device.type == "cuda":
@@ -394,7 +402,8 @@ def train_settings(args) -> list[dict]:
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
-            "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch}
+            "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch,
+            "fsdp_keep_gathered": args.fsdp_keep_gathered}
     runs = [] if args.only_baseline else [ours]
     # (asked for, what changes, the report key comparing the losses)
     variants = ((args.compare_bf16, "bf16 base (loss reference)", {"fp8_compute": "off"}, "loss_vs_bf16_base"),
@@ -412,6 +421,8 @@ def train_settings(args) -> list[dict]:
                  {"sharding": "fsdp", "fsdp_unit_blocks": args.compare_fsdp_unit_blocks}, "loss_vs_fsdp_units"),
                 (args.compare_fsdp_prefetch > 1, f"FSDP2 gathering {args.compare_fsdp_prefetch} blocks ahead",
                  {"sharding": "fsdp", "fsdp_prefetch": args.compare_fsdp_prefetch}, "loss_vs_fsdp_prefetch"),
+                (args.compare_fsdp_keep_gathered is not None, f"FSDP2 keeping {args.compare_fsdp_keep_gathered} blocks gathered",
+                 {"sharding": "fsdp", "fsdp_keep_gathered": args.compare_fsdp_keep_gathered}, "loss_vs_fsdp_keep_gathered"),
                 (args.compare_sharding_checkpointed, "sharding=fsdp, gradient checkpointing", {"sharding": "fsdp", "checkpointing": "on"},
                  "loss_vs_fsdp_checkpointed"))
     for wanted, what, change, key in variants:
@@ -524,6 +535,8 @@ def main() -> None:
     p.add_argument("--fsdp-unit-blocks", type=int, default=1, help="FSDP2: transformer blocks per unit (dist.fsdp_unit_blocks)")
     p.add_argument("--fsdp-prefetch", type=int, default=1, help="FSDP2: blocks gathered ahead (dist.fsdp_prefetch)")
     p.add_argument("--compare-fsdp-prefetch", type=int, default=0, help="also run FSDP2 gathering this many blocks ahead")
+    p.add_argument("--fsdp-keep-gathered", type=int, default=-1, help="FSDP2: last blocks kept gathered from forward to backward (dist.fsdp_keep_gathered; -1 auto)")
+    p.add_argument("--compare-fsdp-keep-gathered", type=int, default=None, help="also run FSDP2 keeping this many blocks gathered (0: none)")
     p.add_argument("--compare-fsdp-unit-blocks", type=int, default=0, help="also run FSDP2 with this many blocks per unit")
     p.add_argument("--gpu-memory-cap", type=float, default=0.0, help="GiB: cap this process's GPU memory from its first allocation (torch.cuda.set_per_process_memory_fraction) and plan for it (dist.gpu_memory_gib); reports the whole-run peak")
     p.add_argument("--compare-previews", action="store_true", help="time a 2-prompt preview grid the old way (a prompt at a time, eager) and the new (batched, CUDA graph)")

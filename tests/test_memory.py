@@ -55,3 +55,20 @@ def test_micro_batch_shapes_merge_buckets_of_equal_area():
 
     buckets = {(512, 512), (256, 1024), (1024, 256), (496, 528)}
     assert model.micro_batch_shapes(buckets) == 2  # 1024 tokens thrice, 31 × 33 once
+
+
+def test_memory_first_modes_let_the_allocator_grow_segments(monkeypatch):
+    """fp8 and nf4 (the small-card modes) turn on expandable segments before the model loads;
+    the fast mode, the CPU and a PYTORCH_CUDA_ALLOC_CONF of the user's own are left alone."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for mode, device in (("fp8", cuda), ("nf4", cuda), ("fast", cuda), ("nf4", cpu)):
+        memory.grow_segments_for_small_cards(SimpleNamespace(memory_mode=mode), device)
+    assert calls == ["expandable_segments:True"] * 2
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    memory.grow_segments_for_small_cards(SimpleNamespace(memory_mode="nf4"), cuda)
+    assert len(calls) == 2

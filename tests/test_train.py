@@ -43,6 +43,10 @@ def test_reference_losses_and_outputs(tiny_model, cache_dir, tmp_path):
     assert events[0]["cpu_threads"] >= 1
     # imports and process-group set-up come before setup: seconds, not minutes (Linux /proc, ±1 s)
     assert done["time_to_first_step_s"] - 1 <= done["first_step_since_process_start_s"] < done["time_to_first_step_s"] + 120
+    before = done["before_setup_s"]  # where those seconds went, and that they add up
+    assert set(before) == {"imports", "process_group", "resume_check"} and min(before.values()) >= 0
+    assert sum(before.values()) == pytest.approx(done["first_step_since_process_start_s"] - done["time_to_first_step_s"], abs=0.1)
+    assert done["compile"] == {}  # nothing compiles on the CPU by default (on CUDA: torch's compile timers)
     progress = [e for e in events if e["event"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3, 4]
     for key in ("step", "total_steps", "progress", "loss", "avg_loss", "learning_rate", "samples_per_s",

@@ -56,6 +56,7 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
     for block in transformer_blocks(model):
         block.flux_lora_forward = block.forward  # the eager forward, for inference_blocks
         block.forward = torch.compile(block.forward, dynamic=None, mode="reduce-overhead" if cuda_graphs else None)
+    transformer_blocks(model)[0].register_forward_pre_hook(_inputs_need_grad_like_later_blocks, with_kwargs=True)
     if len(model.single_transformer_blocks):
         model.single_transformer_blocks[0].register_forward_pre_hook(_strided_like_later_single_blocks, with_kwargs=True)
     model.flux_lora_cuda_graphs = cuda_graphs
@@ -65,6 +66,25 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
         # child of the previous, and warns of a loop without a step boundary. Per-block graphs
         # are that path by design; the path ends each step when its outputs die (measured: replays).
         warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs because of pending")
+
+
+def _inputs_need_grad_like_later_blocks(block, args, kwargs):
+    """In training, every block but the first receives streams that need a gradient (the LoRA
+    before it); the first gets the embedders' outputs, which do not, and dynamo would compile
+    the block a second time for that (a third of the compile: ~8 s of a cold start for FLUX.1).
+    Asking for their gradient costs the first block's input-gradient matmuls (~0.3% of a step)."""
+    if not torch.is_grad_enabled():
+        return None
+    names = ("hidden_states", "encoder_hidden_states")
+    if any(isinstance(kwargs.get(n), torch.Tensor) and not kwargs[n].requires_grad for n in names):
+        kwargs = {**kwargs, **{n: _needing_grad(kwargs[n]) for n in names if isinstance(kwargs.get(n), torch.Tensor)}}
+    if any(isinstance(a, torch.Tensor) and not a.requires_grad for a in args[:2]):
+        args = tuple(_needing_grad(a) if i < 2 and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+    return args, kwargs
+
+
+def _needing_grad(t: torch.Tensor) -> torch.Tensor:
+    return t if t.requires_grad or not t.is_floating_point() else t.detach().requires_grad_()
 
 
 def _strided_like_later_single_blocks(block, args, kwargs):

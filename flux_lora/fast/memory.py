@@ -3,6 +3,8 @@ the GPU's size. Calibrated against measured peaks in bench/results (tests/test_m
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from flux_lora.models.loading import transformer_blocks
@@ -16,6 +18,9 @@ HEADROOM = 0.9  # of the GPU's memory: the allocator's fragmentation and cuBLAS/
 # one block at a time holds its full activations while it is recomputed: 2 bytes fit the measured
 # fp8-mode peak at 1024 px (14.9 GiB) and FSDP2's with checkpointing (14.4 GiB).
 CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM = 2
+# FSDP2's blocks kept gathered are a speed option taken from memory left over: planned against a
+# lower share of the GPU than HEADROOM, so an estimate 10% low still leaves the run room
+KEEP_GATHERED_HEADROOM = 0.8
 
 
 def activation_bytes(tokens: int, blocks: int, hidden: int, checkpointing: bool = False) -> int:
@@ -40,6 +45,18 @@ def sharded_step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: 
     all-gathered), and its own micro-batch's activations."""
     return (weight_bytes + 16 * trainable_params) // ranks + 2 * largest_block_bytes + \
         activation_bytes(tokens, blocks, hidden, checkpointing)
+
+
+def blocks_to_keep_gathered(free_bytes: int, block_sizes: list[int]) -> int:
+    """How many blocks, counted from the last, fit whole (gathered) in free_bytes: FSDP2's
+    blocks kept gathered between forward and backward, where memory is left over."""
+    kept = 0
+    for size in reversed(block_sizes):
+        if size > free_bytes:
+            break
+        free_bytes -= size
+        kept += 1
+    return kept
 
 
 def model_sizes(model) -> tuple[int, int, int, int]:
@@ -75,8 +92,32 @@ def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int
     return False, "auto"
 
 
+def fsdp_blocks_to_keep(model, setting: int, tokens: int, shards: int, gpu_bytes: int, checkpointing: bool) -> int:
+    """dist.fsdp_keep_gathered resolved for this model: as set, or for auto (-1) as many of the
+    last blocks as fit beside the sharded step's estimated peak in KEEP_GATHERED_HEADROOM (none without
+    a GPU size to plan for)."""
+    blocks = transformer_blocks(model)
+    if setting >= 0:
+        return min(setting, len(blocks))
+    if not gpu_bytes or not tokens:
+        return 0
+    weights, trainable, n, hidden = model_sizes(model)
+    sizes = [block_bytes(b) for b in blocks]
+    need = sharded_step_memory_bytes(weights, trainable, tokens, n, hidden, max(sizes), shards, checkpointing)
+    return blocks_to_keep_gathered(int(KEEP_GATHERED_HEADROOM * gpu_bytes) - need, sizes)
+
+
 def block_bytes(block) -> int:
     return sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
+
+
+def grow_segments_for_small_cards(train_cfg, device: torch.device) -> None:
+    """The memory-first modes (fp8, nf4): the allocator grows its segments in place (PyTorch's
+    expandable segments) instead of caching fixed-size blocks, so a step that fits the card is
+    not refused for fragmentation (without it, a 12 GiB cap failed with 1.4 GiB reserved but
+    unusable). Before the model loads; a PYTORCH_CUDA_ALLOC_CONF the user set wins."""
+    if device.type == "cuda" and train_cfg.memory_mode != "fast" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
 def gpu_bytes(device: torch.device, budget_gib: float = 0.0) -> int:

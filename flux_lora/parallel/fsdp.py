@@ -26,12 +26,15 @@ from flux_lora.parallel.session import DistInfo
 
 
 def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInfo,
-              compute_dtype: torch.dtype, unit_blocks: int = 1, prefetch: int = 1) -> torch.nn.Module:
+              compute_dtype: torch.dtype, unit_blocks: int = 1, prefetch: int = 1,
+              keep_gathered: int = 0) -> torch.nn.Module:
     """fully_shard the transformer's blocks, `unit_blocks` consecutive ones as one unit (gathered
     and reduced together), then the root; returns the model (sharded in place). Parameters still
     on the CPU move to the GPU one unit at a time as they are sharded. `prefetch` > 1 (units of
     one block): each block starts the all-gathers of that many blocks after it (before it, in the
-    backward), where FSDP2 on its own gathers the next one as the current one starts."""
+    backward), where FSDP2 on its own gathers the next one as the current one starts. Units within
+    the last `keep_gathered` blocks keep their weights gathered from the forward to the backward
+    (no second all-gather; the backward frees them)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -45,16 +48,18 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     # (tests/test_fsdp.py: FSDP2's LoRA equals DDP's).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     units = [blocks[i:i + unit_blocks] for i in range(0, len(blocks), unit_blocks)]
+    first_kept = len(blocks) - keep_gathered
     for i, unit in enumerate(units):
-        # the last unit's weights are needed again at once by the backward: keep them gathered
-        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=i < len(units) - 1)
+        # the last unit's weights are needed again at once by the backward: always kept gathered
+        kept = i == len(units) - 1 or i * unit_blocks >= first_kept
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=not kept)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # embedders, norms: small
     if prefetch > 1 and unit_blocks == 1:
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
             block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
     model.flux_lora_sharded = True
+    model.flux_lora_kept_gathered = keep_gathered
     return model
 
 

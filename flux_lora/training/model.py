@@ -69,6 +69,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         stage = di.device if synthetic_model else torch.device("cpu")
     else:
         stage = quantize.load_device(cfg.train, di.device, dtype, cfg.dist.gpu_memory_gib)
+    memory.grow_segments_for_small_cards(cfg.train, di.device)
     transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage, cfg.model.transformer_file)
     attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets, family.lora_presets):
@@ -98,8 +99,14 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     if why:
         reporter.info(f"gradient checkpointing on ({why})")
     if sharded:
-        fsdp.wrap_fsdp(transformer, loading.transformer_blocks(transformer), di, dtype, cfg.dist.fsdp_unit_blocks,
-                       cfg.dist.fsdp_prefetch)
+        blocks = loading.transformer_blocks(transformer)
+        keep = memory.fsdp_blocks_to_keep(transformer, cfg.dist.fsdp_keep_gathered, tokens, di.world_size,
+                                          memory.gpu_bytes(di.device, cfg.dist.gpu_memory_gib), why is not None)
+        if keep:
+            kept_gib = sum(memory.block_bytes(b) for b in blocks[len(blocks) - keep:]) / 2**30
+            reporter.info(f"FSDP2 keeps the last {keep} of {len(blocks)} blocks gathered from forward to backward "
+                          f"(~{kept_gib:.1f} GiB per GPU, no second all-gather for them; dist.fsdp_keep_gathered=0 saves it)")
+        fsdp.wrap_fsdp(transformer, blocks, di, dtype, cfg.dist.fsdp_unit_blocks, cfg.dist.fsdp_prefetch, keep)
     return transformer, n_params
 
 

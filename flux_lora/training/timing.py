@@ -25,13 +25,34 @@ def process_started_at() -> float | None:
         return None
 
 
-def step_timings(t_start: float, setup_s: float, first_step_s: float | None, pauses: GcPauses) -> dict:
-    """The done event's timing fields (seconds from t_start unless named otherwise)."""
-    out = {"time_to_first_step_s": first_step_s, "setup_s": setup_s, "gc_full_collections": pauses.summary()}
+def step_timings(t_start: float, setup_s: float, first_step_s: float | None, pauses: GcPauses,
+                 marks: dict | None = None) -> dict:
+    """The done event's timing fields (seconds from t_start unless named otherwise). `marks`: when
+    train's run() was entered (imports done) and when its process group was up (unix times)."""
+    out = {"time_to_first_step_s": first_step_s, "setup_s": setup_s, "gc_full_collections": pauses.summary(),
+           "compile": compile_summary()}
     started = process_started_at()
     if started is not None and first_step_s is not None:
         out["first_step_since_process_start_s"] = first_step_s + t_start - started
+        if marks:
+            out["before_setup_s"] = {"imports": round(marks["entered"] - started, 2),
+                                     "process_group": round(marks["process_group"] - marks["entered"], 2),
+                                     "resume_check": round(t_start - marks["process_group"], 2)}
     return out
+
+
+def compile_summary(least_s: float = 0.3) -> dict:
+    """Where this process's torch.compile time went, from torch's own timers (summed over every
+    compile; phases nest, e.g. inductor inside the backend inside dynamo's total) and which on-disk
+    caches hit: the done event's account of the time to first step beyond set-up."""
+    try:
+        from torch._dynamo.utils import compile_times, counters
+        names, values = compile_times(repr="csv", aggregate=True)
+    except (ImportError, ValueError, TypeError):  # a torch without these metrics
+        return {}
+    seconds = {name: round(float(v), 2) for name, v in zip(names, values) if float(v) >= least_s}
+    hits = {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
+    return {"seconds": seconds, "caches": hits} if seconds or hits else {}
 
 
 class Meter:

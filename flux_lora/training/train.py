@@ -69,16 +69,17 @@ class Run:
 
 
 def run(cfg: Config) -> dict:
-    loading.quiet_libraries()
+    loading.quiet_libraries()  # (imports diffusers and transformers)
+    entered = time.time()  # the imports are done: the done event's start-up account starts here
     if not cfg.output.dir:
         raise CheckpointError("no output directory given; pass --output DIR")
     out = Path(cfg.output.dir)
     with session.process_group(cfg.dist.timeout_s) as di, \
             holding(out, "output", "--output", cfg.output.overwrite, "train", cfg.output.json, cfg.train.log_every) as reporter:
-        return _train(cfg, di, out, reporter)
+        return _train(cfg, di, out, reporter, {"entered": entered, "process_group": time.time()})
 
 
-def _train(cfg: Config, di: session.DistInfo, out: Path, reporter) -> dict:
+def _train(cfg: Config, di: session.DistInfo, out: Path, reporter, marks: dict) -> dict:
     resume_from, notes = session.main_then_share(lambda: choose_resume(cfg, out))
     for note in notes:
         reporter.warning(note)
@@ -93,7 +94,7 @@ def _train(cfg: Config, di: session.DistInfo, out: Path, reporter) -> dict:
             baseline(current)
         with GcPauses() as pauses:
             first_step_s = loop(current, stop, t_start, pauses)
-        summary = finish(current, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses))
+        summary = finish(current, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses, marks))
         # DDP must be torn down while the process group lives: its destructor can otherwise
         # wait forever on a group that process_group() has already destroyed
         current = None
