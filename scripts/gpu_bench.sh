@@ -58,5 +58,11 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         pre1024compile) run preprocess-1024-compile-off preprocess --resolution 1024 --images 256 --batch-size 8 --compile off
             run preprocess-1024-compile-on preprocess --resolution 1024 --images 256 --batch-size 8 --compile on ;;
         pre1024b16) run preprocess-1024-b16 preprocess --resolution 1024 --images 128 --batch-size 16 ;;
+        # preprocess on one GPU, then on every GPU (rank-strided): is it linear in GPUs from 512 images on
+        pre1024scaling) run preprocess-1024-512img-1gpu preprocess --resolution 1024 --images 512 --batch-size 8
+            run_ddp preprocess-1024-512img-allgpus preprocess --resolution 1024 --images 512 --batch-size 8 ;;
+        # FSDP2 at batch 2 per GPU: blocks kept gathered (auto), DDP, none kept
+        fsdpkeep1024b2) run_ddp fsdp-keep-gathered-1024-b2 train --resolution 1024 --batch-size 2 --no-baseline --fp8-compute off \
+            --fuse-qkv off --sharding fsdp --compare-sharding --compare-fsdp-keep-gathered 0 --steps 10 ;;
     esac
 done
