@@ -71,7 +71,7 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
 def _inputs_need_grad_like_later_blocks(block, args, kwargs):
     """In training, every block but the first receives streams that need a gradient (the LoRA
     before it); the first gets the embedders' outputs, which do not, and dynamo would compile
-    the block a second time for that (a third of the compile: ~8 s of a cold start for FLUX.1).
+    the block a second time for that (11 s of a cold start for FLUX.1, bench/README.md).
     Asking for their gradient costs the first block's input-gradient matmuls (~0.3% of a step)."""
     if not torch.is_grad_enabled():
         return None
