@@ -251,7 +251,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         flops = None
     elif args.gpu_memory_cap:  # the eager counting pass would not fit the cap: the plan's count (within 3% of it)
         sizes = sharding.planned_sizes(family, args.model, "", loading.resolve_dtype("auto", di.device), cfg.lora)
-        flops = plan.flops_per_sample(sizes, image_tokens / (2 if family.paired else 1), args.text_len,
+        flops = plan.flops_per_sample(sizes, (setting["resolution"] // 16) ** 2, args.text_len,
                                       model.is_gradient_checkpointing, family.paired) * setting["batch"]
     else:
         flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"]

@@ -75,16 +75,15 @@ def _inputs_need_grad_like_later_blocks(block, args, kwargs):
     Asking for their gradient costs the first block's input-gradient matmuls (~0.3% of a step)."""
     if not torch.is_grad_enabled():
         return None
-    names = ("hidden_states", "encoder_hidden_states")
-    if any(isinstance(kwargs.get(n), torch.Tensor) and not kwargs[n].requires_grad for n in names):
-        kwargs = {**kwargs, **{n: _needing_grad(kwargs[n]) for n in names if isinstance(kwargs.get(n), torch.Tensor)}}
-    if any(isinstance(a, torch.Tensor) and not a.requires_grad for a in args[:2]):
-        args = tuple(_needing_grad(a) if i < 2 and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
-    return args, kwargs
+    streams = ("hidden_states", "encoder_hidden_states")  # by name, or the first two positional arguments
+    return (tuple(_needing_grad(a) if i < 2 else a for i, a in enumerate(args)),
+            {k: _needing_grad(v) if k in streams else v for k, v in kwargs.items()})
 
 
-def _needing_grad(t: torch.Tensor) -> torch.Tensor:
-    return t if t.requires_grad or not t.is_floating_point() else t.detach().requires_grad_()
+def _needing_grad(t):
+    if not isinstance(t, torch.Tensor) or t.requires_grad or not t.is_floating_point():
+        return t
+    return t.detach().requires_grad_()
 
 
 def _strided_like_later_single_blocks(block, args, kwargs):
