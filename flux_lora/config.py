@@ -246,11 +246,13 @@ class DistConfig:
     fsdp_unit_blocks: int = doc(1, "transformer blocks per FSDP2 unit (one all-gather and one reduce-scatter each): more means fewer, larger collectives and less host work per step, and that many blocks' weights gathered at once", low=1)
     fsdp_prefetch: int = doc(1, "FSDP2 units whose weights are gathered ahead of the one running, forward and backward: 1 is FSDP2's own schedule; more gives ranks that drift apart on host work slack, at that many units' weights more per GPU (units of one block only)", low=1)
     fsdp_keep_gathered: int = doc(-1, "FSDP2: transformer blocks (the last ones) whose weights stay gathered from their forward to their backward, which then gathers nothing for them (half their traffic) at a whole block's weights each per GPU until the backward frees them. -1 (auto): as many as the memory estimate leaves room for under the GPU's size (dist.gpu_memory_gib); 0: none (the least memory)", low=-1)
+    fsdp_lora: str = doc("auto", "FSDP2: replicated (the LoRA and its optimizer state whole on every rank, outside FSDP2: one all-reduce of its gradients a step, as under DDP, and any optimizer) or sharded (with the base, block by block: the least memory). auto: replicated while the LoRA's training state (16 bytes a parameter) is at most 2% of the per-GPU memory planned for, else sharded (sharded where no GPU size is known)")
     gpu_memory_gib: float = doc(0.0, "the per-GPU memory sharding=auto and gradient_checkpointing=auto plan for (0 = the GPU's own size); set it lower to leave room for another process", low=0)
 
     def __post_init__(self) -> None:
         check_ranges("dist", self)
         _choice("dist.sharding", self.sharding, ("auto", "ddp", "fsdp"))
+        _choice("dist.fsdp_lora", self.fsdp_lora, ("auto", "replicated", "sharded"))
         if self.fsdp_prefetch > 1 and self.fsdp_unit_blocks > 1:
             raise ConfigError("dist.fsdp_prefetch > 1 works on units of one block; set dist.fsdp_unit_blocks=1 or fsdp_prefetch=1")
 

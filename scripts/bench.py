@@ -213,6 +213,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
              "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1), "dist.fsdp_prefetch": setting.get("fsdp_prefetch", 1),
              "dist.fsdp_keep_gathered": setting.get("fsdp_keep_gathered", -1),
+             "dist.fsdp_lora": setting.get("fsdp_lora", "auto"),
              "train.preservation_weight": setting.get("preservation_weight", 0.0)}
     if args.gpu_memory_cap:  # the run plans for the cap (e.g. a quantized base staged on the CPU)
         flags["dist.gpu_memory_gib"] = args.gpu_memory_cap
@@ -298,7 +299,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
            "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
            "cuda_graphs_on": compiled_blocks.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
            "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules()),
-           "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None)}
+           "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None),
+           "fsdp_lora_replicated": bool(getattr(model, "flux_lora_replicated", None))}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     if previews:
@@ -403,7 +405,7 @@ def train_settings(args) -> list[dict]:
             "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
             "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch,
-            "fsdp_keep_gathered": args.fsdp_keep_gathered}
+            "fsdp_keep_gathered": args.fsdp_keep_gathered, "fsdp_lora": args.fsdp_lora}
     runs = [] if args.only_baseline else [ours]
     # (asked for, what changes, the report key comparing the losses)
     variants = ((args.compare_bf16, "bf16 base (loss reference)", {"fp8_compute": "off"}, "loss_vs_bf16_base"),
@@ -423,6 +425,8 @@ def train_settings(args) -> list[dict]:
                  {"sharding": "fsdp", "fsdp_prefetch": args.compare_fsdp_prefetch}, "loss_vs_fsdp_prefetch"),
                 (args.compare_fsdp_keep_gathered is not None, f"FSDP2 keeping {args.compare_fsdp_keep_gathered} blocks gathered",
                  {"sharding": "fsdp", "fsdp_keep_gathered": args.compare_fsdp_keep_gathered}, "loss_vs_fsdp_keep_gathered"),
+                (args.compare_fsdp_lora is not None, f"FSDP2 with the LoRA {args.compare_fsdp_lora}",
+                 {"sharding": "fsdp", "fsdp_lora": args.compare_fsdp_lora}, "loss_vs_fsdp_lora"),
                 (args.compare_sharding_checkpointed, "sharding=fsdp, gradient checkpointing", {"sharding": "fsdp", "checkpointing": "on"},
                  "loss_vs_fsdp_checkpointed"))
     for wanted, what, change, key in variants:
@@ -461,13 +465,16 @@ def run_preprocess(args) -> dict:
     from flux_lora.data import preprocess
     from flux_lora.data.demo import make_images
 
-    # one folder for all ranks of this torchrun (TORCHELASTIC_RUN_ID is shared by them)
-    tmp = Path(tempfile.gettempdir()) / f"flux-lora-bench-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}"
+    # one folder for all ranks of this torchrun: their parent is its agent (TORCHELASTIC_RUN_ID is
+    # "none" for every standalone torchrun, so consecutive runs would share one)
+    run_id = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+    tmp = Path(tempfile.gettempdir()) / f"flux-lora-bench-{run_id}"
     images = tmp / "images"
     if int(os.environ.get("RANK", 0)) == 0:
         make_images(images, args.images, caption_every=10**9)  # every image has a caption
         for i, txt in enumerate(sorted(images.glob("*.txt"))):
             txt.write_text(f"photo number {i} of a unique subject, {i * 7919 % 1000} details")  # unique captions
+        (tmp / "ready").touch()  # the other ranks start when the captions are written too
     cache_dir = Path(args.cache_dir or tmp / "cache")
     flags = {"model.path": args.model, "data.source": str(images), "data.cache_dir": str(cache_dir),
              "data.resolution": args.resolution, "data.captioner": "none", "data.max_sequence_length": args.text_len,
@@ -476,7 +483,7 @@ def run_preprocess(args) -> dict:
              "preprocess.compile": {"auto": "on"}.get(args.compile, args.compile)}  # the bench measures the compiled rate
     cfg = build_config(None, flags)
     t0 = time.perf_counter()
-    _wait_for_images(images, args.images)
+    _wait_for(tmp / "ready")
     preprocess.run(cfg)
     wall = time.perf_counter() - t0
     events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
@@ -498,9 +505,9 @@ def run_preprocess(args) -> dict:
     return report if int(os.environ.get("RANK", 0)) == 0 else {}
 
 
-def _wait_for_images(images: Path, n: int) -> None:
-    deadline = time.time() + 120
-    while len(list(images.glob("*.png")) + list(images.glob("*.jpg"))) < n and time.time() < deadline:
+def _wait_for(marker: Path) -> None:
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline:
         time.sleep(0.2)
 
 
@@ -536,6 +543,8 @@ def main() -> None:
     p.add_argument("--fsdp-prefetch", type=int, default=1, help="FSDP2: blocks gathered ahead (dist.fsdp_prefetch)")
     p.add_argument("--compare-fsdp-prefetch", type=int, default=0, help="also run FSDP2 gathering this many blocks ahead")
     p.add_argument("--fsdp-keep-gathered", type=int, default=-1, help="FSDP2: last blocks kept gathered from forward to backward (dist.fsdp_keep_gathered; -1 auto)")
+    p.add_argument("--fsdp-lora", default="auto", choices=["auto", "replicated", "sharded"], help="FSDP2: the LoRA replicated or sharded (dist.fsdp_lora)")
+    p.add_argument("--compare-fsdp-lora", default=None, choices=["replicated", "sharded"], help="also run FSDP2 with the LoRA placed so")
     p.add_argument("--compare-fsdp-keep-gathered", type=int, default=None, help="also run FSDP2 keeping this many blocks gathered (0: none)")
     p.add_argument("--compare-fsdp-unit-blocks", type=int, default=0, help="also run FSDP2 with this many blocks per unit")
     p.add_argument("--gpu-memory-cap", type=float, default=0.0, help="GiB: cap this process's GPU memory from its first allocation (torch.cuda.set_per_process_memory_fraction) and plan for it (dist.gpu_memory_gib); reports the whole-run peak")

@@ -64,5 +64,10 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         # FSDP2 at batch 2 per GPU: blocks kept gathered (auto), DDP, none kept
         fsdpkeep1024b2) run_ddp fsdp-keep-gathered-1024-b2 train --resolution 1024 --batch-size 2 --no-baseline --fp8-compute off \
             --fuse-qkv off --sharding fsdp --compare-sharding --compare-fsdp-keep-gathered 0 --steps 10 ;;
+        # FSDP2 with the LoRA replicated (one all-reduce a step) against it sharded, and DDP, batch 1 and 2
+        fsdplora1024) run_ddp fsdp-lora-1024-b1 train --resolution 1024 --batch-size 1 --no-baseline --fp8-compute off \
+            --fuse-qkv off --sharding fsdp --fsdp-lora replicated --compare-fsdp-lora sharded --compare-sharding --steps 10
+            run_ddp fsdp-lora-1024-b2 train --resolution 1024 --batch-size 2 --no-baseline --fp8-compute off \
+            --fuse-qkv off --sharding fsdp --fsdp-lora replicated --compare-fsdp-lora sharded --compare-sharding --steps 10 ;;
     esac
 done

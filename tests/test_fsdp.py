@@ -111,16 +111,23 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, cache_dir, tmp_path, s
 
 def test_resume_on_one_and_on_three_ranks(tiny_model, cache_dir, tmp_path, sharded_run, killed_run):
     """The killed 2-rank FSDP2 run resumes from its step-3 checkpoint on 1 rank (whole model) and
-    on 3 ranks (resharded), each at global batch 6; the 1-rank run's own checkpoint (DDP's format)
-    then resumes under FSDP2 on 2 ranks. All end at the uninterrupted run's LoRA."""
+    on 3 ranks (resharded, the LoRA replicated), each at global batch 6. The 3-rank run is killed
+    after step 6 and its checkpoint resumes on 2 ranks with the LoRA sharded again; the 1-rank
+    run's own checkpoint (DDP's format) resumes under FSDP2 on 2 ranks. All end at the
+    uninterrupted run's LoRA."""
     one, three = tmp_path / "one", tmp_path / "three"
     shutil.copytree(killed_run, one)
     shutil.copytree(killed_run, three)
     proc = run_cli(*train_args(tiny_model, cache_dir, one, "--batch-size", "6", *COMMON, "--sharding", "fsdp"), check=True)
     assert "at step 3" in proc.stderr and "nothing to shard over" in proc.stderr
     # (with both blocks as one FSDP2 unit: the checkpoint's names do not depend on the grouping)
-    torchrun(3, *train_args(tiny_model, cache_dir, three, "--batch-size", "2", *COMMON, "--sharding", "fsdp",
-                            "--set", "dist.fsdp_unit_blocks=2"))
+    proc = torchrun(3, *train_args(tiny_model, cache_dir, three, "--batch-size", "2", *COMMON, "--sharding", "fsdp",
+                                   "--set", "dist.fsdp_unit_blocks=2", "--set", "dist.fsdp_lora=replicated"),
+                    check=False, env=cli_env(FLUX_LORA_FAULT="kill@7"))
+    assert proc.returncode != 0 and "FSDP2 keeps the LoRA whole on every rank" in proc.stderr
+    assert [s for s, _ in checkpoint.list_checkpoints(three)][-1] == 6  # written by 3 ranks from whole tensors
+    proc = torchrun(2, *train_args(tiny_model, cache_dir, three, "--batch-size", "3", *COMMON, *AUTO_SHARDS))
+    assert "at step 6" in proc.stderr and "FSDP2 shards the LoRA" in proc.stderr
     reference = _lora(sharded_run.out)
     assert _relative_gap(_lora(one), reference) < 1e-5
     assert _relative_gap(_lora(three), reference) < 1e-5
@@ -183,6 +190,32 @@ def test_auto_choice_from_the_memory_estimate():
     half = memory.sharded_step_memory_bytes(sizes.weight_bytes, sizes.lora_params, tokens, sizes.blocks, sizes.hidden,
                                             sizes.largest_block_bytes, 2, True)
     assert half == whole - (sizes.weight_bytes + 16 * sizes.lora_params) // 2 + 2 * sizes.largest_block_bytes
+
+
+def test_lora_replicated_while_its_training_state_is_small(tiny_model):
+    """dist.fsdp_lora=auto: FLUX.1-dev's rank-16 LoRA (65 M parameters, ~1 GiB of fp32 weights,
+    gradients and Adam moments) is replicated on a 141 GB card and sharded on 24 GB ones; no GPU
+    size known (the CPU) shards; a set value wins. Only a sharded LoRA refuses the other optimizers."""
+    from flux_lora.config import TrainConfig
+    from flux_lora.errors import ConfigError
+    from flux_lora.models import families
+    from flux_lora.training import optim
+
+    assert sharding.replicates_lora("auto", 65_000_000, int(139.8 * 2**30))
+    assert not sharding.replicates_lora("auto", 65_000_000, 24 * 2**30)
+    assert not sharding.replicates_lora("auto", 1, 0)
+    assert sharding.replicates_lora("replicated", 10**12, 0) and not sharding.replicates_lora("sharded", 1, 2**40)
+    family, two = families.of_model(str(tiny_model)), DistInfo(0, 2, 0, torch.device("cpu"))
+    cfg = Config()
+    cfg.model.path, cfg.dist.gpu_memory_gib = str(tiny_model), 24.0  # the tiny LoRA's state: far below 2%
+    fsdp = sharding.ShardingChoice("fsdp", "")
+    assert not sharding.shards_lora(cfg, two, family, fsdp)
+    assert not sharding.shards_lora(cfg, two, family, sharding.ShardingChoice("ddp", ""))
+    cfg.dist.fsdp_lora = "sharded"
+    assert sharding.shards_lora(cfg, two, family, fsdp)
+    with pytest.raises(ConfigError, match="dist.fsdp_lora=replicated"):
+        optim.check_choice(TrainConfig(optimizer="prodigy"), torch.device("cpu"), True)
+    optim.check_choice(TrainConfig(optimizer="prodigy"), torch.device("cpu"), False)
 
 
 def test_blocks_kept_gathered_fit_the_memory_left():

@@ -138,7 +138,7 @@ def test_optimizer_state_resumes_exactly(name):
 @pytest.mark.parametrize("settings, sharded, words", [
     ({"optimizer": "adamw8bit"}, False, "needs a CUDA GPU"),
     ({"optimizer": "adamw-schedulefree", "schedule": "cosine"}, False, "replaces the LR schedule"),
-    ({"optimizer": "prodigy"}, True, "does not run on FSDP2's sharded parameters"),
+    ({"optimizer": "prodigy"}, True, "does not run on FSDP2's sharded LoRA"),
 ])
 def test_optimizer_choices_this_setup_cannot_run_are_one_line(settings, sharded, words):
     from flux_lora.config import TrainConfig

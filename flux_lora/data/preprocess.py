@@ -168,7 +168,7 @@ class Encoders:
         if compiled_encoders.use_compile(cfg.preprocess.compile, device, items):  # items: this rank's to encode
             compiled_encoders.compile_encoders(self.vae, self.text)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
-        self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0}  # where a rank's time goes
+        self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0, "write_wait": 0.0}  # where a rank's time goes
         self.memo: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # recent texts' rows
 
     def latents(self, records: list[dict], key: str = "pixels") -> dict[int, torch.Tensor]:
@@ -363,7 +363,9 @@ def encode_pending(cfg: Config, di, parts, sources, layer: Layer, reporter, prog
         else:
             shard = encode_chunk(enc, records, captions, sources, preserve) if records else cache.pack_shard([], {})
         if writing is not None:
+            t0 = time.perf_counter()
             writing.result()  # at most one chunk in flight: memory stays bounded, errors surface
+            enc.seconds["write_wait"] += time.perf_counter() - t0
         writing = writer.submit(_write_chunk, layer.shards_dir, cache.shard_name(di.rank, di.world_size, p), shard,
                                 planned, skipped, progress)
     if writing is not None:

@@ -6,8 +6,11 @@ What changes under FSDP2, and only here:
 - each transformer block is one FSDP group, the rest of the model (embedders, final norm) is the
   root's; a block's weights are all-gathered just before it runs and freed after (its backward
   gathers them again), the next block's gather overlapping the current block's compute;
-- parameters become DTensors (a shard each); the LoRA's stay fp32 and are cast to the compute
-  dtype for the gather (MixedPrecisionPolicy), gradients are reduce-scattered in fp32;
+- the base's parameters become DTensors (a shard each). The LoRA is either sharded with them
+  (DTensors kept fp32, cast to the compute dtype for the gather by the MixedPrecisionPolicy,
+  gradients reduce-scattered in fp32 per block) or left out of FSDP2 (`ignored_params`):
+  replicated on every rank as under DDP, its gradients averaged in one all-reduce after the
+  step's last backward (sync_replicated_grads), its optimizer fused over plain tensors;
 - gradient sync is turned off for all but the last micro-batch of a step (grad accumulation);
 - inference (previews, validation) runs the same number of forwards on every rank (each forward's
   gathers are collectives) and frees what it left gathered (reshard), for training's next step;
@@ -27,14 +30,15 @@ from flux_lora.parallel.session import DistInfo
 
 def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInfo,
               compute_dtype: torch.dtype, unit_blocks: int = 1, prefetch: int = 1,
-              keep_gathered: int = 0) -> torch.nn.Module:
+              keep_gathered: int = 0, replicate_lora: bool = False) -> torch.nn.Module:
     """fully_shard the transformer's blocks, `unit_blocks` consecutive ones as one unit (gathered
     and reduced together), then the root; returns the model (sharded in place). Parameters still
     on the CPU move to the GPU one unit at a time as they are sharded. `prefetch` > 1 (units of
     one block): each block starts the all-gathers of that many blocks after it (before it, in the
     backward), where FSDP2 on its own gathers the next one as the current one starts. Units within
     the last `keep_gathered` blocks keep their weights gathered from the forward to the backward
-    (no second all-gather; the backward frees them)."""
+    (no second all-gather; the backward frees them). `replicate_lora`: the trained parameters stay
+    whole on every rank, outside FSDP2 (moved to the GPU here)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -47,20 +51,44 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     # warns that an in-place op on such a view would skip its hook. Nothing here writes into them
     # (tests/test_fsdp.py: FSDP2's LoRA equals DDP's).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    replicated = [p for p in model.parameters() if p.requires_grad] if replicate_lora else []
+    for p in replicated:
+        p.data = p.data.to(di.device)
+    ignored = set(replicated) or None
     units = [blocks[i:i + unit_blocks] for i in range(0, len(blocks), unit_blocks)]
     first_kept = len(blocks) - keep_gathered
     for i, unit in enumerate(units):
         # the last unit's weights are needed again at once by the backward: always kept gathered
         kept = i == len(units) - 1 or i * unit_blocks >= first_kept
-        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=not kept)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # embedders, norms: small
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=not kept,
+                    ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,  # embedders, norms: small
+                ignored_params=ignored)
     if prefetch > 1 and unit_blocks == 1:
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
             block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
     model.flux_lora_sharded = True
     model.flux_lora_kept_gathered = keep_gathered
+    model.flux_lora_replicated = replicated
     return model
+
+
+def sync_replicated_grads(model) -> None:
+    """Average the gradients of parameters FSDP2 leaves alone (a replicated LoRA) over the ranks:
+    one all-reduce of all of them, flattened, after the step's last backward (DDP's maths:
+    the sum over ranks divided by their number). Nothing for other models."""
+    params = getattr(model, "flux_lora_replicated", None)
+    if not params:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)  # a sum: gloo has no average
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
 
 
 def is_sharded(model) -> bool:

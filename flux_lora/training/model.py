@@ -16,6 +16,7 @@ from flux_lora.models.families.base import Family
 from flux_lora.parallel import fsdp
 from flux_lora.parallel.session import DistInfo
 from flux_lora.training import lora
+from flux_lora.training.sharding import replicates_lora
 
 
 def image_token_counts(buckets: set[tuple[int, int]]) -> set[int]:
@@ -99,15 +100,27 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     if why:
         reporter.info(f"gradient checkpointing on ({why})")
     if sharded:
-        blocks = loading.transformer_blocks(transformer)
-        keep = memory.fsdp_blocks_to_keep(transformer, cfg.dist.fsdp_keep_gathered, tokens, di.world_size,
-                                          memory.gpu_bytes(di.device, cfg.dist.gpu_memory_gib), why is not None)
-        if keep:
-            kept_gib = sum(memory.block_bytes(b) for b in blocks[len(blocks) - keep:]) / 2**30
-            reporter.info(f"FSDP2 keeps the last {keep} of {len(blocks)} blocks gathered from forward to backward "
-                          f"(~{kept_gib:.1f} GiB per GPU, no second all-gather for them; dist.fsdp_keep_gathered=0 saves it)")
-        fsdp.wrap_fsdp(transformer, blocks, di, dtype, cfg.dist.fsdp_unit_blocks, cfg.dist.fsdp_prefetch, keep)
+        shard(transformer, cfg, di, dtype, tokens, why is not None, n_params, reporter)
     return transformer, n_params
+
+
+def shard(transformer, cfg: Config, di: DistInfo, dtype: torch.dtype, tokens: int, checkpointing: bool,
+          n_params: int, reporter) -> None:
+    """FSDP2 over the ranks: how many blocks stay gathered and where the LoRA lives decided and
+    said in a line each, then parallel.fsdp wraps the model."""
+    blocks = loading.transformer_blocks(transformer)
+    budget = memory.gpu_bytes(di.device, cfg.dist.gpu_memory_gib)
+    keep = memory.fsdp_blocks_to_keep(transformer, cfg.dist.fsdp_keep_gathered, tokens, di.world_size, budget,
+                                      checkpointing)
+    if keep:
+        kept_gib = sum(memory.block_bytes(b) for b in blocks[len(blocks) - keep:]) / 2**30
+        reporter.info(f"FSDP2 keeps the last {keep} of {len(blocks)} blocks gathered from forward to backward "
+                      f"(~{kept_gib:.1f} GiB per GPU, no second all-gather for them; dist.fsdp_keep_gathered=0 saves it)")
+    replicate = replicates_lora(cfg.dist.fsdp_lora, n_params, budget)
+    reporter.info(f"FSDP2 keeps the LoRA whole on every rank (~{16 * n_params / 2**20:.0f} MiB of training state; "
+                  "one all-reduce of its gradients a step; dist.fsdp_lora=sharded shards it)" if replicate else
+                  "FSDP2 shards the LoRA and its optimizer state with the base (dist.fsdp_lora)")
+    fsdp.wrap_fsdp(transformer, blocks, di, dtype, cfg.dist.fsdp_unit_blocks, cfg.dist.fsdp_prefetch, keep, replicate)
 
 
 def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: int = 1,

@@ -40,8 +40,8 @@ def check_choice(train_cfg, device: torch.device, sharded: bool) -> None:
     if name == "adamw":
         return
     if sharded:
-        raise ConfigError(f"train.optimizer={name} does not run on FSDP2's sharded parameters here; "
-                          "use train.optimizer=adamw with dist.sharding=fsdp, or sharding=ddp")
+        raise ConfigError(f"train.optimizer={name} does not run on FSDP2's sharded LoRA here; use "
+                          "dist.fsdp_lora=replicated (the LoRA whole on every rank), train.optimizer=adamw, or sharding=ddp")
     if name == "adamw8bit" and device.type != "cuda":
         raise ConfigError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on the CPU")
     if name == "adamw-schedulefree" and train_cfg.schedule != "constant":

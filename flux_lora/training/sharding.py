@@ -65,6 +65,31 @@ def decide(cfg, di: DistInfo, sizes_of, tokens: int, fp8_blocks: bool) -> Shardi
     return ShardingChoice("fsdp", why)
 
 
+# a replicated LoRA's training state (fp32 weights, gradients, two Adam moments) at most this share
+# of a GPU: the memory FSDP2 saves is the base's, and one all-reduce replaces a reduce-scatter per block
+# (the memory estimates count the LoRA sharded: at most 1% of the GPU off)
+REPLICATED_LORA_SHARE = 0.02
+
+
+def replicates_lora(setting: str, lora_params: int, budget_bytes: int) -> bool:
+    """dist.fsdp_lora resolved: replicated/sharded as asked; auto replicates a LoRA whose training
+    state fits within REPLICATED_LORA_SHARE of the GPU (no GPU size known: sharded)."""
+    if setting != "auto":
+        return setting == "replicated"
+    return bool(budget_bytes) and 16 * lora_params <= REPLICATED_LORA_SHARE * budget_bytes
+
+
+def shards_lora(cfg: Config, di: DistInfo, family: Family, choice: ShardingChoice) -> bool:
+    """Whether this run's LoRA (and its optimizer state) will be DTensor shards: FSDP2 over several
+    ranks with dist.fsdp_lora resolved to sharded (build_model resolves it the same way)."""
+    if choice.mode != "fsdp" or not di.distributed:
+        return False
+    dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
+    params = planned_sizes(family, cfg.model.path, cfg.model.revision, dtype, cfg.lora).lora_params \
+        if cfg.dist.fsdp_lora == "auto" else 0
+    return not replicates_lora(cfg.dist.fsdp_lora, params, memory.gpu_bytes(di.device, cfg.dist.gpu_memory_gib))
+
+
 def check_combination(train_cfg, di: DistInfo) -> None:
     """What FSDP2 composes with here, and one line for what it does not."""
     if train_cfg.memory_mode != "fast":

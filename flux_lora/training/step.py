@@ -103,6 +103,7 @@ def train_step(ddp_model, batches: list[dict], slices: list[Slice], step: int, i
                 term = weight * preservation_loss(ddp_model, plain, batch, part.positions, step, inputs) / len(slices)
                 term.backward()
             total += term.detach()
+    fsdp.sync_replicated_grads(ddp_model)
     return total
 
 
