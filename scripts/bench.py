@@ -484,8 +484,19 @@ def run_preprocess(args) -> dict:
     cfg = build_config(None, flags)
     t0 = time.perf_counter()
     _wait_for(tmp / "ready")
-    preprocess.run(cfg)
-    wall = time.perf_counter() - t0
+    if args.profile and torch.cuda.is_available():  # GPU time by kernel over the whole stage: is the GPU kept busy
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            preprocess.run(cfg)
+        wall = time.perf_counter() - t0
+        kernels = sorted(((e.device_time_total / 1e6, e.count, e.key[:100]) for e in prof.key_averages()
+                          if e.device_time_total > 0), reverse=True)
+        gpu_profile = {"gpu_busy_s": sum(k[0] for k in kernels), "top_kernels": kernels[:25]}
+    else:
+        preprocess.run(cfg)
+        wall = time.perf_counter() - t0
+        gpu_profile = None
     events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
     done = [e for e in events if e["event"] == "done"]
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -499,7 +510,7 @@ def run_preprocess(args) -> dict:
               "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall, "compile": args.compile,
               "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None,
               "steady_images_per_s": steady, "steady_images_per_s_per_gpu": steady / world if steady else None,
-              "timing": [e for e in events if e["event"] == "timing"]}
+              "timing": [e for e in events if e["event"] == "timing"], "gpu_profile": gpu_profile}
     if torch.cuda.is_available():
         report["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return report if int(os.environ.get("RANK", 0)) == 0 else {}

@@ -287,3 +287,28 @@ def test_a_caption_shared_across_chunks_is_encoded_once(tmp_path, tiny_model, im
     for it in items.values():
         torch.testing.assert_close(it["t5"], t5[0])
         torch.testing.assert_close(it["clip"], pooled[0])
+
+
+def test_encoders_turn_tf32_on_for_reduced_precision_only_and_restore_it(tiny_model):
+    """The compiled T5's attention multiplies bf16 values upcast to fp32: TF32 is turned on while
+    the encoders live (exact for such inputs) and the caller's setting comes back; an fp32 run
+    keeps full fp32 matmuls."""
+    from flux_lora.config import build_config
+    from flux_lora.data.preprocess import Encoders
+    from flux_lora.models import families
+    from flux_lora.models.families.base import to_host
+
+    family = families.of_model(str(tiny_model))
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for dtype, during in (("bf16", True), ("fp32", False)):
+            cfg = build_config(flags={"model.path": str(tiny_model), "model.dtype": dtype})
+            enc = Encoders(cfg, torch.device("cpu"), family, text=False)
+            assert torch.backends.cuda.matmul.allow_tf32 is during
+            enc.close()
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    x = torch.arange(6.0).view(2, 3)
+    assert torch.equal(to_host(x), x) and to_host(x).device.type == "cpu"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from flux_lora.models import synthetic
-from flux_lora.models.families.base import Family
+from flux_lora.models.families.base import Family, to_host
 
 _DOUBLE = r"transformer_blocks\.\d+\."
 _SINGLE = r"single_transformer_blocks\.\d+\."
@@ -84,14 +84,14 @@ class Flux1(Family):
         x = pixels.to(device=vae.device, dtype=vae.dtype)
         mean = vae.encode(x).latent_dist.mean
         shift = vae.config.shift_factor or 0.0
-        return ((mean.float() - shift) * vae.config.scaling_factor).cpu()
+        return to_host((mean.float() - shift) * vae.config.scaling_factor)
 
     @torch.no_grad()
     def encode_prompts(self, text_pipe, prompts, max_sequence_length, device):
         """CLIP pooled [B, 768] and T5 sequence [B, L, 4096]."""
         t5, pooled, _ = text_pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=device,
                                                 num_images_per_prompt=1, max_sequence_length=max_sequence_length)
-        return {"t5": t5.cpu(), "clip": pooled.cpu()}
+        return {"t5": to_host(t5), "clip": to_host(pooled)}
 
     def pack(self, latents):
         return pack_latents(latents)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora.models.families.base import Family
+from flux_lora.models.families.base import Family, to_host
 from flux_lora.models.loading import load_errors, revision_kwargs
 
 _DOUBLE = r"transformer_blocks\.\d+\."
@@ -110,13 +110,13 @@ class Flux2(Family):
         x = pixels.to(device=vae.device, dtype=vae.dtype)
         mode = vae.encode(x).latent_dist.mode()
         mean, std = bn_stats(vae)
-        return ((patchify(mode.float()) - mean.to(mode.device)) / std.to(mode.device)).cpu()
+        return to_host((patchify(mode.float()) - mean.to(mode.device)) / std.to(mode.device))
 
     @torch.no_grad()
     def encode_prompts(self, text_pipe, prompts, max_sequence_length, device):
         embeds, _ = text_pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                             max_sequence_length=max_sequence_length)
-        return {"text": embeds.cpu()}
+        return {"text": to_host(embeds)}
 
     def pack(self, latents):
         return pack_latents(latents)
