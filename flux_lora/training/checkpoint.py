@@ -131,6 +131,10 @@ def resume_into(saved: dict, model, opt, sched, ema=None) -> None:
     if "dcp" in saved:
         import torch.distributed.checkpoint as dcp
 
+        # schedule-free's train() leaves an empty state per parameter; torch only creates the state
+        # the checkpoint loads into (a step at lr 0) for an optimizer without any
+        for param in [p for p, state in opt.state.items() if not state]:
+            del opt.state[param]
         model_sd, optim_sd = _sharded_state(model, opt)
         both = {"lora": model_sd, "optim": optim_sd, **({"ema": ema.state()} if ema else {})}
         dcp.load(both, checkpoint_id=saved["dcp"])  # resharded to this run's ranks (the EMA in place)
