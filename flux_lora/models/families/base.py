@@ -12,7 +12,6 @@ from flux_lora.models import synthetic
 from flux_lora.models.loading import check_model_path, load_errors, revision_kwargs
 
 
-
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """t on the CPU. From a GPU through pinned memory (the caching host allocator reuses it):
     several times .cpu()'s pageable copy rate, which preprocess's ~4 MB of text embeddings an
@@ -23,6 +22,7 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t)
     return out
+
 
 class Family:
     name = ""  # how people and the cache name it, e.g. "flux1"
