@@ -1,5 +1,8 @@
-"""Python's garbage collector during training: full collections timed (GcPauses), and the warm-up's
-objects frozen so later full collections skip them (train.gc_freeze)."""
+"""Python's garbage collector during training: full collections timed (GcPauses); start-up's objects
+frozen before the first step and the warm-up's after it, so full collections skip them
+(train.gc_freeze). On the CPU with the flux-shapes model, compiled, the warm-up's full collections
+(the one before freezing included): 0.81 -> 0.28-0.36 s with a warm compile cache, 1.46 -> 0.98 s
+cold; on one H200 they took 1.1 s warm and 2.9 s cold before."""
 
 from __future__ import annotations
 
@@ -53,11 +56,18 @@ WARMUP_STEPS = 3  # compile + CUDA-graph warm-up, graph recording, DDP's bucket 
 
 @contextlib.contextmanager
 def frozen_gc_after_warmup(enabled: bool, first_step: int):
-    """Yields `after_step(step)`: at the end of the warm-up it collects Python's garbage once and
-    freezes the survivors (gc.freeze), the way servers freeze after start-up. A full collection
-    then scans only objects made since, not the millions compile left alive, so it no longer
-    stalls a step. Unfrozen on exit: a process that trains again must be able to free this run."""
+    """Freezes start-up's objects at once, then yields `after_step(step)`: at the end of the warm-up
+    it collects Python's garbage once and freezes the survivors (gc.freeze), the way servers freeze
+    after start-up. A full collection then scans only objects made since, not the millions compile
+    left alive, so it no longer stalls a step. Unfrozen on exit: a process that trains again must
+    be able to free this run."""
     state = {"frozen": False}
+    if enabled:
+        # what start-up built (the libraries' modules, the model) lives to the end: frozen now, the
+        # warm-up's full collections scan only what compiling makes, not those too. Collected first:
+        # start-up's cyclic garbage (it may hold tensors) must not be kept for the whole run
+        gc.collect()
+        gc.freeze()
 
     def after_step(step: int) -> bool:
         """True once the warm-up is over."""
@@ -71,5 +81,5 @@ def frozen_gc_after_warmup(enabled: bool, first_step: int):
     try:
         yield after_step
     finally:
-        if state["frozen"]:
+        if enabled:
             gc.unfreeze()
