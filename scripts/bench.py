@@ -26,6 +26,7 @@ runs the real preprocess stage with full-size random encoders on synthetic image
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -484,19 +485,17 @@ def run_preprocess(args) -> dict:
     cfg = build_config(None, flags)
     t0 = time.perf_counter()
     _wait_for(tmp / "ready")
-    if args.profile and torch.cuda.is_available():  # GPU time by kernel over the whole stage: is the GPU kept busy
-        from torch.profiler import ProfilerActivity, profile
+    profiling = args.profile and torch.cuda.is_available()  # GPU time by kernel over the stage: is the GPU kept busy
+    from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            preprocess.run(cfg)
-        wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CUDA]) if profiling else contextlib.nullcontext() as prof:
+        preprocess.run(cfg)
+    wall = time.perf_counter() - t0
+    gpu_profile = None
+    if profiling:
         kernels = sorted(((e.device_time_total / 1e6, e.count, e.key[:100]) for e in prof.key_averages()
                           if e.device_time_total > 0), reverse=True)
         gpu_profile = {"gpu_busy_s": sum(k[0] for k in kernels), "top_kernels": kernels[:25]}
-    else:
-        preprocess.run(cfg)
-        wall = time.perf_counter() - t0
-        gpu_profile = None
     events = [json.loads(line) for line in (cache_dir / "events.jsonl").read_text().splitlines()]
     done = [e for e in events if e["event"] == "done"]
     world = int(os.environ.get("WORLD_SIZE", 1))
