@@ -480,7 +480,7 @@ def run_preprocess(args) -> dict:
     flags = {"model.path": args.model, "data.source": str(images), "data.cache_dir": str(cache_dir),
              "data.resolution": args.resolution, "data.captioner": "none", "data.max_sequence_length": args.text_len,
              "preprocess.batch_size": args.batch_size, "preprocess.num_workers": args.workers,
-             "preprocess.overwrite": True, "data.square": True, "preprocess.chunk_items": 16,
+             "preprocess.overwrite": True, "data.square": True, "preprocess.chunk_items": args.chunk_items,
              "preprocess.compile": {"auto": "on"}.get(args.compile, args.compile)}  # the bench measures the compiled rate
     cfg = build_config(None, flags)
     t0 = time.perf_counter()
@@ -506,7 +506,7 @@ def run_preprocess(args) -> dict:
     steady = (progress[-1]["done"] - quarter["done"]) / (progress[-1]["time"] - quarter["time"]) \
         if quarter and progress[-1]["time"] > quarter["time"] else None
     report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
-              "batch_size": args.batch_size, "world_size": world, "wall_s_incl_load": wall, "compile": args.compile,
+              "batch_size": args.batch_size, "chunk_items": args.chunk_items, "world_size": world, "wall_s_incl_load": wall, "compile": args.compile,
               "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None,
               "steady_images_per_s": steady, "steady_images_per_s_per_gpu": steady / world if steady else None,
               "timing": [e for e in events if e["event"] == "timing"], "gpu_profile": gpu_profile}
@@ -564,6 +564,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--images", type=int, default=64)
+    p.add_argument("--chunk-items", type=int, default=16, help="preprocess: items per shard (preprocess.chunk_items; its default is 64)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--cache-dir", default="")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script runs")

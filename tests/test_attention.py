@@ -110,3 +110,34 @@ def test_flop_counter_counts_the_op_like_sdpa():
     ours = count(lambda q, k, v: attention.attention(q, k, v)[0])
     # what FlopCounterMode counts for CUDA SDPA: the backward also recomputes q·kᵀ (a 5th matmul)
     assert ours == count(explicit) + 2 * b * h * s * s * d
+
+
+def test_vae_wide_head_attention_matches_sdpa_eager_and_compiled(monkeypatch):
+    """The VAE mid-block's one head of 512 channels (wider than flash or cuDNN take): preprocess's
+    chunked fp32 attention encodes what diffusers' SDPA processor does, in chunks smaller than an
+    image, eagerly and inside the compiled encoder; narrow heads keep diffusers' processor."""
+    from diffusers import AutoencoderKL
+
+    from flux_lora.fast import wide_attention
+    from helpers import _compile_on_cpu_quickly
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(512,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), layers_per_block=1, latent_channels=4).eval()
+    narrow = AutoencoderKL(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
+                           up_block_types=("UpDecoderBlock2D",), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+    assert wide_attention.use_for_wide_heads(narrow.encoder) == 0
+    x = torch.rand(2, 3, 12, 20) * 2 - 1  # 240 tokens an image
+    with torch.no_grad():
+        ref = vae.encode(x).latent_dist.mean
+        assert wide_attention.use_for_wide_heads(vae.encoder) == 1  # the encoder's mid-block
+        assert isinstance(vae.decoder.mid_block.attentions[0].processor, wide_attention.AttnProcessor2_0)
+        monkeypatch.setattr(wide_attention, "SCORE_ELEMENTS", 100 * 240)  # 3 chunks an image
+        calls = []
+        real = wide_attention.chunked_attention
+        monkeypatch.setattr(wide_attention, "chunked_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        torch.testing.assert_close(vae.encode(x).latent_dist.mean, ref, rtol=1e-5, atol=1e-5)
+        assert calls == [1]
+        _compile_on_cpu_quickly(monkeypatch)
+        vae.encoder.forward = torch.compile(vae.encoder.forward, dynamic=None)
+        torch.testing.assert_close(vae.encode(x).latent_dist.mean, ref, rtol=1e-5, atol=1e-5)

@@ -312,3 +312,9 @@ def test_encoders_turn_tf32_on_for_reduced_precision_only_and_restore_it(tiny_mo
         torch.backends.cuda.matmul.allow_tf32 = before
     x = torch.arange(6.0).view(2, 3)
     assert torch.equal(to_host(x), x) and to_host(x).device.type == "cpu"
+    from flux_lora.models.families import base
+    with pytest.raises(ValueError), base.host_copies_queued(torch.device("cpu")):  # queued copies are CUDA's only
+        assert not base._queued.on and torch.equal(to_host(x), x)
+        base._queued.on = True
+        raise ValueError
+    assert not base._queued.on  # an error inside leaves copies waited for again

@@ -27,9 +27,9 @@ from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
 from flux_lora.data.images import load_mask, load_rgb, make_buckets, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, ConfigError, DataError
-from flux_lora.fast import compiled_encoders, memory
+from flux_lora.fast import compiled_blocks, compiled_encoders, memory, wide_attention
 from flux_lora.models import families, loading, placement
-from flux_lora.models.families.base import Family
+from flux_lora.models.families.base import Family, host_copies_queued
 from flux_lora.outputs import files
 from flux_lora.outputs.display import Display
 from flux_lora.outputs.events import holding
@@ -65,7 +65,17 @@ class DecodedImages(torch.utils.data.Dataset):
 
 
 def _tensor(im) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    """[3, H, W] uint8, contiguous: the worker pays the transpose, not the main process's stack."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors stacked on the device. On CUDA through pinned memory: the copy is queued
+    behind the GPU's work instead of making the host wait for it, as a pageable one may."""
+    if device.type != "cuda":
+        return torch.stack(tensors)
+    staged = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+    return torch.stack(tensors, out=staged).to(device, non_blocking=True)
 
 
 def _decoded(entries, buckets, pre_cfg):
@@ -163,37 +173,42 @@ class Encoders:
                  items: int = 0):
         dtype = loading.resolve_dtype(cfg.model.dtype, device)
         self.family = family
+        compiling = compiled_encoders.use_compile(cfg.preprocess.compile, device, items)  # items: this rank's to encode
+        if compiling:
+            compiled_blocks.start_compile_workers()  # while the encoders load
         self.vae = family.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
         self.saved_tf32 = torch.backends.cuda.matmul.allow_tf32
         if dtype in (torch.bfloat16, torch.float16):
-            # the encoders' fp32 matmuls are compiled T5 attention's, on bf16 values upcast: TF32 tensor
-            # cores instead of plain fp32 FMA (3 ms an image). Q·K is exact in TF32's 10-bit mantissa;
-            # the probabilities keep 10 bits, more than eager bf16 attention's 8
+            # the encoders' fp32 matmuls are attention's on bf16 values upcast (compiled T5's, the VAE's
+            # wide head): TF32 tensor cores instead of plain fp32 FMA (3 ms an image for T5). Q·K is
+            # exact in TF32's 10-bit mantissa; the probabilities keep 10 bits, more than bf16's 8
             torch.backends.cuda.matmul.allow_tf32 = True
+            if device.type == "cuda":  # CPU attention takes any head width
+                wide_attention.use_for_wide_heads(getattr(self.vae, "encoder", self.vae))
         self.text = load_text_encoders(cfg, device, family, reporter) if text else None  # a further resolution: latents only
-        if compiled_encoders.use_compile(cfg.preprocess.compile, device, items):  # items: this rank's to encode
+        if compiling:
             compiled_encoders.compile_encoders(self.vae, self.text)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0, "write_wait": 0.0}  # where a rank's time goes
         self.memo: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # recent texts' rows
 
     def latents(self, records: list[dict], key: str = "pixels") -> dict[int, torch.Tensor]:
-        """Latents of records[key] per item index, batched within each bucket."""
+        """Latents of records[key] per item index, batched within each bucket; every batch is
+        queued before the one wait for their copies to the host."""
         by_bucket: dict[tuple, list[dict]] = {}
         for r in records:
             by_bucket.setdefault(tuple(r["bucket"]), []).append(r)
         out = {}
-        for group in by_bucket.values():
-            for i in range(0, len(group), self.batch):
-                rows = group[i:i + self.batch]
-                t0 = time.perf_counter()
-                # uint8 crosses to the GPU (4x fewer bytes than float) and is normalised there
-                pixels = torch.stack([r[key] for r in rows]).to(self.device, non_blocking=True)
-                pixels = pixels.float() / 127.5 - 1.0
-                latents = self.family.encode_latents(self.vae, pixels)
-                self.seconds["vae"] += time.perf_counter() - t0
-                for r, lat in zip(rows, latents):
-                    out[r["index"]] = lat
+        t0 = time.perf_counter()
+        with host_copies_queued(self.device):
+            for group in by_bucket.values():
+                for i in range(0, len(group), self.batch):
+                    rows = group[i:i + self.batch]
+                    # uint8 crosses to the GPU (4x fewer bytes than float) and is normalised there
+                    pixels = to_device([r[key] for r in rows], self.device).float() / 127.5 - 1.0
+                    for r, lat in zip(rows, self.family.encode_latents(self.vae, pixels)):
+                        out[r["index"]] = lat
+        self.seconds["vae"] += time.perf_counter() - t0
         return out
 
     def prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -204,9 +219,11 @@ class Encoders:
             return {}
         new = [t for t in texts if t not in self.memo]
         t0 = time.perf_counter()
-        for i in range(0, len(new), self.batch):
-            batch = new[i:i + self.batch]
-            encoded = self.family.encode_prompts(self.text, batch, self.max_len, self.device)
+        with host_copies_queued(self.device):
+            batches = [(new[i:i + self.batch], self.family.encode_prompts(self.text, new[i:i + self.batch],
+                                                                          self.max_len, self.device))
+                       for i in range(0, len(new), self.batch)]
+        for batch, encoded in batches:
             for j, text in enumerate(batch):
                 self.memo[text] = {k: v[j].clone() for k, v in encoded.items()}  # a row, not a view of the batch
         self.seconds["text"] += time.perf_counter() - t0
