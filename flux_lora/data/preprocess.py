@@ -80,8 +80,11 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor
 
 def _decoded(entries, buckets, pre_cfg):
     workers = pre_cfg.num_workers
+    # decoded ahead: a whole chunk and the next batch, which the host takes at once when the GPU is
+    # given the previous chunk (fewer, and the chunk's start waits for decoding)
+    ahead = max(8, -(-(pre_cfg.chunk_items + pre_cfg.batch_size) // workers)) if workers else None
     loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets, pre_cfg.max_image_pixels), batch_size=None,
-                                         shuffle=False, num_workers=workers, prefetch_factor=8 if workers else None)
+                                         shuffle=False, num_workers=workers, prefetch_factor=ahead)
     yield from loader
 
 
@@ -189,18 +192,20 @@ class Encoders:
         if compiling:
             compiled_encoders.compile_encoders(self.vae, self.text)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
-        self.seconds = {"vae": 0.0, "text": 0.0, "decode_wait": 0.0, "write_wait": 0.0}  # where a rank's time goes
+        # where a rank's time goes: the host queueing image and text batches (tokenizers included),
+        # waiting for the GPU, for decoded images, for the previous chunk's write
+        self.seconds = {"images": 0.0, "text": 0.0, "gpu_wait": 0.0, "decode_wait": 0.0, "write_wait": 0.0}
         self.memo: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # recent texts' rows
 
     def latents(self, records: list[dict], key: str = "pixels") -> dict[int, torch.Tensor]:
-        """Latents of records[key] per item index, batched within each bucket; every batch is
-        queued before the one wait for their copies to the host."""
+        """Latents of records[key] per item index, batched within each bucket. Queued: their values
+        are there after the next `wait` (shapes are known at once)."""
         by_bucket: dict[tuple, list[dict]] = {}
         for r in records:
             by_bucket.setdefault(tuple(r["bucket"]), []).append(r)
         out = {}
         t0 = time.perf_counter()
-        with host_copies_queued(self.device):
+        with host_copies_queued(self.device):  # no wait: the chunk's text encoding queues behind them
             for group in by_bucket.values():
                 for i in range(0, len(group), self.batch):
                     rows = group[i:i + self.batch]
@@ -208,7 +213,7 @@ class Encoders:
                     pixels = to_device([r[key] for r in rows], self.device).float() / 127.5 - 1.0
                     for r, lat in zip(rows, self.family.encode_latents(self.vae, pixels)):
                         out[r["index"]] = lat
-        self.seconds["vae"] += time.perf_counter() - t0
+        self.seconds["images"] += time.perf_counter() - t0
         return out
 
     def prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -223,16 +228,24 @@ class Encoders:
             batches = [(new[i:i + self.batch], self.family.encode_prompts(self.text, new[i:i + self.batch],
                                                                           self.max_len, self.device))
                        for i in range(0, len(new), self.batch)]
+        self.seconds["text"] += time.perf_counter() - t0
+        self.wait()
         for batch, encoded in batches:
             for j, text in enumerate(batch):
                 self.memo[text] = {k: v[j].clone() for k, v in encoded.items()}  # a row, not a view of the batch
-        self.seconds["text"] += time.perf_counter() - t0
         out = {k: torch.stack([self.memo[t][k] for t in texts]) for k in self.memo[texts[0]]}
         for text in texts:  # the ones used last stay longest
             self.memo.move_to_end(text)
         while len(self.memo) > MEMO_TEXTS:
             self.memo.popitem(last=False)
         return out
+
+    def wait(self) -> None:
+        """Until every queued copy to the host is complete (their values are read after this)."""
+        if self.device.type == "cuda":
+            t0 = time.perf_counter()
+            torch.cuda.current_stream(self.device).synchronize()
+            self.seconds["gpu_wait"] += time.perf_counter() - t0
 
     def close(self) -> None:
         torch.backends.cuda.matmul.allow_tf32 = self.saved_tf32
@@ -274,6 +287,7 @@ def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[st
     texts = list(dict.fromkeys([text for r in records for text in captions[r["index"]]]
                                + [preserve[r["index"]] for r in records if preserve]))
     encoded = enc.prompts(texts)
+    enc.wait()  # (prompts waited already, unless every text was remembered)
     for item in items:
         item["caption"] = captions[item["index"]][0]
         item["text_id"] = texts.index(item["caption"])
@@ -288,7 +302,9 @@ def encode_chunk(enc: Encoders, records: list[dict], captions: dict[int, list[st
 
 def encode_layer_chunk(enc: Encoders, records: list[dict], sources: list[SourceImage]) -> dict:
     """A further resolution's chunk: latents (control, mask) only; the text is the base's."""
-    return cache.pack_shard(image_items(enc, records, sources), None)
+    items = image_items(enc, records, sources)
+    enc.wait()
+    return cache.pack_shard(items, None)
 
 
 def latent_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:

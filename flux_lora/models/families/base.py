@@ -32,16 +32,14 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def host_copies_queued(device: torch.device):
-    """Inside, to_host queues its copies on the device's stream and returns at once; leaving
-    waits for them all. Preprocess waits once a chunk instead of once a batch, so the GPU's queue
-    is not drained while the host prepares the next batch (read no result before leaving)."""
+    """Inside, to_host queues its copies on the device's stream and returns at once: read no
+    result before the stream is synchronized. Preprocess waits once a chunk instead of once a
+    batch, so the GPU's queue is not drained while the host prepares the next batch."""
     _queued.on = device.type == "cuda"
     try:
         yield
     finally:
         _queued.on = False
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
 
 
 class Family:
