@@ -27,9 +27,9 @@ from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
 from flux_lora.data.images import load_mask, load_rgb, make_buckets, nearest_bucket, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, ConfigError, DataError
-from flux_lora.fast import compiled_blocks, compiled_encoders, memory, wide_attention
+from flux_lora.fast import compiled_encoders, memory, wide_attention
 from flux_lora.models import families, loading, placement
-from flux_lora.models.families.base import Family, host_copies_queued
+from flux_lora.models.families.base import Family, host_copies_queued, to_device
 from flux_lora.outputs import files
 from flux_lora.outputs.display import Display
 from flux_lora.outputs.events import holding
@@ -69,13 +69,10 @@ def _tensor(im) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
 
 
-def to_device(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The tensors stacked on the device. On CUDA through pinned memory: the copy is queued
-    behind the GPU's work instead of making the host wait for it, as a pageable one may."""
-    if device.type != "cuda":
-        return torch.stack(tensors)
-    staged = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
-    return torch.stack(tensors, out=staged).to(device, non_blocking=True)
+def stacked_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors stacked on the device, through pinned memory on CUDA (a queued copy)."""
+    staged = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=device.type == "cuda")
+    return to_device(torch.stack(tensors, out=staged), device)
 
 
 def _decoded(entries, buckets, pre_cfg):
@@ -176,9 +173,6 @@ class Encoders:
                  items: int = 0):
         dtype = loading.resolve_dtype(cfg.model.dtype, device)
         self.family = family
-        compiling = compiled_encoders.use_compile(cfg.preprocess.compile, device, items)  # items: this rank's to encode
-        if compiling:
-            compiled_blocks.start_compile_workers()  # while the encoders load
         self.vae = family.load_vae(cfg.model.path, dtype, cfg.model.revision, device).to(device).eval()
         self.saved_tf32 = torch.backends.cuda.matmul.allow_tf32
         if dtype in (torch.bfloat16, torch.float16):
@@ -189,7 +183,7 @@ class Encoders:
             if device.type == "cuda":  # CPU attention takes any head width
                 wide_attention.use_for_wide_heads(getattr(self.vae, "encoder", self.vae))
         self.text = load_text_encoders(cfg, device, family, reporter) if text else None  # a further resolution: latents only
-        if compiling:
+        if compiled_encoders.use_compile(cfg.preprocess.compile, device, items):  # items: this rank's to encode
             compiled_encoders.compile_encoders(self.vae, self.text)
         self.device, self.batch, self.max_len = device, cfg.preprocess.batch_size, cfg.data.max_sequence_length
         # where a rank's time goes: the host queueing image and text batches (tokenizers included),
@@ -210,7 +204,7 @@ class Encoders:
                 for i in range(0, len(group), self.batch):
                     rows = group[i:i + self.batch]
                     # uint8 crosses to the GPU (4x fewer bytes than float) and is normalised there
-                    pixels = to_device([r[key] for r in rows], self.device).float() / 127.5 - 1.0
+                    pixels = stacked_on([r[key] for r in rows], self.device).float() / 127.5 - 1.0
                     for r, lat in zip(rows, self.family.encode_latents(self.vae, pixels)):
                         out[r["index"]] = lat
         self.seconds["images"] += time.perf_counter() - t0

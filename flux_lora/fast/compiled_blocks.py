@@ -120,24 +120,6 @@ def use_compile_cache(folder: str) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
 
-def prepare_compile(train_cfg, device: torch.device) -> None:
-    """Before the model loads: the compile cache's folder, and the compile workers started."""
-    use_compile_cache(train_cfg.compile_cache_dir)
-    if use_compile(train_cfg, device):
-        start_compile_workers()
-
-
-def start_compile_workers() -> None:
-    """Start inductor's compile worker processes now, while the model loads. Inductor starts them
-    at its first compile, after the model is built, and a cold start's first kernels then wait
-    for the workers to import torch. Call after use_compile_cache: the workers inherit its folder."""
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-    except ImportError:  # (a torch without inductor's worker pool: it compiles in-process)
-        return
-    maybe_warm_pool()
-
-
 def allow_compile_cache_of_fp8_functions() -> None:
     """AOTAutograd's on-disk cache skips graphs holding a custom autograd.Function (the fp8 base's
     matmuls) unless told otherwise; dynamo traces their forward and backward into the graph, so

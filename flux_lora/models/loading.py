@@ -99,7 +99,7 @@ def load_vae(model: str, dtype: torch.dtype, revision: str = "", device: torch.d
 
 
 def load_text_pipeline(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
-    """The family's pipeline holding only its text encoders (prompts encoded by diffusers' own encode_prompt)."""
+    """The family's pipeline holding only its text encoders and tokenizers (prompts encoded as its encode_prompt does)."""
     from flux_lora.models import families
 
     return families.of_model(model, revision).load_text_pipeline(model, dtype, revision, device)

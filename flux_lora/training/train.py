@@ -183,7 +183,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
         reporter.info(f"warning: {too_big}")  # now, before the model loads; the event follows the start event
     if cfg.train.optimizer != "adamw":  # the others run on whole tensors only
         optim.check_choice(cfg.train, di.device, sharding.shards_lora(cfg, di, family, choice))
-    compiled_blocks.prepare_compile(cfg.train, di.device)
+    compiled_blocks.use_compile_cache(cfg.train.compile_cache_dir)
     model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = optim.make_optimizer(model, cfg.train, di.device)

@@ -30,6 +30,14 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`. From the host to a GPU through pinned memory, queued: a pageable copy (what
+    `.to(device)` makes of a fresh CPU tensor) first waits for everything queued on the GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def host_copies_queued(device: torch.device):
     """Inside, to_host queues its copies on the device's stream and returns at once: read no
@@ -105,7 +113,7 @@ class Family:
 
     def load_text_pipeline(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
         """The family's pipeline holding only its text encoder(s) and tokenizer(s), so prompts are
-        encoded by diffusers' own `encode_prompt`, exactly as at inference."""
+        encoded as diffusers' own `encode_prompt` encodes them at inference (tests compare them)."""
         self._needs_files(model, "text encoders")
         with load_errors(model, "the text encoders"):
             return self.diffusers_class(self.pipeline_class).from_pretrained(
@@ -135,7 +143,7 @@ class Family:
     @torch.no_grad()
     def encode_prompts(self, text_pipe, prompts: list[str], max_sequence_length: int,
                        device: torch.device) -> dict[str, torch.Tensor]:
-        """{key: [B, ...]} for each of `text_keys`, from the pipeline's own encode_prompt (CPU)."""
+        """{key: [B, ...]} for each of `text_keys`, equal to the pipeline's encode_prompt (CPU)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ training

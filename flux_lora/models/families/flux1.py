@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from flux_lora.models import synthetic
-from flux_lora.models.families.base import Family, to_host
+from flux_lora.models.families.base import Family, to_device, to_host
 
 _DOUBLE = r"transformer_blocks\.\d+\."
 _SINGLE = r"single_transformer_blocks\.\d+\."
@@ -88,10 +88,16 @@ class Flux1(Family):
 
     @torch.no_grad()
     def encode_prompts(self, text_pipe, prompts, max_sequence_length, device):
-        """CLIP pooled [B, 768] and T5 sequence [B, L, 4096]."""
-        t5, pooled, _ = text_pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=device,
-                                                num_images_per_prompt=1, max_sequence_length=max_sequence_length)
-        return {"t5": to_host(t5), "clip": to_host(pooled)}
+        """CLIP pooled [B, 768] and T5 sequence [B, L, 4096], as FluxPipeline.encode_prompt computes
+        them; its token ids go to the GPU by waiting copies, which would drain preprocess's queue."""
+        def ids(tokenizer, length):
+            return to_device(tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                                       return_tensors="pt").input_ids, device)
+
+        clip, t5 = text_pipe.text_encoder, text_pipe.text_encoder_2
+        pooled = clip(ids(text_pipe.tokenizer, text_pipe.tokenizer_max_length), output_hidden_states=False).pooler_output
+        sequence = t5(ids(text_pipe.tokenizer_2, max_sequence_length), output_hidden_states=False)[0]
+        return {"t5": to_host(sequence.to(t5.dtype)), "clip": to_host(pooled.to(clip.dtype))}
 
     def pack(self, latents):
         return pack_latents(latents)
