@@ -564,7 +564,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--images", type=int, default=64)
-    p.add_argument("--chunk-items", type=int, default=16, help="preprocess: items per shard (preprocess.chunk_items; its default is 64)")
+    p.add_argument("--chunk-items", type=int, default=64, help="preprocess: items per shard (preprocess.chunk_items, same default; runs before 2026-11-30 session 14 used 16)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--cache-dir", default="")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the script runs")

@@ -75,13 +75,16 @@ def stacked_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return to_device(torch.stack(tensors, out=staged), device)
 
 
-def _decoded(entries, buckets, pre_cfg):
+def _decoded(entries, buckets, pre_cfg, device: torch.device | None = None):
     workers = pre_cfg.num_workers
     # decoded ahead: a whole chunk and the next batch, which the host takes at once when the GPU is
     # given the previous chunk (fewer, and the chunk's start waits for decoding)
     ahead = max(8, -(-(pre_cfg.chunk_items + pre_cfg.batch_size) // workers)) if workers else None
+    # pinned by the loader's own thread for a GPU: the main thread's batch stacking then reads
+    # resident pages, not the workers' shared memory page by page (54 ms a batch of 8 at 1024 px)
     loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets, pre_cfg.max_image_pixels), batch_size=None,
-                                         shuffle=False, num_workers=workers, prefetch_factor=ahead)
+                                         shuffle=False, num_workers=workers, prefetch_factor=ahead,
+                                         pin_memory=device is not None and device.type == "cuda")
     yield from loader
 
 
@@ -375,7 +378,7 @@ def encode_pending(cfg: Config, di, parts, sources, layer: Layer, reporter, prog
     enc = Encoders(cfg, di.device, family, reporter if di.is_main else None, text=layer.base,
                    items=len(entries)) if entries else None
     progress.restart()  # throughput counts from here, not from loading the encoders
-    stream = iter(_decoded(entries, layer.buckets, cfg.preprocess))
+    stream = iter(_decoded(entries, layer.buckets, cfg.preprocess, di.device))
     writer = ThreadPoolExecutor(max_workers=1)  # serialising + hashing + fsync overlap the next chunk
     writing = None
     for p, planned in pending:
