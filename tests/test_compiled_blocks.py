@@ -19,6 +19,10 @@ def test_cuda_graphs_auto_only_for_compiled_uncheckpointed_cuda_steps():
     assert not compiled_blocks.use_cuda_graphs(TrainConfig(), cpu, checkpointing=False)
     assert not compiled_blocks.use_cuda_graphs(TrainConfig(cuda_graphs="off"), cuda, checkpointing=False)
     assert not compiled_blocks.use_cuda_graphs(TrainConfig(), cuda, checkpointing=False, shapes=3)  # mixed buckets
+    # a short run does not win back the recording; micro-steps count, not optimizer steps
+    assert not compiled_blocks.use_cuda_graphs(TrainConfig(steps=999), cuda, checkpointing=False)
+    assert compiled_blocks.use_cuda_graphs(TrainConfig(steps=500, grad_accum=2), cuda, checkpointing=False)
+    assert compiled_blocks.use_cuda_graphs(TrainConfig(steps=10, cuda_graphs="on"), cuda, checkpointing=False)
     assert compiled_blocks.use_cuda_graphs(TrainConfig(cuda_graphs="on"), cuda, checkpointing=False, shapes=3)
     with pytest.raises(ConfigError, match="cuda_graphs=on needs"):
         compiled_blocks.use_cuda_graphs(TrainConfig(cuda_graphs="on"), cuda, checkpointing=True)

@@ -22,14 +22,20 @@ def use_compile(train_cfg, device: torch.device) -> bool:
     return train_cfg.compile == "on"
 
 
+GRAPHS_MIN_MICRO_STEPS = 1000  # a run shorter than this does not win back the recording
+
+
 def use_cuda_graphs(train_cfg, device: torch.device, checkpointing: bool, shapes: int = 1) -> bool:
     """auto: on CUDA when the blocks are compiled and not checkpointed (a checkpointed block runs
-    its forward again inside the backward, which a recorded graph sequence does not allow), and
-    when every micro-batch has the same shape (`shapes`: distinct token counts of the dataset's
-    buckets): each new shape records every block again (~8 s for FLUX.1), more than graphs save
-    over most runs (0.6-5%, README)."""
+    its forward again inside the backward, which a recorded graph sequence does not allow), when
+    every micro-batch has the same shape (`shapes`: distinct token counts of the dataset's
+    buckets: each new shape records every block again), and when the run has at least
+    GRAPHS_MIN_MICRO_STEPS forwards and backwards. Recording FLUX.1's blocks costs 5.5-8.8 s
+    before the first step on an H200; replays save 0.6-5% of a 0.32 s step (bench/README), so
+    recording pays back from ~800 steps at the best saving, later at the others."""
     if train_cfg.cuda_graphs == "auto":
-        return device.type == "cuda" and use_compile(train_cfg, device) and not checkpointing and shapes == 1
+        return (device.type == "cuda" and use_compile(train_cfg, device) and not checkpointing and shapes == 1
+                and train_cfg.steps * train_cfg.grad_accum >= GRAPHS_MIN_MICRO_STEPS)
     on = train_cfg.cuda_graphs == "on"
     if on and (device.type != "cuda" or not use_compile(train_cfg, device) or checkpointing):
         raise ConfigError("train.cuda_graphs=on needs CUDA, train.compile on and no gradient checkpointing; "
