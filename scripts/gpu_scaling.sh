@@ -6,6 +6,9 @@
 # VARIANTS="name:--set k=v ..." (space-separated, ',' between a variant's flags) repeats train per
 # variant, e.g. VARIANTS="graphs: nographs:--set,train.cuda_graphs=off"; rows are keyed "name/N".
 # "name@2+4:flags" runs that variant on those GPU counts only.
+# Runs shorter than 1,000 steps record no CUDA graphs unless a variant sets train.cuda_graphs=on
+# (auto leaves them to long runs, which win back the recording); the steady rates before
+# 2026-11-30 session 14 were measured with them.
 # PAIR=1 also runs two 1-GPU trains at once, on GPU 0 and GPU 1 (rows "name.pairI/1"): the pace
 # a card keeps next to a busy neighbour without any communication.
 # EACH_GPU=1 also runs the 1-GPU train on every other GPU alone (rows "name.gpuI/1"): a multi-GPU
