@@ -3,6 +3,7 @@ after SIGKILL, resume on other numbers of ranks (from either checkpoint format),
 and the refused combinations.
     pytest -q tests/test_fsdp.py"""
 
+import copy
 import json
 import shutil
 import time
@@ -299,3 +300,41 @@ def test_schedule_free_state_survives_a_sharded_checkpoint(tmp_path):
         assert opt.state[p].keys() == opt_again.state[q].keys() == {"z", "exp_avg_sq"}
         assert all(torch.equal(opt.state[p][k], opt_again.state[q][k]) for k in ("z", "exp_avg_sq"))
     assert opt_again.param_groups[0]["k"] == opt.param_groups[0]["k"] == 3
+
+
+@pytest.mark.parametrize("replicate", [True, False])
+def test_kept_blocks_stay_gathered_into_the_next_step_only_with_the_lora_replicated(replicate):
+    """The frozen base never changes: with the LoRA outside FSDP2, a kept block's gathered weights
+    are still right at the next step, so the backward does not free them and the next forward
+    gathers nothing. A sharded LoRA's update lives in the shards: its blocks are freed as before.
+    Either way the step's numbers are the plain model's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from flux_lora.parallel import fsdp
+    from flux_lora.parallel.session import DistInfo
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(8, 8) for _ in range(3)]
+    model = torch.nn.Sequential(*blocks)
+    for b in blocks:
+        b.weight.requires_grad_(False)  # the frozen base; the biases stand in for the LoRA
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    reference(x).square().sum().backward()
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        fsdp.wrap_fsdp(model, blocks, DistInfo(0, 1, 0, torch.device("cpu"), 1), torch.float32, keep_gathered=2,
+                       replicate_lora=replicate)
+        for _ in range(2):
+            model.zero_grad()
+            model(x).square().sum().backward()
+        if replicate:
+            fsdp.sync_replicated_grads(model)
+        gathered = [b._get_fsdp_state()._fsdp_param_group.is_unsharded for b in blocks]
+        assert gathered == ([False, True, True] if replicate else [False, False, False])
+        assert isinstance(model, FSDPModule)
+        for b, ref in zip(blocks, reference):
+            grad = b.bias.grad
+            torch.testing.assert_close(grad.full_tensor() if hasattr(grad, "full_tensor") else grad, ref.bias.grad)
+    finally:
+        torch.distributed.destroy_process_group()

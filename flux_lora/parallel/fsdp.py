@@ -37,8 +37,9 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     one block): each block starts the all-gathers of that many blocks after it (before it, in the
     backward), where FSDP2 on its own gathers the next one as the current one starts. Units within
     the last `keep_gathered` blocks keep their weights gathered from the forward to the backward
-    (no second all-gather; the backward frees them). `replicate_lora`: the trained parameters stay
-    whole on every rank, outside FSDP2 (moved to the GPU here)."""
+    (no second all-gather; the backward frees them, unless the LoRA is replicated: then they stay
+    gathered into the next step). `replicate_lora`: the trained parameters stay whole on every
+    rank, outside FSDP2 (moved to the GPU here)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -60,10 +61,18 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     for i, unit in enumerate(units):
         # the last unit's weights are needed again at once by the backward: always kept gathered
         kept = i == len(units) - 1 or i * unit_blocks >= first_kept
-        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=not kept,
-                    ignored_params=ignored)
+        module = fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy,
+                             reshard_after_forward=not kept, ignored_params=ignored)
+        if kept and replicated:
+            # the frozen base never changes and a replicated LoRA is not in the unit: its gathered
+            # weights are still right at the next step, whose forward then gathers nothing. (The
+            # peak, at the forward's end, held them anyway; a sharded LoRA's update is in the shards.)
+            for m in module if isinstance(module, list) else [module]:  # (several blocks: one group)
+                m.set_reshard_after_backward(False, recurse=False)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,  # embedders, norms: small
                 ignored_params=ignored)
+    if replicated:
+        model.set_reshard_after_backward(False, recurse=False)
     if prefetch > 1 and unit_blocks == 1:
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
