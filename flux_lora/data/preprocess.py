@@ -75,11 +75,16 @@ def stacked_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return to_device(torch.stack(tensors, out=staged), device)
 
 
+DECODED_AHEAD = 128
+
+
 def _decoded(entries, buckets, pre_cfg, device: torch.device | None = None):
     workers = pre_cfg.num_workers
     # decoded ahead: a whole chunk and the next batch, which the host takes at once when the GPU is
-    # given the previous chunk (fewer, and the chunk's start waits for decoding)
-    ahead = max(8, -(-(pre_cfg.chunk_items + pre_cfg.batch_size) // workers)) if workers else None
+    # given the previous chunk (fewer, and the chunk's start waits for decoding); at most
+    # DECODED_AHEAD images (~400 MB at 1024 px), whatever preprocess.chunk_items says
+    wanted = min(pre_cfg.chunk_items + pre_cfg.batch_size, DECODED_AHEAD)
+    ahead = max(8, -(-wanted // workers)) if workers else None
     # pinned by the loader's own thread for a GPU: the main thread's batch stacking then reads
     # resident pages, not the workers' shared memory page by page (54 ms a batch of 8 at 1024 px)
     loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets, pre_cfg.max_image_pixels), batch_size=None,
