@@ -75,14 +75,13 @@ def stacked_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return to_device(torch.stack(tensors, out=staged), device)
 
 
-DECODED_AHEAD = 128
+DECODED_AHEAD = 128  # images decoded ahead at most, whatever preprocess.chunk_items says (~400 MB at 1024 px)
 
 
 def _decoded(entries, buckets, pre_cfg, device: torch.device | None = None):
     workers = pre_cfg.num_workers
     # decoded ahead: a whole chunk and the next batch, which the host takes at once when the GPU is
-    # given the previous chunk (fewer, and the chunk's start waits for decoding); at most
-    # DECODED_AHEAD images (~400 MB at 1024 px), whatever preprocess.chunk_items says
+    # given the previous chunk (fewer, and the chunk's start waits for decoding)
     wanted = min(pre_cfg.chunk_items + pre_cfg.batch_size, DECODED_AHEAD)
     ahead = max(8, -(-wanted // workers)) if workers else None
     # pinned by the loader's own thread for a GPU: the main thread's batch stacking then reads
@@ -226,13 +225,12 @@ class Encoders:
             return {}
         new = [t for t in texts if t not in self.memo]
         t0 = time.perf_counter()
+        batches = [new[i:i + self.batch] for i in range(0, len(new), self.batch)]
         with host_copies_queued(self.device):
-            batches = [(new[i:i + self.batch], self.family.encode_prompts(self.text, new[i:i + self.batch],
-                                                                          self.max_len, self.device))
-                       for i in range(0, len(new), self.batch)]
+            outputs = [self.family.encode_prompts(self.text, batch, self.max_len, self.device) for batch in batches]
         self.seconds["text"] += time.perf_counter() - t0
         self.wait()
-        for batch, encoded in batches:
+        for batch, encoded in zip(batches, outputs):
             for j, text in enumerate(batch):
                 self.memo[text] = {k: v[j].clone() for k, v in encoded.items()}  # a row, not a view of the batch
         out = {k: torch.stack([self.memo[t][k] for t in texts]) for k in self.memo[texts[0]]}
