@@ -63,7 +63,7 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
         kept = i == len(units) - 1 or i * unit_blocks >= first_kept
         module = fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy,
                              reshard_after_forward=not kept, ignored_params=ignored)
-        if kept and replicated:
+        if kept and replicate_lora:
             # the frozen base never changes and a replicated LoRA is not in the unit: its gathered
             # weights are still right at the next step, whose forward then gathers nothing. (The
             # peak, at the forward's end, held them anyway; a sharded LoRA's update is in the shards.)
@@ -71,7 +71,7 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
                 m.set_reshard_after_backward(False, recurse=False)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,  # embedders, norms: small
                 ignored_params=ignored)
-    if replicated:
+    if replicate_lora:
         model.set_reshard_after_backward(False, recurse=False)
     if prefetch > 1 and unit_blocks == 1:
         for i, block in enumerate(blocks):
