@@ -508,6 +508,8 @@ def run_preprocess(args) -> dict:
     report = {"kind": "preprocess", "model": args.model, "resolution": args.resolution, "images": args.images,
               "batch_size": args.batch_size, "chunk_items": args.chunk_items, "world_size": world, "wall_s_incl_load": wall, "compile": args.compile,
               "images_per_s": rate, "images_per_s_per_gpu": rate / world if rate else None,
+              "encode_s_per_rank": done[-1].get("encode_s_per_rank") if done else None,
+              "cpu_threads": torch.get_num_threads(),
               "steady_images_per_s": steady, "steady_images_per_s_per_gpu": steady / world if steady else None,
               "timing": [e for e in events if e["event"] == "timing"], "gpu_profile": gpu_profile}
     if torch.cuda.is_available():

@@ -223,6 +223,7 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_model, images, cache_dir):
     done = [json.loads(line) for line in (cache / "events.jsonl").read_text().splitlines()][-1]
     # both ranks' items at both resolutions
     assert done["encoded_items"] == 16 and done["items_per_s"] == pytest.approx(16 / done["encode_s"], rel=0.01)
+    assert len(done["encode_s_per_rank"]) == 2 and max(done["encode_s_per_rank"]) == pytest.approx(done["encode_s"], abs=1e-3)
 
 
 def test_fewer_images_than_ranks(tmp_path, tiny_model, images):

@@ -118,7 +118,8 @@ class Progress:
         spans = self.spans + [(self.done_here - self.base, time.time() - self.t0)]
         rows = session.gather_objects((sum(n for n, _ in spans), sum(t for _, t in spans)))
         items, seconds = sum(n for n, _ in rows), max(t for _, t in rows)
-        return {"encoded_items": items, "encode_s": seconds,
+        return {"encoded_items": items, "encode_s": seconds,  # per rank too: a slow rank sets the stage's pace
+                "encode_s_per_rank": [round(t, 3) for _, t in rows],
                 "items_per_s": items / seconds if seconds > 0 and items else None}
 
     def add(self, n: int) -> None:
