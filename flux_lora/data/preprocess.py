@@ -552,6 +552,8 @@ def extension_config(cache_dir: str | None, added: str, config_path, flags: dict
 
 def _run(cfg: Config, di, cache_dir: Path, reporter) -> dict:
     loading.check_model_path(cfg.model.path)
+    if (note := loading.uncompiled_bytecode_note()) and di.is_main:
+        reporter.warning(note)
     family = families.of_model(cfg.model.path, cfg.model.revision)
     sources, root, recorded = gather_sources(cfg, cache_dir, family, reporter if di.is_main else None)
     for source in sources if di.is_main else []:

@@ -4,8 +4,10 @@ the checks that turn a wrong --model into one clear line."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,6 +15,23 @@ import torch
 
 from flux_lora.models import synthetic
 from flux_lora.errors import ModelError
+
+
+def uncompiled_bytecode_note(dont_write: bool | None = None, module_file: str = torch.__file__) -> str | None:
+    """One line when every start of this Python compiles torch from source: PYTHONDONTWRITEBYTECODE
+    set (many container images set it) and torch installed without .pyc files. On the lent H200
+    machines' image that was ~10 s of each start (torch, dynamo, sympy, transformers; bench/README,
+    session 15), which no cache of flux_lora's can save."""
+    if not (sys.flags.dont_write_bytecode if dont_write is None else dont_write):
+        return None
+    try:
+        if os.path.exists(importlib.util.cache_from_source(module_file)):
+            return None
+    except (NotImplementedError, ValueError):  # no bytecode cache in this Python at all
+        return None
+    packages = os.path.dirname(os.path.dirname(module_file))
+    return ("Python compiles torch from source at every start here (PYTHONDONTWRITEBYTECODE is set and torch has "
+            f"no .pyc files), ~10 s of each start-up; compile it once: {sys.executable} -m compileall -q -j 0 {packages}")
 
 
 def quiet_libraries() -> None:
