@@ -177,7 +177,8 @@ class TrainConfig:
     caption_dropout: float = doc(0.0, "probability that a sample trains on the empty caption instead of its own (kohya's caption_dropout_rate): the LoRA then also works without the trigger word, and classifier-free guidance keeps working", low=0, high=0.99)
     ema_decay: float = doc(0.0, "keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; 0 = off), saved in checkpoints and written as OUTPUT/lora-ema.safetensors", low=0, high=0.99999)
     memory_mode: str = doc("fast", "fast (bf16 base), fp8 (fp8 base and matmuls + checkpointing) or nf4 (bitsandbytes NF4 base + checkpointing)")
-    gradient_checkpointing: str = doc("auto", "auto (on in fp8/nf4; in fast mode only when the largest micro-batch would not fit the GPU without it), on or off")
+    gradient_checkpointing: str = doc("auto", "auto (on in fp8/nf4; in fast mode only when the largest micro-batch would not fit the GPU without it, and then for as few blocks as fit), on (every block) or off")
+    checkpoint_blocks: int = doc(0, "recompute the forward of only the first N transformer blocks in the backward (gradient checkpointing on for N blocks: more speed, more memory than all of them); 0 = as train.gradient_checkpointing decides", low=0)
     compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")
     compile_cache_dir: str = doc("", "a folder for torch.compile's caches (inductor, Triton, AOTAutograd; TORCHINDUCTOR_CACHE_DIR): on a shared filesystem the other nodes of a job and every later job start with compiled blocks (measured: 57 -> 38 s to the first step at 512 px on an H200); empty: torch's own per-machine folder")
     cuda_graphs: str = doc("auto", "replay each compiled block's forward and backward as CUDA graphs (no per-kernel launch cost on the host): auto (on when the blocks are compiled on CUDA without gradient checkpointing, all buckets have one token count (each new shape records every block again) and the run has at least 1,000 micro-steps (recording costs ~6-9 s before the first step)), on or off")
@@ -202,6 +203,9 @@ class TrainConfig:
         _choice("train.timestep_sampling", self.timestep_sampling, ("uniform", "logit-normal", "flux-shift"))
         _choice("train.memory_mode", self.memory_mode, ("fast", "fp8", "nf4"))
         _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        if self.checkpoint_blocks and self.gradient_checkpointing == "off":
+            raise ConfigError(f"train.checkpoint_blocks={self.checkpoint_blocks} checkpoints blocks but "
+                              "train.gradient_checkpointing=off; drop one of the two")
         _choice("train.compile", self.compile, ("auto", "on", "off"))
         _choice("train.cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         self.fp8_compute = {"true": "on", "false": "off"}.get(self.fp8_compute.lower(), self.fp8_compute)

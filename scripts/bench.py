@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_lora.config import build_config  # noqa: E402
-from flux_lora.fast import attention, compiled_blocks, fused_qkv, gc_freeze  # noqa: E402
+from flux_lora.fast import attention, compiled_blocks, fused_qkv, gc_freeze, memory  # noqa: E402
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
 from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
@@ -208,7 +208,8 @@ def cap_gpu_memory(device: torch.device, gib: float) -> None:
 def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
-             "train.gradient_checkpointing": setting["checkpointing"], "train.compile": "off", "lora.rank": 16,
+             "train.gradient_checkpointing": setting["checkpointing"], "train.checkpoint_blocks": setting.get("checkpoint_blocks", 0),
+             "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
@@ -216,8 +217,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "dist.fsdp_keep_gathered": setting.get("fsdp_keep_gathered", -1),
              "dist.fsdp_lora": setting.get("fsdp_lora", "auto"),
              "train.preservation_weight": setting.get("preservation_weight", 0.0)}
-    if args.gpu_memory_cap:  # the run plans for the cap (e.g. a quantized base staged on the CPU)
-        flags["dist.gpu_memory_gib"] = args.gpu_memory_cap
+    if args.gpu_memory_cap or args.gpu_memory_gib:  # the run plans for the cap (e.g. a quantized base staged on the CPU)
+        flags["dist.gpu_memory_gib"] = args.gpu_memory_cap or args.gpu_memory_gib
     cfg = build_config(None, flags)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -254,7 +255,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     elif args.gpu_memory_cap:  # the eager counting pass would not fit the cap: the plan's count (within 3% of it)
         sizes = sharding.planned_sizes(family, args.model, "", loading.resolve_dtype("auto", di.device), cfg.lora)
         flops = plan.flops_per_sample(sizes, (setting["resolution"] // 16) ** 2, args.text_len,
-                                      model.is_gradient_checkpointing, family.paired) * setting["batch"]
+                                      memory.checkpointed_share(model), family.paired) * setting["batch"]
     else:
         flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"]
     note("FLOPs counted")
@@ -297,7 +298,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
-           "checkpointing_on": model.is_gradient_checkpointing, "fused_attention_op": attention.in_use(model),
+           "checkpointing_on": model.is_gradient_checkpointing, "checkpointed_share": memory.checkpointed_share(model), "fused_attention_op": attention.in_use(model),
            "cuda_graphs_on": compiled_blocks.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
            "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules()),
            "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None),
@@ -403,7 +404,7 @@ def train_settings(args) -> list[dict]:
     other_sharding = "ddp" if args.sharding == "fsdp" else "fsdp"
     ours = {"name": f"flux_lora {args.memory_mode} fp8_compute={args.fp8_compute}",
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
-            "checkpointing": args.checkpointing, "compile": args.compile, "fp8_compute": args.fp8_compute,
+            "checkpointing": args.checkpointing, "checkpoint_blocks": args.checkpoint_blocks, "compile": args.compile, "fp8_compute": args.fp8_compute,
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
             "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch,
             "fsdp_keep_gathered": args.fsdp_keep_gathered, "fsdp_lora": args.fsdp_lora}
@@ -531,6 +532,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--memory-mode", default="fast", choices=["fast", "fp8", "nf4"])
     p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--checkpoint-blocks", type=int, default=0, help="checkpoint only the first N blocks (train.checkpoint_blocks)")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--only-baseline", action="store_true", help="the diffusers-script setting alone (a model too big for both in one process)")
@@ -559,6 +561,7 @@ def main() -> None:
     p.add_argument("--compare-fsdp-lora", default=None, choices=["replicated", "sharded"], help="also run FSDP2 with the LoRA placed so")
     p.add_argument("--compare-fsdp-keep-gathered", type=int, default=None, help="also run FSDP2 keeping this many blocks gathered (0: none)")
     p.add_argument("--compare-fsdp-unit-blocks", type=int, default=0, help="also run FSDP2 with this many blocks per unit")
+    p.add_argument("--gpu-memory-gib", type=float, default=0.0, help="GiB the run plans for (dist.gpu_memory_gib: checkpointing and sharding auto), without a cap")
     p.add_argument("--gpu-memory-cap", type=float, default=0.0, help="GiB: cap this process's GPU memory from its first allocation (torch.cuda.set_per_process_memory_fraction) and plan for it (dist.gpu_memory_gib); reports the whole-run peak")
     p.add_argument("--compare-previews", action="store_true", help="time a 2-prompt preview grid the old way (a prompt at a time, eager) and the new (batched, CUDA graph)")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")

@@ -54,6 +54,9 @@ for spec in ${BENCHES:-train512 train1024 fp8 nf4 pre1024}; do
         # FLUX.2 [dev] (32 B) sharded over all GPUs, without and with checkpointing
         fsdpflux2) run_ddp fsdp-flux2-dev-1024 train --model random:flux2-dev --resolution 1024 --batch-size 1 --no-baseline \
             --fp8-compute off --sharding fsdp --compare-sharding-checkpointed --steps 6 --warmup 2 ;;
+        # FLUX.2 [dev] planned for 60 GiB a GPU: auto checkpoints as few blocks as fit, against all of them
+        fsdpflux2partial) run_ddp fsdp-flux2-dev-1024-partial train --model random:flux2-dev --resolution 1024 --batch-size 1 \
+            --no-baseline --fp8-compute off --sharding fsdp --gpu-memory-gib 60 --compare-sharding-checkpointed --steps 6 --warmup 2 ;;
         pre1024) run preprocess-1024 preprocess --resolution 1024 --images 128 --batch-size 8 ;;
         pre1024compile) run preprocess-1024-compile-off preprocess --resolution 1024 --images 256 --batch-size 8 --compile off
             run preprocess-1024-compile-on preprocess --resolution 1024 --images 256 --batch-size 8 --compile on ;;

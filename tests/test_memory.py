@@ -21,10 +21,24 @@ def test_step_memory_estimate_matches_measured_peaks(weights_gib, tokens, measur
     assert abs(est - measured_gib) / measured_gib < 0.06
 
 def test_checkpointing_auto_follows_mode_and_explicit_choices():
-    assert memory.use_checkpointing(TrainConfig())[0] is False
-    assert memory.use_checkpointing(TrainConfig(memory_mode="fp8"))[0] is True
-    assert memory.use_checkpointing(TrainConfig(memory_mode="nf4", gradient_checkpointing="off"))[0] is False
-    assert memory.use_checkpointing(TrainConfig(gradient_checkpointing="on"))[0] is True
+    from flux_lora.errors import ConfigError
+
+    assert memory.use_checkpointing(TrainConfig())[0] == 0
+    assert memory.use_checkpointing(TrainConfig(memory_mode="fp8"))[0] == memory.ALL_BLOCKS
+    assert memory.use_checkpointing(TrainConfig(memory_mode="nf4", gradient_checkpointing="off"))[0] == 0
+    assert memory.use_checkpointing(TrainConfig(gradient_checkpointing="on"))[0] == memory.ALL_BLOCKS
+    assert memory.use_checkpointing(TrainConfig(checkpoint_blocks=20))[0] == 20
+    with pytest.raises(ConfigError, match="train.checkpoint_blocks=20 .*gradient_checkpointing=off"):
+        TrainConfig(checkpoint_blocks=20, gradient_checkpointing="off")
+
+
+def test_partly_checkpointed_activations_lie_between_none_and_all():
+    none, every = (memory.activation_bytes(4608, 57, 3072, c) for c in (False, True))
+    assert memory.activation_bytes(4608, 57, 3072, 57) == every and memory.activation_bytes(4608, 57, 3072, 0) == none
+    parts = [memory.activation_bytes(4608, 57, 3072, k) for k in range(1, 57)]
+    assert parts == sorted(parts, reverse=True) and parts[0] < none
+    # all of them: the last block's input kept too, and its full activations while recomputed
+    assert every - parts[-1] == 4608 * 3072 * memory.CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM
 
 def test_checkpointing_auto_turns_on_when_the_step_would_not_fit(tiny_model):
     from flux_lora.models import loading
@@ -36,10 +50,40 @@ def test_checkpointing_auto_turns_on_when_the_step_would_not_fit(tiny_model):
     assert trainable > 0 and blocks == 2 and hidden == 32 and weights > 0
     tokens = 4096
     need = memory.step_memory_bytes(weights, trainable, tokens, blocks, hidden)
-    on, why = memory.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=int(need / memory.HEADROOM) - 1)
-    assert on and "GiB" in why
-    assert memory.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=2 * need)[0] is False
-    assert memory.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=0)[0] is False  # CPU: no limit known
+    count, why = memory.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=int(need / memory.HEADROOM) - 1)
+    assert count == 1 and "GiB with these" in why  # one of the two blocks is enough
+    one = memory.step_memory_bytes(weights, trainable, tokens, blocks, hidden, 1)
+    assert memory.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=int(one / memory.HEADROOM) - 1)[0] \
+        == memory.ALL_BLOCKS
+    assert memory.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=2 * need)[0] == 0
+    assert memory.use_checkpointing(TrainConfig(), model, tokens, gpu_bytes=0)[0] == 0  # CPU: no limit known
+
+
+@pytest.mark.parametrize("count", [2, memory.ALL_BLOCKS])
+def test_checkpointing_some_blocks_recomputes_only_those_and_learns_the_same(count):
+    """The first `count` blocks run their forward twice a step (again in the backward), the rest
+    once; output and LoRA gradients are the plain model's."""
+    from helpers import _loss_and_grads, _small_flux
+
+    from flux_lora.models.loading import transformer_blocks
+
+    plain_loss, plain_grads = _loss_and_grads(_small_flux())
+    model = _small_flux()
+    blocks = transformer_blocks(model)
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):  # (forward hooks do not fire in checkpoint's recompute)
+        def counted(*args, forward=block.forward, i=i, **kwargs):
+            calls[i] += 1
+            return forward(*args, **kwargs)
+        block.forward = counted
+    k = memory.enable_checkpointing(model, count)
+    assert k == (len(blocks) if count == memory.ALL_BLOCKS else count)
+    assert memory.checkpointed_share(model) == k / len(blocks)
+    loss, grads = _loss_and_grads(model)
+    assert calls == [2] * k + [1] * (len(blocks) - k)
+    assert torch.allclose(loss, plain_loss, rtol=1e-6, atol=1e-7)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-7), name
 
 def test_largest_micro_batch_counts_the_largest_bucket_and_the_text(cache_dir):
     from flux_lora.data import cache

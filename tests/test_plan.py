@@ -110,3 +110,23 @@ def test_workload_counts_every_resolution():
                 "layers": [{"shards": [{}], "items": [[0, 0, 0, 1024, 1024], [1, 0, 1, 1024, 1024]]}]}
     work = plan.workload_of(manifest, cfg, 1, False)
     assert (work.image_tokens, work.mean_image_tokens) == (4096, (1024 + 4096) / 2)
+
+
+def test_auto_checkpoints_as_few_blocks_as_fit():
+    """FLUX.2 [dev] on two GPUs planned for 60 GiB: neither none (~89 GiB) nor all of its 56 blocks
+    (~38 GiB) but the fewest that fit, predicted faster than all of them."""
+    model = "random:flux2-dev"
+    sizes = sharding.planned_sizes(families.of_model(model), model, "", torch.bfloat16, LoraConfig())
+    work = plan.Workload(4096, 4096, 512, 1, 1, 2, 100)
+    budget = 60 * plan.GIB
+    chosen = plan.setting_of(build_config(None, {"model.path": model}), "fsdp", False, sizes, work, budget)
+    k = chosen.checkpointed_blocks(sizes.blocks)
+    assert 0 < k < sizes.blocks and chosen.label(sizes.blocks) == f"on {k}/{sizes.blocks}"
+    fits = [plan.predict(sizes, work, plan.Setting("fast", "fsdp", True, False, n / sizes.blocks), None, budget).fits
+            for n in (k - 1, k)]
+    assert fits == [False, True]
+    tflops = plan.gpu_tflops("NVIDIA H200")
+    every = plan.predict(sizes, work, plan.Setting("fast", "fsdp", True, False), tflops)
+    assert plan.predict(sizes, work, chosen, tflops).samples_per_s > every.samples_per_s
+    forced = build_config(None, {"model.path": model, "train.checkpoint_blocks": 8})
+    assert plan.setting_of(forced, "fsdp", False, sizes, work, budget).checkpointed_blocks(sizes.blocks) == 8

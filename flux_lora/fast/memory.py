@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.utils.checkpoint
 
 from flux_lora.models.loading import transformer_blocks
 
@@ -23,15 +24,29 @@ CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM = 2
 KEEP_GATHERED_HEADROOM = 0.8
 
 
-def activation_bytes(tokens: int, blocks: int, hidden: int, checkpointing: bool = False) -> int:
-    """What the backward keeps of a micro-batch of `tokens` tokens (image + text)."""
-    if checkpointing:
-        return tokens * hidden * (CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM * blocks + ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM)
-    return ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM * tokens * blocks * hidden
+ALL_BLOCKS = -1  # gradient checkpointing of every block, however many the model has
+
+
+def checkpointed_count(checkpointing: bool | int, blocks: int) -> int:
+    """Blocks that recompute their forward: True or ALL_BLOCKS is all of them, False none, a
+    number that many."""
+    if isinstance(checkpointing, bool):
+        return blocks if checkpointing else 0
+    return blocks if checkpointing < 0 else min(int(checkpointing), blocks)
+
+
+def activation_bytes(tokens: int, blocks: int, hidden: int, checkpointing: bool | int = False) -> int:
+    """What the backward keeps of a micro-batch of `tokens` tokens (image + text), with all, none
+    or a number of the blocks checkpointed. A checkpointed block keeps its input; the others keep
+    everything, and once the backward reaches the checkpointed ones those are freed, so one block
+    recomputing its full activations only adds to the peak when every block is checkpointed."""
+    k = checkpointed_count(checkpointing, blocks)
+    full_blocks = max(blocks - k, 1) if k else blocks
+    return tokens * hidden * (CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM * k + ACTIVATION_BYTES_PER_TOKEN_BLOCK_DIM * full_blocks)
 
 
 def step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blocks: int, hidden: int,
-                      checkpointing: bool = False) -> int:
+                      checkpointing: bool | int = False) -> int:
     """Estimated peak of a DDP training step: frozen weights, fp32 LoRA with its gradient and two
     AdamW moments (16 bytes/param), and the activations of `tokens` tokens (a micro-batch's
     image + text tokens)."""
@@ -39,7 +54,7 @@ def step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blo
 
 
 def sharded_step_memory_bytes(weight_bytes: int, trainable_params: int, tokens: int, blocks: int, hidden: int,
-                              largest_block_bytes: int, ranks: int, checkpointing: bool = False) -> int:
+                              largest_block_bytes: int, ranks: int, checkpointing: bool | int = False) -> int:
     """The same under FSDP2 over `ranks` GPUs: each holds 1/ranks of the weights, the LoRA and its
     optimizer state, plus two whole blocks at a time (the one computing and the next one being
     all-gathered), and its own micro-batch's activations."""
@@ -70,29 +85,62 @@ def model_sizes(model) -> tuple[int, int, int, int]:
     return frozen, trainable, len(transformer_blocks(model)), conf.num_attention_heads * conf.attention_head_dim
 
 
-def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int = 0, shards: int = 1) -> tuple[bool, str]:
-    """auto: on for the fp8/nf4 modes (memory first); in the fast mode only when the largest
-    micro-batch (max_tokens) would not fit a GPU of gpu_bytes without it (the weights sharded
-    over `shards` GPUs under FSDP). Returns (on, why)."""
+def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int = 0, shards: int = 1) -> tuple[int, str]:
+    """How many blocks (the first, in execution order) recompute their forward in the backward,
+    and why. train.checkpoint_blocks=N: N. on: all. auto: all for the fp8/nf4 modes (memory
+    first); in the fast mode as few as let the largest micro-batch (max_tokens) fit a GPU of
+    gpu_bytes (the weights sharded over `shards` GPUs under FSDP2), none when it fits without."""
+    if train_cfg.checkpoint_blocks > 0:
+        return train_cfg.checkpoint_blocks, f"train.checkpoint_blocks={train_cfg.checkpoint_blocks}"
     if train_cfg.gradient_checkpointing != "auto":
-        return train_cfg.gradient_checkpointing == "on", f"train.gradient_checkpointing={train_cfg.gradient_checkpointing}"
+        on = train_cfg.gradient_checkpointing == "on"
+        return ALL_BLOCKS if on else 0, f"train.gradient_checkpointing={train_cfg.gradient_checkpointing}"
     if train_cfg.memory_mode != "fast":
-        return True, f"memory_mode={train_cfg.memory_mode}"
+        return ALL_BLOCKS, f"memory_mode={train_cfg.memory_mode}"
     if model is None or not max_tokens or not gpu_bytes:
-        return False, "auto"
+        return 0, "auto"
     weights, trainable, blocks, hidden = model_sizes(model)
-    if shards > 1:
-        need = sharded_step_memory_bytes(weights, trainable, max_tokens, blocks, hidden,
-                                         max(block_bytes(b) for b in transformer_blocks(model)), shards)
-    else:
-        need = step_memory_bytes(weights, trainable, max_tokens, blocks, hidden)
-    if need > HEADROOM * gpu_bytes:
-        return True, (f"auto: a step of {max_tokens} tokens needs ~{need / 2**30:.0f} GiB without it, "
-                      f"the GPU has {gpu_bytes / 2**30:.0f} GiB")
-    return False, "auto"
+    largest = max(block_bytes(b) for b in transformer_blocks(model))
+
+    def need(k: int) -> int:
+        if shards > 1:
+            return sharded_step_memory_bytes(weights, trainable, max_tokens, blocks, hidden, largest, shards, k)
+        return step_memory_bytes(weights, trainable, max_tokens, blocks, hidden, k)
+
+    if need(0) <= HEADROOM * gpu_bytes:
+        return 0, "auto"
+    k = next((k for k in range(1, blocks) if need(k) <= HEADROOM * gpu_bytes), ALL_BLOCKS)
+    why = f"auto: a step of {max_tokens} tokens needs ~{need(0) / 2**30:.0f} GiB without it, the GPU has {gpu_bytes / 2**30:.0f} GiB"
+    return k, why if k == ALL_BLOCKS else f"{why}; ~{need(k) / 2**30:.0f} GiB with these"
 
 
-def fsdp_blocks_to_keep(model, setting: int, tokens: int, shards: int, gpu_bytes: int, checkpointing: bool) -> int:
+def enable_checkpointing(model, count: int) -> int:
+    """Gradient checkpointing of the first `count` blocks (ALL_BLOCKS: every one) through
+    diffusers' own hook: while checkpointing is on, the model hands every block's call to its
+    _gradient_checkpointing_func, which here runs the others plainly. Returns how many recompute."""
+    blocks = transformer_blocks(model)
+    k = checkpointed_count(count, len(blocks))
+    model.checkpointed_share = k / len(blocks)  # what FLOP counts of the step read (checkpointed_share())
+    if k == len(blocks):
+        model.enable_gradient_checkpointing()
+        return k
+    chosen = {id(block) for block in blocks[:k]}
+
+    def checkpoint_chosen(block, *args):
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    model.enable_gradient_checkpointing(checkpoint_chosen)
+    return k
+
+
+def checkpointed_share(model) -> float:
+    """The share of the blocks that recompute their forward in the backward (0 to 1)."""
+    return getattr(model, "checkpointed_share", 1.0) if model.is_gradient_checkpointing else 0.0
+
+
+def fsdp_blocks_to_keep(model, setting: int, tokens: int, shards: int, gpu_bytes: int, checkpointing: bool | int) -> int:
     """dist.fsdp_keep_gathered resolved for this model: as set, or for auto (-1) as many of the
     last blocks as fit beside the sharded step's estimated peak in KEEP_GATHERED_HEADROOM (none without
     a GPU size to plan for)."""

@@ -95,23 +95,26 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
                       + (" (train.fp8_compute=off keeps bf16)" if cfg.train.memory_mode == "fast" else ""))
     if not sharded:
         transformer.to(di.device)
-    why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes, family.fuses_qkv and not sharded,
-                              di.world_size if sharded else 1, cfg.dist.gpu_memory_gib)
-    if why:
-        reporter.info(f"gradient checkpointing on ({why})")
+    checkpointed, why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes,
+                                            family.fuses_qkv and not sharded, di.world_size if sharded else 1,
+                                            cfg.dist.gpu_memory_gib)
+    if checkpointed:
+        blocks = len(loading.transformer_blocks(transformer))
+        reporter.info(f"gradient checkpointing on ({why})" if checkpointed == blocks else
+                      f"gradient checkpointing on for {checkpointed} of {blocks} blocks ({why})")
     if sharded:
-        shard(transformer, cfg, di, dtype, tokens, why is not None, n_params, reporter)
+        shard(transformer, cfg, di, dtype, tokens, checkpointed, n_params, reporter)
     return transformer, n_params
 
 
-def shard(transformer, cfg: Config, di: DistInfo, dtype: torch.dtype, tokens: int, checkpointing: bool,
+def shard(transformer, cfg: Config, di: DistInfo, dtype: torch.dtype, tokens: int, checkpointed: int,
           n_params: int, reporter) -> None:
     """FSDP2 over the ranks: how many blocks stay gathered and where the LoRA lives decided and
     said in a line each, then parallel.fsdp wraps the model."""
     blocks = loading.transformer_blocks(transformer)
     budget = memory.gpu_bytes(di.device, cfg.dist.gpu_memory_gib)
     keep = memory.fsdp_blocks_to_keep(transformer, cfg.dist.fsdp_keep_gathered, tokens, di.world_size, budget,
-                                      checkpointing)
+                                      checkpointed)
     if keep:
         kept_gib = sum(memory.block_bytes(b) for b in blocks[len(blocks) - keep:]) / 2**30
         reporter.info(f"FSDP2 keeps the last {keep} of {len(blocks)} blocks gathered from forward to backward "
@@ -124,21 +127,20 @@ def shard(transformer, cfg: Config, di: DistInfo, dtype: torch.dtype, tokens: in
 
 
 def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: int = 1,
-                        fuses_qkv: bool = True, shards: int = 1, budget_gib: float = 0.0) -> str | None:
+                        fuses_qkv: bool = True, shards: int = 1, budget_gib: float = 0.0) -> tuple[int, str]:
     """Fused LoRA-up and q/k/v, gradient checkpointing and per-block compile (compiling each
     block, not the whole model, keeps compile time short and the graphs reusable across the
     identical blocks). `shards` > 1: the model will be sharded over that many GPUs (FSDP2), which
-    the memory estimate counts and CUDA graphs do not survive. Returns why checkpointing was turned
-    on, or None."""
+    the memory estimate counts and CUDA graphs do not survive. Returns how many blocks are
+    checkpointed (0: none) and why."""
     if train_cfg.fuse_lora_up:
         lora_up.install(model)
     if train_cfg.fuse_qkv and fuses_qkv:  # FLUX.2's single blocks come fused; its double blocks stay separate
         fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up)
-    checkpointing, why = memory.use_checkpointing(train_cfg, model, max_tokens, memory.gpu_bytes(device, budget_gib),
-                                                  shards)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
+    count, why = memory.use_checkpointing(train_cfg, model, max_tokens, memory.gpu_bytes(device, budget_gib), shards)
+    checkpointed = memory.enable_checkpointing(model, count) if count else 0
+    checkpointing = checkpointed > 0
     graphs = shards == 1 and compiled_blocks.use_cuda_graphs(train_cfg, device, checkpointing, shapes)  # an impossible "on" fails here
     if compiled_blocks.use_compile(train_cfg, device):
         compiled_blocks.compile_blocks(model, graphs)
-    return why if checkpointing else None
+    return checkpointed, why

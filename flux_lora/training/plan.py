@@ -64,6 +64,15 @@ class Setting:
     sharding: str  # ddp, fsdp
     checkpointing: bool
     fp8_compute: bool  # fast mode's fp8 matmuls (GPUs with fp8 tensor cores)
+    checkpointed: float = 1.0  # with checkpointing: the share of the blocks that recompute (train.checkpoint_blocks)
+
+    def checkpointed_blocks(self, blocks: int) -> int:
+        return round(self.checkpointed * blocks) if self.checkpointing else 0
+
+    def label(self, blocks: int) -> str:
+        """off, on, or on for k of the blocks."""
+        k = self.checkpointed_blocks(blocks)
+        return "off" if not k else "on" if k == blocks else f"on {k}/{blocks}"
 
 
 @dataclass(frozen=True)
@@ -103,29 +112,33 @@ def weight_bytes(sizes: PlannedSizes, setting: Setting) -> int:
 def peak_bytes(sizes: PlannedSizes, work: Workload, setting: Setting) -> int:
     tokens = work.micro_batch_tokens()
     weights = weight_bytes(sizes, setting)
+    k = setting.checkpointed_blocks(sizes.blocks)
     if setting.sharding == "fsdp" and work.ranks > 1:
         return memory.sharded_step_memory_bytes(weights, sizes.lora_params, tokens, sizes.blocks, sizes.hidden,
-                                                sizes.largest_block_bytes, work.ranks, setting.checkpointing)
-    return memory.step_memory_bytes(weights, sizes.lora_params, tokens, sizes.blocks, sizes.hidden, setting.checkpointing)
+                                                sizes.largest_block_bytes, work.ranks, k)
+    return memory.step_memory_bytes(weights, sizes.lora_params, tokens, sizes.blocks, sizes.hidden, k)
 
 
-def flops_per_sample(sizes: PlannedSizes, image_tokens: float, text_tokens: int, checkpointing: bool,
+def flops_per_sample(sizes: PlannedSizes, image_tokens: float, text_tokens: int, checkpointing: bool | float,
                      paired: bool = False) -> float:
     """Forward and backward of one sample: each matmul pass costs 2 FLOPs per weight per token
     (the forward, the backward's input gradient, and the recompute under checkpointing: the frozen
-    base has no weight gradient), attention 4·T²·d per block forward and twice that backward."""
+    base has no weight gradient), attention 4·T²·d per block forward and twice that backward.
+    `checkpointing`: the share of the blocks that recompute (True: all)."""
     tokens = (2 if paired else 1) * image_tokens + text_tokens
     linear = 2 * sizes.params_per_token * tokens
     attention = 4 * tokens**2 * sizes.hidden * sizes.blocks
     forward = linear + attention
-    return FLOP_COUNT_SCALE * (forward + linear + 2 * attention + (forward if checkpointing else 0))
+    return FLOP_COUNT_SCALE * (forward + linear + 2 * attention + forward * float(checkpointing))
 
 
 def predict(sizes: PlannedSizes, work: Workload, setting: Setting, tflops: float | None,
             gpu_bytes: int = 0) -> Prediction:
     samples = work.batch_size * work.grad_accum * work.ranks
-    flops = flops_per_sample(sizes, work.mean_image_tokens, work.text_tokens, setting.checkpointing, work.paired)
-    mfu = MFU.get((setting.memory_mode, setting.fp8_compute, setting.sharding, setting.checkpointing), 0.4)
+    share = setting.checkpointed_blocks(sizes.blocks) / sizes.blocks
+    flops = flops_per_sample(sizes, work.mean_image_tokens, work.text_tokens, share, work.paired)
+    on, off = (MFU.get((setting.memory_mode, setting.fp8_compute, setting.sharding, ckpt), 0.4) for ckpt in (True, False))
+    mfu = off + (on - off) * share if setting.memory_mode == "fast" else on  # partial checkpointing: in between
     mfu = min(1.5, mfu * math.sqrt(sizes.hidden / 3072))
     step_s = flops * samples / work.ranks / (tflops * 1e12 * mfu) if tflops else float("nan")
     peak = peak_bytes(sizes, work, setting)
@@ -145,7 +158,7 @@ def settings_to_compare(ranks: int, fp8_gpu: bool) -> list[Setting]:
     return out
 
 
-def table(predictions: list[Prediction], chosen: Setting | None = None) -> str:
+def table(predictions: list[Prediction], chosen: Setting | None = None, blocks: int = 1) -> str:
     """The plan as a text table for people."""
     head = f"{'memory mode':<22}{'sharding':<10}{'checkpointing':<15}{'GiB/GPU':>9}{'s/step':>9}{'samples/s':>11}{'run':>10}{'GPU-h':>8}  fits"
     lines = [head, "-" * len(head)]
@@ -158,7 +171,7 @@ def table(predictions: list[Prediction], chosen: Setting | None = None) -> str:
         mark = "  <- this run" if chosen == s else ""
         gib = f"{p.peak_gib:.1f}" if p.peak_gib >= 1 else f"{p.peak_gib:.3f}"
         step, rate, hours = (f"{p.step_s:.3f}", f"{p.samples_per_s:.2f}", f"{p.gpu_hours:.2f}") if timed else ("?",) * 3
-        lines.append(f"{mode:<22}{s.sharding:<10}{'on' if s.checkpointing else 'off':<15}{gib:>9}"
+        lines.append(f"{mode:<22}{s.sharding:<10}{s.label(blocks):<15}{gib:>9}"
                      f"{step:>9}{rate:>11}{run:>10}{hours:>8}  {fits}{mark}")
     return "\n".join(lines)
 
@@ -183,9 +196,14 @@ def setting_of(cfg, sharding_mode: str, fp8_gpu: bool, sizes: PlannedSizes, work
     t = cfg.train
     fp8 = t.memory_mode == "fp8" and fp8_gpu or (t.memory_mode == "fast" and sharding_mode == "ddp" and (
         t.fp8_compute == "on" or (t.fp8_compute == "auto" and fp8_gpu)))
+    if t.checkpoint_blocks:
+        return Setting(t.memory_mode, sharding_mode, True, fp8, min(t.checkpoint_blocks, sizes.blocks) / sizes.blocks)
     ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, t.memory_mode != "fast")
     if t.gradient_checkpointing == "auto" and t.memory_mode == "fast" and gpu_bytes:
-        ckpt = not predict(sizes, work, Setting("fast", sharding_mode, False, fp8), None, gpu_bytes).fits
+        # as memory.use_checkpointing: none if the step fits, else as few blocks as fit, else all
+        fitting = (Setting("fast", sharding_mode, k > 0, fp8, k / sizes.blocks if k else 1.0) for k in range(sizes.blocks))
+        return next((s for s in fitting if predict(sizes, work, s, None, gpu_bytes).fits),
+                    Setting("fast", sharding_mode, True, fp8))
     return Setting(t.memory_mode, sharding_mode, ckpt, fp8)
 
 
@@ -201,7 +219,7 @@ def check_at_start(cfg, device, sizes_of, work: Workload, sharding_mode: str, fp
     if p.fits:
         return ""
     return (f"plan: this run (memory_mode={setting.memory_mode}, {setting.sharding}, checkpointing "
-            f"{'on' if setting.checkpointing else 'off'}) needs ~{p.peak_gib:.1f} GiB per GPU, the GPU has "
+            f"{setting.label(sizes.blocks)}) needs ~{p.peak_gib:.1f} GiB per GPU, the GPU has "
             f"{budget / GIB:.1f} GiB; it may run out of memory: `flux_lora plan` lists the settings that fit")
 
 
@@ -235,7 +253,7 @@ def report(cfg, gpus: int, gpu_name: str, gpu_memory_gib: float) -> tuple[str, l
              f"sample: {work.image_tokens} image (largest), {work.text_tokens} text; from {source}",
              f"GPU: {gpu_name or 'unknown (pass --gpu, e.g. H100)'}"
              + (f", {gpu_memory_gib:.0f} GiB" if budget else ", memory unknown (pass --gpu-memory-gib)"), "",
-             table(predictions, chosen), ""]
+             table(predictions, chosen, sizes.blocks), ""]
     mine = next(p for p in predictions if p.setting == chosen)
     if mine.fits is False:
         fitting = [p for p in predictions if p.fits]
