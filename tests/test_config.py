@@ -65,7 +65,7 @@ def test_validation_messages():
 
 @pytest.mark.parametrize("setting, bound", [
     ("train.max_nonfinite=0", ">= 1"), ("train.lr=nan", "> 0"), ("train.lr=-1e-4", "> 0"), ("train.lr=inf", "> 0"),
-    ("lora.dropout=5", ">= 0 and <= 0.99"), ("preprocess.num_workers=-2", ">= 0"), ("lora.rank=0", ">= 1"),
+    ("lora.dropout=5", ">= 0 and <= 0.99"), ("preprocess.num_workers=-2", ">= -1"), ("lora.rank=0", ">= 1"),
     ("train.max_grad_norm=nan", ">= 0"), ("train.logit_std=0", "> 0"), ("dist.timeout_s=0", ">= 1"),
     ("train.keep_checkpoints=0", ">= 1"), ("train.guidance=-inf", ">= 0"), ("preprocess.max_image_pixels=0", ">= 1"),
 ])

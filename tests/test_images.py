@@ -67,3 +67,52 @@ def test_buckets():
     assert make_buckets(512, square=True) == [(512, 512)]
     out = resize_to_bucket(Image.new("RGB", (1600, 900)), (w, h))
     assert out.size == (w, h)
+
+
+def _photo(path, size=(1600, 1200), orientation=1):
+    """A smooth JPEG with some texture (a photo's statistics, not noise's), EXIF-oriented."""
+    import numpy as np
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 // w, y * 255 // h, (x // 7 + y // 5) % 256], -1).astype("uint8")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, quality=92, exif=exif)
+    return path
+
+
+def test_a_reduced_jpeg_decode_keeps_the_bucket_and_nearly_the_pixels(tmp_path):
+    """The bucket comes from the full, displayed size (a sideways photo is portrait); the reduced
+    decode still covers the bucket and resizes to within 2/255 on average of the full decode; a
+    PNG, or reduced=False, decodes exactly as load_rgb."""
+    import numpy as np
+
+    from flux_lora.data.images import cover_size, load_for_bucket
+
+    buckets = make_buckets(256)
+    photo = _photo(tmp_path / "p.jpg", orientation=6)  # stored 1600x1200, displayed 1200x1600
+    full, bucket = load_for_bucket(photo, buckets)
+    assert full.size == (1200, 1600) and bucket == nearest_bucket(1200, 1600, buckets) and bucket[0] < bucket[1]
+    small, same = load_for_bucket(photo, buckets, reduced=True)
+    assert same == bucket and small.size[0] < full.size[0]
+    assert small.size[0] >= cover_size(full.size, bucket)[0] and small.size[1] >= cover_size(full.size, bucket)[1]
+    a, b = (np.asarray(resize_to_bucket(im, bucket), dtype=np.float32) for im in (full, small))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 2.0
+    assert np.array_equal(np.asarray(full), np.asarray(load_rgb(photo)))
+    png = _png(tmp_path / "p.png", size=(1600, 1200))
+    assert np.array_equal(np.asarray(load_for_bucket(png, buckets, reduced=True)[0]), np.asarray(load_rgb(png)))
+
+
+def test_decode_workers_follow_the_cores_each_rank_has(monkeypatch):
+    from flux_lora.data import preprocess
+
+    assert preprocess.decode_workers(0) == 0 and preprocess.decode_workers(3) == 3
+    monkeypatch.setattr(preprocess.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert preprocess.decode_workers(-1) == 7
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert preprocess.decode_workers(-1) == 8
+    monkeypatch.setattr(preprocess.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert preprocess.decode_workers(-1) == 1

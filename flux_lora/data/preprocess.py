@@ -12,6 +12,7 @@ all ranks are done. A rerun skips chunks that are already complete and valid.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import torch
 from flux_lora.config import Config, build_config, parse_resolutions
 from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
-from flux_lora.data.images import load_mask, load_rgb, make_buckets, nearest_bucket, resize_to_bucket
+from flux_lora.data.images import load_for_bucket, load_mask, load_rgb, make_buckets, resize_to_bucket
 from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
 from flux_lora.errors import CacheError, ConfigError, DataError
 from flux_lora.fast import compiled_encoders, memory, wide_attention
@@ -39,8 +40,9 @@ from flux_lora.parallel import session
 class DecodedImages(torch.utils.data.Dataset):
     """Decode + resize in DataLoader workers so the GPU never waits for PIL."""
 
-    def __init__(self, entries: list[tuple[int, SourceImage]], buckets: list[tuple[int, int]], max_pixels: int):
-        self.entries, self.buckets, self.max_pixels = entries, buckets, max_pixels
+    def __init__(self, entries: list[tuple[int, SourceImage]], buckets: list[tuple[int, int]], max_pixels: int,
+                 reduced_jpeg: bool = False):
+        self.entries, self.buckets, self.max_pixels, self.reduced_jpeg = entries, buckets, max_pixels, reduced_jpeg
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -48,14 +50,14 @@ class DecodedImages(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         index, src = self.entries[k]
         try:
-            im = load_rgb(src.path, self.max_pixels)
+            masked = src.mask is not None or src.mask_from_alpha  # a mask must match its image's full size
+            im, bucket = load_for_bucket(src.path, self.buckets, self.max_pixels, self.reduced_jpeg and not masked)
             control = load_rgb(src.control, self.max_pixels) if src.control is not None else None
             mask = None
-            if src.mask is not None or src.mask_from_alpha:
+            if masked:
                 mask = load_mask(src.path if src.mask_from_alpha else src.mask, im.size, src.mask_from_alpha, src.name)
         except DataError as e:
             return {"index": index, "error": str(e)}
-        bucket = nearest_bucket(im.width, im.height, self.buckets)
         out = {"index": index, "pixels": _tensor(resize_to_bucket(im, bucket)), "bucket": bucket}
         if mask is not None:  # cropped exactly as its image
             out["mask"] = torch.from_numpy(np.asarray(resize_to_bucket(mask, bucket)).copy())
@@ -78,15 +80,27 @@ def stacked_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 DECODED_AHEAD = 128  # images decoded ahead at most, whatever preprocess.chunk_items says (~400 MB at 1024 px)
 
 
+def decode_workers(setting: int) -> int:
+    """preprocess.num_workers resolved: as set, or for auto (-1) this rank's share of the CPU cores
+    it may use, less one for itself, at most 8 (a 12 MP JPEG takes ~0.1-0.3 s to decode and resize:
+    2 workers would hold one GPU to well under its 30 images/s at 1024 px)."""
+    if setting >= 0:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, cores // max(ranks_here, 1) - 1))
+
+
 def _decoded(entries, buckets, pre_cfg, device: torch.device | None = None):
-    workers = pre_cfg.num_workers
+    workers = decode_workers(pre_cfg.num_workers)
     # decoded ahead: a whole chunk and the next batch, which the host takes at once when the GPU is
     # given the previous chunk (fewer, and the chunk's start waits for decoding)
     wanted = min(pre_cfg.chunk_items + pre_cfg.batch_size, DECODED_AHEAD)
     ahead = max(8, -(-wanted // workers)) if workers else None
     # pinned by the loader's own thread for a GPU: the main thread's batch stacking then reads
     # resident pages, not the workers' shared memory page by page (54 ms a batch of 8 at 1024 px)
-    loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets, pre_cfg.max_image_pixels), batch_size=None,
+    loader = torch.utils.data.DataLoader(DecodedImages(entries, buckets, pre_cfg.max_image_pixels, pre_cfg.reduced_jpeg),
+                                         batch_size=None,
                                          shuffle=False, num_workers=workers, prefetch_factor=ahead,
                                          pin_memory=device is not None and device.type == "cuda")
     yield from loader
