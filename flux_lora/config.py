@@ -125,7 +125,7 @@ class PreprocessConfig:
     batch_size: int = doc(8, "images per encoder batch on each rank", low=1)
     caption_batch_size: int = doc(8, "images per captioner batch", low=1)
     num_workers: int = doc(-1, "worker processes decoding and resizing images while the GPU encodes; -1 = auto: this rank's share of the CPU cores less one, at most 8", low=-1)
-    reduced_jpeg: bool = doc(True, "decode a JPEG at 1/2, 1/4 or 1/8 scale when it still covers its bucket (libjpeg's DCT scaling), then resize as always: half the time on a 12 MP photo at 1024 px (225 -> 112 ms on one CPU core), pixels within ~1.3/255 on average of the full decode; false decodes every pixel (not for images with loss masks, which always do)")
+    reduced_jpeg: bool = doc(False, "decode a JPEG at 1/2, 1/4 or 1/8 scale when it still covers its bucket (libjpeg's DCT scaling), then resize as always: half the time on a 12 MP photo at 1024 px (225 -> 112 ms on one CPU core), pixels within ~1.3/255 on average of the full decode; false (default) decodes every pixel; images with loss masks always do")
     chunk_items: int = doc(64, "items per shard file (T5 embeddings are ~4 MB per item at 512 tokens)", low=1)
     overwrite: bool = doc(False, "delete an existing cache in cache_dir and rebuild it")
     max_zip_bytes: int = doc(50 * 2**30, "refuse ZIPs whose entries unpack to more than this many bytes", low=1)
