@@ -82,7 +82,7 @@ for f in sorted(out.glob("train-*gpu.jsonl")):
                                         "slowest_steps_s": dts[-3:], "gc_full_collections": done[0].get("gc_full_collections"),
                                         "first_step_since_process_start_s": done[0].get("first_step_since_process_start_s"),
                                         "final_loss": done[0].get("final_loss"), "compile": done[0].get("compile"),
-                                        "before_setup_s": done[0].get("before_setup_s")}
+                                        "before_setup_s": done[0].get("before_setup_s"), "setup_phases_s": done[0].get("setup_phases_s")}
 for key, r in rows.items():
     name, n = key.rsplit("/", 1)
     base = rows.get(f"{name}/1", {}).get("samples_per_s")

@@ -46,6 +46,9 @@ def test_reference_losses_and_outputs(tiny_model, cache_dir, tmp_path):
     before = done["before_setup_s"]  # where those seconds went, and that they add up
     assert set(before) == {"imports", "process_group", "resume_check"} and min(before.values()) >= 0
     assert sum(before.values()) == pytest.approx(done["first_step_since_process_start_s"] - done["time_to_first_step_s"], abs=0.1)
+    phases = done["setup_phases_s"]  # set-up's own account, in order, within setup_s
+    assert list(phases)[:3] == ["data", "plan", "model_load"] and "lora" in phases and list(phases)[-1] == "previews"
+    assert min(phases.values()) >= 0 and sum(phases.values()) <= done["setup_s"] + 0.01
     assert done["compile"] == {}  # nothing compiles on the CPU by default (on CUDA: torch's compile timers)
     progress = [e for e in events if e["event"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3, 4]

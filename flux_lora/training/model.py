@@ -55,12 +55,13 @@ def train_settings_for(cfg: Config):
 
 
 def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: int = 1,
-                family: Family | None = None, sharding: str = "ddp") -> tuple[torch.nn.Module, int]:
+                family: Family | None = None, sharding: str = "ddp", phases=None) -> tuple[torch.nn.Module, int]:
     """Transformer from_pretrained, frozen, LoRA added (fp32), speed/memory options applied;
     `tokens` (largest micro-batch) lets gradient checkpointing=auto decide from memory, `shapes`
     (distinct micro-batch shapes) lets cuda_graphs=auto decide. Under sharding=fsdp the model is
     left where it was loaded (the CPU, for a real model) for wrap_fsdp to shard onto the GPUs.
-    Returns (model, LoRA params)."""
+    `phases` (timing.Phases) times the steps. Returns (model, LoRA params)."""
+    mark = phases.mark if phases is not None else (lambda name: None)
     family = family or families.of_model(cfg.model.path, cfg.model.revision)
     cfg = dataclasses.replace(cfg, train=train_settings_for(cfg))
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
@@ -72,6 +73,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         stage = quantize.load_device(cfg.train, di.device, dtype, cfg.dist.gpu_memory_gib)
     memory.grow_segments_for_small_cards(cfg.train, di.device)
     transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage, cfg.model.transformer_file)
+    mark("model_load")
     attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets, family.lora_presets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
@@ -84,6 +86,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         total = len({lora.peft_key(n).split(".lora_")[0] for n, _ in lora.lora_parameters(transformer)})
         reporter.info(f"LoRA starts from {cfg.lora.init}: {layers} of {total} layers"
                       + (f"; the other {total - layers} start at zero" if layers < total else ""))
+    mark("lora")
     if sharded:
         # FSDP2 shards parameters; the fp8 copy of a block and the q/k/v group's concatenated
         # weight are buffers it would keep whole on every GPU
@@ -95,6 +98,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
                       + (" (train.fp8_compute=off keeps bf16)" if cfg.train.memory_mode == "fast" else ""))
     if not sharded:
         transformer.to(di.device)
+    mark("base_on_device")  # fp8/nf4 conversion included
     checkpointed, why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes,
                                             family.fuses_qkv and not sharded, di.world_size if sharded else 1,
                                             cfg.dist.gpu_memory_gib)
@@ -102,8 +106,10 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         blocks = len(loading.transformer_blocks(transformer))
         reporter.info(f"gradient checkpointing on ({why})" if checkpointed == blocks else
                       f"gradient checkpointing on for {checkpointed} of {blocks} blocks ({why})")
+    mark("speed_options")  # fused q/k/v and LoRA-up, checkpointing, compile wrappers
     if sharded:
         shard(transformer, cfg, di, dtype, tokens, checkpointed, n_params, reporter)
+        mark("fsdp_wrap")
     return transformer, n_params
 
 

@@ -25,12 +25,28 @@ def process_started_at() -> float | None:
         return None
 
 
+class Phases:
+    """Host seconds of set-up's phases, in order, for the done event: where a start's time goes.
+    GPU work a phase queues without waiting shows in the next phase that waits for it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        """The phase `name` ends now (a name marked twice adds up)."""
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 def step_timings(t_start: float, setup_s: float, first_step_s: float | None, pauses: GcPauses,
-                 marks: dict | None = None) -> dict:
+                 marks: dict | None = None, phases: dict | None = None) -> dict:
     """The done event's timing fields (seconds from t_start unless named otherwise). `marks`: when
-    train's run() was entered (imports done) and when its process group was up (unix times)."""
-    out = {"time_to_first_step_s": first_step_s, "setup_s": setup_s, "gc_full_collections": pauses.summary(),
-           "compile": compile_summary()}
+    train's run() was entered (imports done) and when its process group was up (unix times);
+    `phases`: set-up's own phases (Phases.seconds)."""
+    out = {"time_to_first_step_s": first_step_s, "setup_s": setup_s, "setup_phases_s": phases or {},
+           "gc_full_collections": pauses.summary(), "compile": compile_summary()}
     started = process_started_at()
     if started is not None and first_step_s is not None:
         out["first_step_since_process_start_s"] = first_step_s + t_start - started

@@ -38,7 +38,7 @@ from flux_lora.training.batches import GlobalBatchSampler, Prefetcher, pinned
 from flux_lora.training.ema import Ema
 from flux_lora.training.model import build_model, largest_micro_batch_tokens, micro_batch_shapes
 from flux_lora.training.step import StepInputs, StepResult, Trainee, pipelined_steps
-from flux_lora.training.timing import Meter, step_timings
+from flux_lora.training.timing import Meter, Phases, step_timings
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Run:
     state: RunState
     train_items: list[int]  # dataset positions the sampler draws from
     validation_items: list[int]  # held out: evaluated, never trained on
+    setup_phases: dict = field(default_factory=dict)  # seconds by phase (timing.Phases)
 
 
 def run(cfg: Config) -> dict:
@@ -94,7 +95,8 @@ def _train(cfg: Config, di: session.DistInfo, out: Path, reporter, marks: dict) 
             baseline(current)
         with GcPauses() as pauses:
             first_step_s = loop(current, stop, t_start, pauses)
-        summary = finish(current, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses, marks))
+        summary = finish(current, t_start, resume_from, step_timings(t_start, setup_s, first_step_s, pauses, marks,
+                                                                     current.setup_phases))
         # DDP must be torn down while the process group lives: its destructor can otherwise
         # wait forever on a group that process_group() has already destroyed
         current = None
@@ -154,22 +156,34 @@ def resume_settings(cfg: Config, world: int, manifest: dict) -> dict:
     return out
 
 
-def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: str | None) -> Run:
-    manifest, dataset = cache.open_for_training(cfg, di)
+def split_items(cfg: Config, dataset: cache.CachedDataset, manifest: dict, reporter) -> tuple[set[int], list[int]]:
+    """(held-out items, the items the sampler draws from: each as often per epoch as a datasets
+    file's repeats say)."""
     held = validation.held_out_items(dataset, cfg.train.validation_split)
     train_items = [k for k in range(len(dataset)) if k not in held]
-    # a datasets file's repeats: an item appears as often per epoch as its dataset says
     train_items = datasets.repeated(train_items, [dataset.items[k].index for k in train_items], manifest.get("datasets"))
     if cfg.train.validation_split and not held:
         reporter.warning(f"train.validation_split={cfg.train.validation_split} holds out nothing: the cache has "
                          f"{len(dataset)} item(s); add images or set it to 0")
-    buckets = {it.bucket for it in dataset.items}
-    family = families.of_model(cfg.model.path, cfg.model.revision)
+    return held, train_items
+
+
+def check_export_format(cfg: Config, family: Family) -> None:
     if cfg.output.export_format == "kohya" and not family.kohya_export:
         raise ConfigError(f"output.export_format=kohya covers FLUX.1 and Kontext, not {family.title}; use diffusers")
     if cfg.output.export_format == "kohya" and cfg.lora.kind == "dora":
         raise ConfigError("output.export_format=kohya writes plain LoRA layers; a DoRA's magnitudes need the "
                           "diffusers file (which diffusers loads): use export_format=diffusers")
+
+
+def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: str | None) -> Run:
+    phases = Phases()
+    manifest, dataset = cache.open_for_training(cfg, di)
+    held, train_items = split_items(cfg, dataset, manifest, reporter)
+    buckets = {it.bucket for it in dataset.items}
+    family = families.of_model(cfg.model.path, cfg.model.revision)
+    check_export_format(cfg, family)
+    phases.mark("data")
     tokens = largest_micro_batch_tokens(buckets, manifest["max_sequence_length"], cfg.train.batch_size, family.paired)
     choice = sharding.choose(cfg, di, family, tokens)
     if choice.why:
@@ -184,14 +198,17 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     if cfg.train.optimizer != "adamw":  # the others run on whole tensors only
         optim.check_choice(cfg.train, di.device, sharding.shards_lora(cfg, di, family, choice))
     compiled_blocks.use_compile_cache(cfg.train.compile_cache_dir)
-    model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode)
+    phases.mark("plan")
+    model, n_params = build_model(cfg, di, reporter, tokens, micro_batch_shapes(buckets), family, choice.mode, phases)
     ddp = model if is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)
     opt, sched = optim.make_optimizer(model, cfg.train, di.device)
+    phases.mark("ddp_and_optimizer")
     trainee = Trainee(model, ddp, opt, sched, Ema(lora.lora_parameters(model), cfg.train.ema_decay)
                       if cfg.train.ema_decay else None)
     train_cfg = cfg.train
     settings = resume_settings(cfg, di.world_size, manifest)
     state = resume(resume_from, trainee, settings) if resume_from else RunState()
+    phases.mark("resume")
     files.write_atomic(out / "config.yaml", to_yaml(cfg))
     sampler = GlobalBatchSampler([dataset.items[k].bucket for k in train_items],
                                  train_cfg.batch_size * di.world_size * train_cfg.grad_accum, train_cfg.seed)
@@ -202,6 +219,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
                         masked_loss=train_cfg.masked_loss, preservation_weight=preservation_weight(cfg, dataset),
                         dataset_weights=dataset_weights(cfg, manifest))
     previews = make_previewer(cfg, di, manifest, model, reporter, family, dataset)
+    phases.mark("previews")
     reporter.start(train_cfg.steps, "train", world_size=di.world_size, dataset_size=len(train_items), family=family.name,
                    sharding="fsdp" if is_sharded(model) else "ddp",
                    validation_items=len(held),
@@ -213,7 +231,7 @@ def setup(cfg: Config, di: session.DistInfo, out: Path, reporter, resume_from: s
     if resume_from:
         reporter.info(f"resuming from {resume_from} at step {state.step}")
     return Run(cfg, di, out, reporter, trainee, family, dataset, sampler, inputs, settings, previews, state, train_items,
-               sorted(held))
+               sorted(held), phases.seconds)
 
 
 def preservation_weight(cfg: Config, dataset: cache.CachedDataset) -> float:
