@@ -120,7 +120,7 @@ def enable_checkpointing(model, count: int) -> int:
     _gradient_checkpointing_func, which here runs the others plainly. Returns how many recompute."""
     blocks = transformer_blocks(model)
     k = checkpointed_count(count, len(blocks))
-    model.checkpointed_share = k / len(blocks)  # what FLOP counts of the step read (checkpointed_share())
+    model.flux_lora_checkpointed_share = k / len(blocks)  # what the step's FLOP counts read (checkpointed_share())
     if k == len(blocks):
         model.enable_gradient_checkpointing()
         return k
@@ -137,7 +137,7 @@ def enable_checkpointing(model, count: int) -> int:
 
 def checkpointed_share(model) -> float:
     """The share of the blocks that recompute their forward in the backward (0 to 1)."""
-    return getattr(model, "checkpointed_share", 1.0) if model.is_gradient_checkpointing else 0.0
+    return getattr(model, "flux_lora_checkpointed_share", 1.0) if model.is_gradient_checkpointing else 0.0
 
 
 def fsdp_blocks_to_keep(model, setting: int, tokens: int, shards: int, gpu_bytes: int, checkpointing: bool | int) -> int:

@@ -82,7 +82,8 @@ def run(cfg: Config) -> dict:
 
 def _train(cfg: Config, di: session.DistInfo, out: Path, reporter, marks: dict) -> dict:
     resume_from, notes = session.main_then_share(lambda: choose_resume(cfg, out))
-    for note in notes + [n for n in [loading.uncompiled_bytecode_note()] if n]:
+    slow_start = loading.uncompiled_bytecode_note()
+    for note in [*notes, slow_start] if slow_start else notes:
         reporter.warning(note)
     open_trackers(cfg, out, reporter)
     stop = checkpoint.StopFlag().install()
