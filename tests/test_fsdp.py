@@ -303,11 +303,11 @@ def test_schedule_free_state_survives_a_sharded_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("replicate", [True, False])
-def test_kept_blocks_stay_gathered_into_the_next_step_only_with_the_lora_replicated(replicate):
-    """The frozen base never changes: with the LoRA outside FSDP2, a kept block's gathered weights
-    are still right at the next step, so the backward does not free them and the next forward
-    gathers nothing. A sharded LoRA's update lives in the shards: its blocks are freed as before.
-    Either way the step's numbers are the plain model's."""
+def test_kept_blocks_are_whole_on_every_rank_only_with_the_lora_replicated(replicate):
+    """The frozen base never changes: with the LoRA outside FSDP2, a block kept gathered would hold
+    the same weights from step to step, so it is not sharded at all (no shard beside it, no FSDP2
+    hooks). A sharded LoRA's update lives in the shards: its kept blocks are FSDP2 units, freed by
+    the backward. Either way the step's numbers are the plain model's."""
     from torch.distributed.fsdp import FSDPModule
 
     from flux_lora.parallel import fsdp
@@ -330,8 +330,12 @@ def test_kept_blocks_stay_gathered_into_the_next_step_only_with_the_lora_replica
             model(x).square().sum().backward()
         if replicate:
             fsdp.sync_replicated_grads(model)
-        gathered = [b._get_fsdp_state()._fsdp_param_group.is_unsharded for b in blocks]
-        assert gathered == ([False, True, True] if replicate else [False, False, False])
+        from torch.distributed.tensor import DTensor
+
+        sharded = [True, False, False] if replicate else [True] * 3
+        assert [isinstance(b, FSDPModule) for b in blocks] == sharded
+        assert [isinstance(b.weight, DTensor) for b in blocks] == sharded  # whole: plain tensors
+        assert not any(b._get_fsdp_state()._fsdp_param_group.is_unsharded for b, s in zip(blocks, sharded) if s)
         assert isinstance(model, FSDPModule)
         for b, ref in zip(blocks, reference):
             grad = b.bias.grad

@@ -20,7 +20,8 @@ HEADROOM = 0.9  # of the GPU's memory: the allocator's fragmentation and cuBLAS/
 # fp8-mode peak at 1024 px (14.9 GiB) and FSDP2's with checkpointing (14.4 GiB).
 CHECKPOINTED_BYTES_PER_TOKEN_BLOCK_DIM = 2
 # FSDP2's blocks kept gathered are a speed option taken from memory left over: planned against a
-# lower share of the GPU than HEADROOM, so an estimate 10% low still leaves the run room
+# lower share of the GPU than HEADROOM, so an estimate 10% low still leaves the run room (each is
+# counted at its whole size; kept whole under a replicated LoRA, its shard is freed too)
 KEEP_GATHERED_HEADROOM = 0.8
 
 

@@ -37,11 +37,11 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     one block): each block starts the all-gathers of that many blocks after it (before it, in the
     backward), where FSDP2 on its own gathers the next one as the current one starts. Units within
     the last `keep_gathered` blocks keep their weights gathered from the forward to the backward
-    (no second all-gather; the backward frees them, unless the LoRA is replicated: then they stay
-    gathered into the next step). `replicate_lora`: the trained parameters stay whole on every
-    rank, outside FSDP2 (moved to the GPU here)."""
+    (no second all-gather; the backward frees them), unless the LoRA is replicated: then they are
+    not sharded at all but whole on every rank, as under DDP. `replicate_lora`: the trained
+    parameters stay whole on every rank, outside FSDP2 (moved to the GPU here)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(di.device.type, (di.world_size,))
     # inputs are left as the model makes them (autocast decides, as under DDP): FSDP2 would cast
@@ -58,25 +58,28 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     ignored = set(replicated) or None
     units = [blocks[i:i + unit_blocks] for i in range(0, len(blocks), unit_blocks)]
     first_kept = len(blocks) - keep_gathered
+    whole: set[torch.nn.Parameter] = set()
     for i, unit in enumerate(units):
         # the last unit's weights are needed again at once by the backward: always kept gathered
         kept = i == len(units) - 1 or i * unit_blocks >= first_kept
-        module = fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy,
-                             reshard_after_forward=not kept, ignored_params=ignored)
         if kept and replicate_lora:
-            # the frozen base never changes and a replicated LoRA is not in the unit: its gathered
-            # weights are still right at the next step, whose forward then gathers nothing. (The
-            # peak, at the forward's end, held them anyway; a sharded LoRA's update is in the shards.)
-            for m in module if isinstance(module, list) else [module]:  # (several blocks: one group)
-                m.set_reshard_after_backward(False, recurse=False)
+            # the frozen base never changes and the LoRA is not FSDP2's: kept gathered, the block
+            # would hold the same whole weights from step to step, beside its shard and behind
+            # FSDP2's hooks (host time each forward and backward). Whole on every rank instead.
+            for block in unit:
+                whole.update(block.to(di.device).parameters())
+            continue
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=not kept,
+                    ignored_params=ignored)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,  # embedders, norms: small
-                ignored_params=ignored)
+                ignored_params=(ignored or set()) | whole or None)
     if replicate_lora:
-        model.set_reshard_after_backward(False, recurse=False)
+        model.set_reshard_after_backward(False, recurse=False)  # (the root: as a kept block)
+    sharded_blocks = [b for b in blocks if isinstance(b, FSDPModule)]
     if prefetch > 1 and unit_blocks == 1:
-        for i, block in enumerate(blocks):
-            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetch])
-            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch):i][::-1])
+        for i, block in enumerate(sharded_blocks):
+            block.set_modules_to_forward_prefetch(sharded_blocks[i + 1:i + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(sharded_blocks[max(0, i - prefetch):i][::-1])
     model.flux_lora_sharded = True
     model.flux_lora_kept_gathered = keep_gathered
     model.flux_lora_replicated = replicated

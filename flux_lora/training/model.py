@@ -121,11 +121,14 @@ def shard(transformer, cfg: Config, di: DistInfo, dtype: torch.dtype, tokens: in
     budget = memory.gpu_bytes(di.device, cfg.dist.gpu_memory_gib)
     keep = memory.fsdp_blocks_to_keep(transformer, cfg.dist.fsdp_keep_gathered, tokens, di.world_size, budget,
                                       checkpointed)
+    replicate = replicates_lora(cfg.dist.fsdp_lora, n_params, budget)
     if keep:
         kept_gib = sum(memory.block_bytes(b) for b in blocks[len(blocks) - keep:]) / 2**30
-        reporter.info(f"FSDP2 keeps the last {keep} of {len(blocks)} blocks gathered from forward to backward "
+        reporter.info(f"FSDP2 leaves the last {keep} of {len(blocks)} blocks whole on every rank (~{kept_gib:.1f} GiB "
+                      "per GPU, gathered never: the LoRA is replicated too; dist.fsdp_keep_gathered=0 shards them)"
+                      if replicate else
+                      f"FSDP2 keeps the last {keep} of {len(blocks)} blocks gathered from forward to backward "
                       f"(~{kept_gib:.1f} GiB per GPU, no second all-gather for them; dist.fsdp_keep_gathered=0 saves it)")
-    replicate = replicates_lora(cfg.dist.fsdp_lora, n_params, budget)
     reporter.info(f"FSDP2 keeps the LoRA whole on every rank (~{16 * n_params / 2**20:.0f} MiB of training state; "
                   "one all-reduce of its gradients a step; dist.fsdp_lora=sharded shards it)" if replicate else
                   "FSDP2 shards the LoRA and its optimizer state with the base (dist.fsdp_lora)")
