@@ -104,15 +104,20 @@ def test_a_reduced_jpeg_decode_keeps_the_bucket_and_nearly_the_pixels(tmp_path):
     assert np.array_equal(np.asarray(load_for_bucket(png, buckets, reduced=True)[0]), np.asarray(load_rgb(png)))
 
 
-def test_decode_workers_follow_the_cores_each_rank_has(monkeypatch):
+def test_decode_workers_follow_the_cores_each_rank_has(monkeypatch, tmp_path):
     from flux_lora.data import preprocess
 
     assert preprocess.decode_workers(0) == 0 and preprocess.decode_workers(3) == 3
-    monkeypatch.setattr(preprocess.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert preprocess.decode_workers(-1) == 7
+    assert preprocess.decode_workers(-1, cores=16) == 7
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert preprocess.decode_workers(-1) == 8
-    monkeypatch.setattr(preprocess.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert preprocess.decode_workers(-1, cores=16) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert preprocess.decode_workers(-1) == 1
+    assert preprocess.decode_workers(-1, cores=2) == 1
+    # a container's quota caps what the affinity shows; no quota (or no cgroup v2 file) leaves it
+    monkeypatch.setattr(preprocess.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    quota = tmp_path / "cpu.max"
+    quota.write_text("400000 100000\n")
+    assert preprocess.usable_cores(quota) == 4
+    quota.write_text("max 100000\n")
+    assert preprocess.usable_cores(quota) == 64 == preprocess.usable_cores(tmp_path / "missing")

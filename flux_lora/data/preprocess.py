@@ -80,15 +80,27 @@ def stacked_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 DECODED_AHEAD = 128  # images decoded ahead at most, whatever preprocess.chunk_items says (~400 MB at 1024 px)
 
 
-def decode_workers(setting: int) -> int:
-    """preprocess.num_workers resolved: as set, or for auto (-1) this rank's share of the CPU cores
-    it may use, less one for itself, at most 8 (a 12 MP JPEG takes ~0.1-0.3 s to decode and resize:
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPU cores this process may use: its affinity (SLURM's and taskset's cpusets), at most
+    its cgroup's CPU quota (a container's --cpus, Kubernetes' limits), which affinity does not show."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # cgroup v1 or none: the affinity stands
+    return cores
+
+
+def decode_workers(setting: int, cores: int | None = None) -> int:
+    """preprocess.num_workers resolved: as set, or for auto (-1) this rank's share of the usable
+    CPU cores, less one for itself, at most 8 (a 12 MP JPEG takes ~0.1-0.3 s to decode and resize:
     2 workers would hold one GPU to well under its 30 images/s at 1024 px)."""
     if setting >= 0:
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(8, cores // max(ranks_here, 1) - 1))
+    return max(1, min(8, (cores or usable_cores()) // max(ranks_here, 1) - 1))
 
 
 def _decoded(entries, buckets, pre_cfg, device: torch.device | None = None):
