@@ -5,7 +5,8 @@ DDP (parallel.ddp) stays the default while the base fits: it moves no weights at
 What changes under FSDP2, and only here:
 - each transformer block is one FSDP group, the rest of the model (embedders, final norm) is the
   root's; a block's weights are all-gathered just before it runs and freed after (its backward
-  gathers them again), the next block's gather overlapping the current block's compute;
+  gathers them again), the next block's gather overlapping the current block's compute; with a
+  replicated LoRA, the last blocks where memory allows are left whole on every rank instead;
 - the base's parameters become DTensors (a shard each). The LoRA is either sharded with them
   (DTensors kept fp32, cast to the compute dtype for the gather by the MixedPrecisionPolicy,
   gradients reduce-scattered in fp32 per block) or left out of FSDP2 (`ignored_params`):
@@ -74,7 +75,7 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,  # embedders, norms: small
                 ignored_params=(ignored or set()) | whole or None)
     if replicate_lora:
-        model.set_reshard_after_backward(False, recurse=False)  # (the root: as a kept block)
+        model.set_reshard_after_backward(False, recurse=False)  # the root's frozen weights: gathered once
     sharded_blocks = [b for b in blocks if isinstance(b, FSDPModule)]
     if prefetch > 1 and unit_blocks == 1:
         for i, block in enumerate(sharded_blocks):
