@@ -50,7 +50,7 @@ from flux_lora.parallel import fsdp, session  # noqa: E402
 from flux_lora.parallel.ddp import wrap_ddp  # noqa: E402
 from flux_lora.training import lora, plan, sharding  # noqa: E402
 from flux_lora.training.batches import Slice  # noqa: E402
-from flux_lora.training.model import build_model, train_settings_for  # noqa: E402
+from flux_lora.training.model import build_model, compile_model, train_settings_for  # noqa: E402
 from flux_lora.training.optim import make_optimizer  # noqa: E402
 from flux_lora.training.step import StepInputs, Trainee, pipelined_steps, train_step  # noqa: E402
 
@@ -263,11 +263,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         reset_peak(di.device)  # FLOP counting runs through Python dispatch: not a real step
     train_cfg = dataclasses.replace(train_settings_for(cfg), compile=setting["compile"])  # as train: e.g. DOP's graphs off
     compiled = compiled_blocks.use_compile(train_cfg, di.device)
-    if compiled:
-        # as train does: FSDP2 gathers each block's weights into new memory every step, which
-        # recorded graphs cannot follow (measured: 15 s a step at 512 px with them on)
-        compiled_blocks.compile_blocks(model, not fsdp.is_sharded(model) and compiled_blocks.use_cuda_graphs(
-            train_cfg, di.device, model.is_gradient_checkpointing))
+    compile_model(model, train_cfg, di.device, memory.checkpointed_share(model) > 0)  # as train does
     ddp = model if fsdp.is_sharded(model) else wrap_ddp(model, di, cfg.dist.bucket_mb, cfg.dist.average_per_bucket)  # as train does
     opt, sched = make_optimizer(model, cfg.train, di.device)
     if setting.get("unfused_adamw"):

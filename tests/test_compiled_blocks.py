@@ -7,6 +7,7 @@ import torch
 from flux_lora.config import TrainConfig
 from flux_lora.errors import ConfigError
 from flux_lora.fast import compiled_blocks
+from flux_lora.training.lora import lora_parameters
 from helpers import _compile_on_cpu_quickly, _loss_and_grads, _small_flux
 
 
@@ -28,6 +29,23 @@ def test_cuda_graphs_auto_only_for_compiled_uncheckpointed_cuda_steps():
         compiled_blocks.use_cuda_graphs(TrainConfig(cuda_graphs="on"), cuda, checkpointing=True)
     with pytest.raises(ConfigError, match="train.cuda_graphs"):
         TrainConfig(cuda_graphs="sometimes")
+
+def test_cuda_graphs_only_for_the_blocks_given(monkeypatch):
+    """Under FSDP2 only the blocks it leaves whole are recorded (sharded ones are gathered into new
+    memory every step); the model says graphs are on, and keeps its gradients, only if one is."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, mode=None: modes.append(mode) or fn)
+    model = _small_flux()
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    compiled_blocks.compile_blocks(model, cuda_graphs=True, graphed=blocks[2:])
+    assert modes == [None, None] + ["reduce-overhead"] * (len(blocks) - 2)
+    assert compiled_blocks.uses_cuda_graphs(model) and all(p.grad is not None for _, p in lora_parameters(model))
+    modes.clear()
+    model = _small_flux()
+    compiled_blocks.compile_blocks(model, cuda_graphs=True, graphed=[])
+    assert modes == [None] * len(blocks) and not compiled_blocks.uses_cuda_graphs(model)
+    assert all(p.grad is None for _, p in lora_parameters(model))
+
 
 class _ReplayedLinear(torch.autograd.Function):
     """y = x wᵀ, whose backward writes dw into one reused buffer, as a CUDA graph replay does

@@ -34,6 +34,22 @@ def test_same_weights_on_every_rank():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_host_build_is_drawn_layer_by_layer():
+    """What a sharded or host-staged run gets on a GPU machine (drawn on the GPU, here the CPU):
+    every tensor real and on the CPU, the direct build's names and shapes, norms at one, the
+    same on every rank."""
+    config = dict(synthetic.TRANSFORMER, num_layers=1, num_single_layers=1, num_attention_heads=2,
+                  joint_attention_dim=64)
+    cls = type(synthetic.transformer(torch.float32, META))
+    a, b = (synthetic.drawn_layer_by_layer(cls, config, torch.float32, torch.device("cpu")) for _ in range(2))
+    direct = synthetic.build(cls, config, torch.float32, META).state_dict()
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in direct.items()}
+    assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in a.state_dict().values())
+    assert torch.equal(a.transformer_blocks[0].attn.norm_q.weight, torch.ones(128))
+    assert a.transformer_blocks[0].attn.to_q.weight.std() > 0
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_model_ids_are_checked_and_fingerprinted():
     loading.check_model_path("random:flux1-dev")
     with pytest.raises(ModelError, match="unknown synthetic model.*random:flux1-dev"):

@@ -43,7 +43,7 @@ def use_cuda_graphs(train_cfg, device: torch.device, checkpointing: bool, shapes
     return on
 
 
-def compile_blocks(model, cuda_graphs: bool = False) -> None:
+def compile_blocks(model, cuda_graphs: bool = False, graphed: list | None = None) -> None:
     """Regional compile: each block is compiled on its own; the 19 (38) identical blocks share
     their graphs, so compile takes seconds, not the minutes of a whole-model compile. The forward
     is compiled, not the module call, so hooks stay outside the graphs.
@@ -57,11 +57,16 @@ def compile_blocks(model, cuda_graphs: bool = False) -> None:
     replays them (CUDA graph trees, one memory pool): a step costs the host ~120 replays instead
     of ~3,500 kernel launches. A replay writes its outputs, the LoRA gradients included, into the
     pool, where the next replay overwrites them; so the gradients are kept allocated (zeroed, not
-    freed) and autograd adds each replay's output into them, under DDP and no_sync alike."""
+    freed) and autograd adds each replay's output into them, under DDP and no_sync alike.
+    `graphed` (default: all blocks) limits the graphs to those blocks; the others compile plainly."""
     allow_compile_cache_of_fp8_functions()
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    graphed_ids = {id(b) for b in (blocks if graphed is None else graphed)} if cuda_graphs else set()
+    for block in blocks:
         block.flux_lora_forward = block.forward  # the eager forward, for inference_blocks
-        block.forward = torch.compile(block.forward, dynamic=None, mode="reduce-overhead" if cuda_graphs else None)
+        block.forward = torch.compile(block.forward, dynamic=None,
+                                      mode="reduce-overhead" if id(block) in graphed_ids else None)
+    cuda_graphs = bool(graphed_ids)
     transformer_blocks(model)[0].register_forward_pre_hook(_inputs_need_grad_like_later_blocks, with_kwargs=True)
     if len(model.single_transformer_blocks):
         model.single_transformer_blocks[0].register_forward_pre_hook(_strided_like_later_single_blocks, with_kwargs=True)

@@ -54,9 +54,35 @@ def _building(dtype: torch.dtype, device: torch.device, seed: int = 0):
 
 
 def build(cls, config: dict, dtype: torch.dtype, device: torch.device):
-    """A model of class cls with this config, random (seeded) weights, built in place on the device."""
+    """A model of class cls with this config, random (seeded) weights, built in place on the device.
+    One for the host (a run that stages its base on the CPU: FSDP2, a quantized base on a small
+    card) is drawn on the GPU when there is one, a layer at a time: the CPU's own init of 12-32 B
+    parameters takes minutes, and a whole build on the GPU would put the base there at once, which
+    is what staging on the host avoids (FLUX.2 [dev]: 61 GiB before FSDP2 sharded it)."""
+    if device.type == "cpu" and torch.cuda.is_available():
+        return drawn_layer_by_layer(cls, config, dtype, torch.device("cuda", torch.cuda.current_device()))
     with _building(dtype, device):
         return cls(**config)
+
+
+def drawn_layer_by_layer(cls, config: dict, dtype: torch.dtype, draw_on: torch.device):
+    """cls(**config) on the CPU, built on the meta device and each layer then allocated and
+    initialised (its own reset_parameters) on `draw_on` and moved to the CPU: at most one layer
+    on `draw_on` at a time. Models whose parameters or buffers are not all held by such layers
+    are built on the CPU directly."""
+    with _building(dtype, torch.device("meta")):
+        model = cls(**config)
+    owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    if next(model.buffers(), None) is not None or any(
+            not hasattr(m, "reset_parameters") or next(m.children(), None) is not None for m in owners):
+        with _building(dtype, torch.device("cpu")):
+            return cls(**config)
+    with _building(dtype, draw_on):
+        for layer in owners:
+            layer.to_empty(device=draw_on, recurse=False)
+            layer.reset_parameters()
+            layer.to("cpu")
+    return model
 
 
 def transformer(dtype: torch.dtype, device: torch.device):

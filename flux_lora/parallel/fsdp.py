@@ -108,6 +108,13 @@ def is_sharded(model) -> bool:
     return getattr(model, "flux_lora_sharded", False)
 
 
+def is_sharded_module(module) -> bool:
+    """Whether fully_shard wrapped this very module (its weights gathered and freed around each use)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def gradient_sync(model, enabled: bool):
     """Context for one micro-batch's backward: sync gradients only on a step's last one (DDP's
     no_sync, FSDP2's set_requires_gradient_sync)."""

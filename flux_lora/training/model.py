@@ -11,7 +11,7 @@ import torch
 from flux_lora.config import Config
 from flux_lora.errors import ConfigError
 from flux_lora.fast import attention, compiled_blocks, fused_qkv, lora_up, memory, quantize
-from flux_lora.models import families, loading, synthetic
+from flux_lora.models import families, loading
 from flux_lora.models.families.base import Family
 from flux_lora.parallel import fsdp
 from flux_lora.parallel.session import DistInfo
@@ -66,9 +66,8 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     cfg = dataclasses.replace(cfg, train=train_settings_for(cfg))
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     sharded = sharding == "fsdp" and di.distributed
-    synthetic_model = synthetic.is_synthetic(cfg.model.path)
-    if sharded:  # whole on no GPU: a real model loads to host memory, random weights build on the GPU (bench)
-        stage = di.device if synthetic_model else torch.device("cpu")
+    if sharded:  # whole on no GPU: loaded (or random weights built) in host memory, then sharded
+        stage = torch.device("cpu")
     else:
         stage = quantize.load_device(cfg.train, di.device, dtype, cfg.dist.gpu_memory_gib)
     memory.grow_segments_for_small_cards(cfg.train, di.device)
@@ -99,17 +98,18 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     if not sharded:
         transformer.to(di.device)
     mark("base_on_device")  # fp8/nf4 conversion included
-    checkpointed, why = apply_speed_options(transformer, cfg.train, di.device, tokens, shapes,
+    checkpointed, why = apply_speed_options(transformer, cfg.train, di.device, tokens,
                                             family.fuses_qkv and not sharded, di.world_size if sharded else 1,
                                             cfg.dist.gpu_memory_gib)
     if checkpointed:
         blocks = len(loading.transformer_blocks(transformer))
         reporter.info(f"gradient checkpointing on ({why})" if checkpointed == blocks else
                       f"gradient checkpointing on for {checkpointed} of {blocks} blocks ({why})")
-    mark("speed_options")  # fused q/k/v and LoRA-up, checkpointing, compile wrappers
+    mark("speed_options")  # fused q/k/v and LoRA-up, checkpointing
     if sharded:
         shard(transformer, cfg, di, dtype, tokens, checkpointed, n_params, reporter)
         mark("fsdp_wrap")
+    compile_model(transformer, cfg.train, di.device, checkpointed > 0, shapes)
     return transformer, n_params
 
 
@@ -135,21 +135,27 @@ def shard(transformer, cfg: Config, di: DistInfo, dtype: torch.dtype, tokens: in
     fsdp.wrap_fsdp(transformer, blocks, di, dtype, cfg.dist.fsdp_unit_blocks, cfg.dist.fsdp_prefetch, keep, replicate)
 
 
-def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int = 0, shapes: int = 1,
-                        fuses_qkv: bool = True, shards: int = 1, budget_gib: float = 0.0) -> tuple[int, str]:
-    """Fused LoRA-up and q/k/v, gradient checkpointing and per-block compile (compiling each
-    block, not the whole model, keeps compile time short and the graphs reusable across the
-    identical blocks). `shards` > 1: the model will be sharded over that many GPUs (FSDP2), which
-    the memory estimate counts and CUDA graphs do not survive. Returns how many blocks are
-    checkpointed (0: none) and why."""
+def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int = 0, fuses_qkv: bool = True,
+                        shards: int = 1, budget_gib: float = 0.0) -> tuple[int, str]:
+    """Fused LoRA-up and q/k/v, and gradient checkpointing. `shards` > 1: the model will be
+    sharded over that many GPUs (FSDP2), which the memory estimate counts. Returns how many
+    blocks are checkpointed (0: none) and why."""
     if train_cfg.fuse_lora_up:
         lora_up.install(model)
     if train_cfg.fuse_qkv and fuses_qkv:  # FLUX.2's single blocks come fused; its double blocks stay separate
         fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up)
     count, why = memory.use_checkpointing(train_cfg, model, max_tokens, memory.gpu_bytes(device, budget_gib), shards)
-    checkpointed = memory.enable_checkpointing(model, count) if count else 0
-    checkpointing = checkpointed > 0
-    graphs = shards == 1 and compiled_blocks.use_cuda_graphs(train_cfg, device, checkpointing, shapes)  # an impossible "on" fails here
+    return (memory.enable_checkpointing(model, count) if count else 0), why
+
+
+def compile_model(model, train_cfg, device: torch.device, checkpointing: bool, shapes: int = 1) -> None:
+    """Per-block compile, last: compiling each block, not the whole model, keeps compile time short
+    and the graphs reusable across the identical blocks. `shapes` (distinct micro-batch shapes)
+    lets cuda_graphs=auto decide. Recorded CUDA graphs need weights that stay where they are, so
+    FSDP2's sharded blocks, gathered into new memory every step, run without them (measured: 15 s
+    a step at 512 px with them on); blocks FSDP2 leaves whole (a replicated LoRA's kept blocks)
+    have them as under DDP."""
+    graphs = compiled_blocks.use_cuda_graphs(train_cfg, device, checkpointing, shapes)  # an impossible "on" fails here
     if compiled_blocks.use_compile(train_cfg, device):
-        compiled_blocks.compile_blocks(model, graphs)
-    return checkpointed, why
+        blocks = loading.transformer_blocks(model)
+        compiled_blocks.compile_blocks(model, graphs, graphed=[b for b in blocks if not fsdp.is_sharded_module(b)])

@@ -100,8 +100,9 @@ def check_combination(train_cfg, di: DistInfo) -> None:
         raise ConfigError("train.fp8_compute=on keeps an fp8 copy of every block on every GPU, which dist.sharding=fsdp "
                           "would not shard; use fp8_compute=auto/off with fsdp, or sharding=ddp")
     if train_cfg.cuda_graphs == "on":
-        raise ConfigError("train.cuda_graphs=on records fixed addresses, but FSDP2 gathers each block's weights "
-                          "into new memory every step; use cuda_graphs=auto/off with dist.sharding=fsdp")
+        raise ConfigError("train.cuda_graphs=on records fixed addresses, but FSDP2 gathers its sharded blocks' weights "
+                          "into new memory every step; use cuda_graphs=auto (graphs for the blocks it leaves whole) "
+                          "or off with dist.sharding=fsdp")
 
 
 def planned_sizes(family: Family, model_path: str, revision: str, dtype: torch.dtype, lora_cfg) -> PlannedSizes:
