@@ -102,8 +102,9 @@ def test_micro_batch_shapes_merge_buckets_of_equal_area():
 
 
 def test_memory_first_modes_let_the_allocator_grow_segments(monkeypatch):
-    """fp8 and nf4 (the small-card modes) turn on expandable segments before the model loads;
-    the fast mode, the CPU and a PYTORCH_CUDA_ALLOC_CONF of the user's own are left alone."""
+    """fp8 and nf4 (the small-card modes) and a run given a memory budget turn on expandable
+    segments before the model loads; the fast mode on the whole card, the CPU and a
+    PYTORCH_CUDA_ALLOC_CONF of the user's own are left alone."""
     from types import SimpleNamespace
 
     calls = []
@@ -113,6 +114,8 @@ def test_memory_first_modes_let_the_allocator_grow_segments(monkeypatch):
     for mode, device in (("fp8", cuda), ("nf4", cuda), ("fast", cuda), ("nf4", cpu)):
         memory.grow_segments_for_small_cards(SimpleNamespace(memory_mode=mode), device)
     assert calls == ["expandable_segments:True"] * 2
+    memory.grow_segments_for_small_cards(SimpleNamespace(memory_mode="fast"), cuda, budget_gib=60)
+    assert len(calls) == 3
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     memory.grow_segments_for_small_cards(SimpleNamespace(memory_mode="nf4"), cuda)
-    assert len(calls) == 2
+    assert len(calls) == 3

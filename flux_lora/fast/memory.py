@@ -160,12 +160,14 @@ def block_bytes(block) -> int:
     return sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
 
 
-def grow_segments_for_small_cards(train_cfg, device: torch.device) -> None:
-    """The memory-first modes (fp8, nf4): the allocator grows its segments in place (PyTorch's
-    expandable segments) instead of caching fixed-size blocks, so a step that fits the card is
-    not refused for fragmentation (without it, a 12 GiB cap failed with 1.4 GiB reserved but
-    unusable). Before the model loads; a PYTORCH_CUDA_ALLOC_CONF the user set wins."""
-    if device.type == "cuda" and train_cfg.memory_mode != "fast" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+def grow_segments_for_small_cards(train_cfg, device: torch.device, budget_gib: float = 0.0) -> None:
+    """The memory-first modes (fp8, nf4) and runs planned for a memory budget (dist.gpu_memory_gib):
+    the allocator grows its segments in place (PyTorch's expandable segments) instead of caching
+    fixed-size blocks, so a step that fits the card is not refused for fragmentation (without it,
+    a 12 GiB cap failed with 1.4 GiB reserved but unusable). Before the model loads; a
+    PYTORCH_CUDA_ALLOC_CONF the user set wins."""
+    tight = train_cfg.memory_mode != "fast" or budget_gib > 0
+    if device.type == "cuda" and tight and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 

@@ -70,7 +70,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         stage = torch.device("cpu")
     else:
         stage = quantize.load_device(cfg.train, di.device, dtype, cfg.dist.gpu_memory_gib)
-    memory.grow_segments_for_small_cards(cfg.train, di.device)
+    memory.grow_segments_for_small_cards(cfg.train, di.device, cfg.dist.gpu_memory_gib)
     transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage, cfg.model.transformer_file)
     mark("model_load")
     attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
