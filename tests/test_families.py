@@ -3,6 +3,8 @@ pipeline's own, and one training step's loss and LoRA gradients equal the lines 
 train_dreambooth_lora_flux_kontext.py / _flux2.py / _flux2_klein.py on the same batch (fp32).
 Editing pairs are found as documented.   pytest -q tests/test_families.py"""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -247,3 +249,15 @@ def test_flux2_dev_tokenizer_loads_without_torchvision(tmp_path, monkeypatch):
     assert "chat_template" in chat or (folder / "tokenizer" / "chat_template.jinja").is_file()
     got = flux2.DEV.encode_prompts(flux2.DEV.load_text_pipeline(str(folder), torch.float32), ["a red circle"], 16, CPU)
     assert torch.equal(got["text"], want["text"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's memory maps")
+def test_base_loaded_to_the_host_is_the_files_pages(tiny_model):
+    """A base loaded into host memory (FSDP2 shards it from there onto the GPUs) is its safetensors
+    file memory-mapped, not a copy: the ranks of a node share the page cache's one copy instead of
+    holding a whole base each (eight ranks × 24 GB for FLUX.1-dev)."""
+    model = families.of_model(str(tiny_model)).load_transformer(str(tiny_model), torch.float32, device=CPU)
+    spans = [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in open("/proc/self/maps")
+             if "diffusion_pytorch_model" in line]
+    weights = [p for p in model.parameters() if p.numel() >= 1024]
+    assert weights and all(any(lo <= p.data_ptr() < hi for lo, hi in spans) for p in weights)
