@@ -91,6 +91,8 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         # weight are buffers it would keep whole on every GPU
         if quantize.uses_fp8_base(cfg.train, di.device, dtype):
             reporter.info("fp8 compute is off under dist.sharding=fsdp (the bf16 base is sharded instead)")
+        if cfg.train.fuse_qkv and family.fuses_qkv:
+            reporter.info("q/k/v grouping is off under dist.sharding=fsdp (the grouped weight would be whole on every GPU)")
     elif n_fp8 := quantize.fp8_base(transformer, cfg.train, di.device, dtype):
         where = "on fp8 tensor cores" if di.device.type == "cuda" else f"in fp8 on the {di.device.type}"
         reporter.info(f"frozen base in fp8: {n_fp8} Linear layers multiply {where}"
