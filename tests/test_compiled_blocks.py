@@ -30,6 +30,7 @@ def test_cuda_graphs_auto_only_for_compiled_uncheckpointed_cuda_steps():
     with pytest.raises(ConfigError, match="train.cuda_graphs"):
         TrainConfig(cuda_graphs="sometimes")
 
+
 def test_cuda_graphs_only_for_the_blocks_given(monkeypatch):
     """Under FSDP2 only the blocks it leaves whole are recorded (sharded ones are gathered into new
     memory every step); the model says graphs are on, and keeps its gradients, only if one is."""
