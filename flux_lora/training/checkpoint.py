@@ -15,6 +15,7 @@ one. Either resumes on any number of ranks, sharded or not (resume_into).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -125,16 +126,36 @@ def _sharded_state(model, opt) -> tuple[dict, dict]:
     return get_state_dict(model, opt, options=_state_options())
 
 
+@contextlib.contextmanager
+def _optimizer_ready_to_load(opt):
+    """torch.distributed.checkpoint's state-dict functions create the optimizer state a checkpoint
+    loads into (a step at lr 0) only for an optimizer without any state and without gradients;
+    otherwise that state is silently not loaded and the resumed run restarts its averages.
+    Schedule-free's train() leaves an empty state per parameter (dropped here), and CUDA graphs
+    keep the gradients allocated (zeros) from the compile on (set aside, and put back after)."""
+    for param in [p for p, state in opt.state.items() if not state]:
+        del opt.state[param]
+    kept = {p: p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None}
+    for param in kept:
+        param.grad = None
+    try:
+        yield
+    finally:
+        for param, grad in kept.items():
+            param.grad = grad
+
+
 def resume_into(saved: dict, model, opt, sched, ema=None) -> None:
     """Load a checkpoint of either format into the model, optimizer, LR schedule (and EMA) of this
     run, whatever its number of ranks and sharding (every rank calls it)."""
+    with _optimizer_ready_to_load(opt):
+        _load_into(saved, model, opt, sched, ema)
+
+
+def _load_into(saved: dict, model, opt, sched, ema=None) -> None:
     if "dcp" in saved:
         import torch.distributed.checkpoint as dcp
 
-        # schedule-free's train() leaves an empty state per parameter; torch only creates the state
-        # the checkpoint loads into (a step at lr 0) for an optimizer without any
-        for param in [p for p, state in opt.state.items() if not state]:
-            del opt.state[param]
         model_sd, optim_sd = _sharded_state(model, opt)
         both = {"lora": model_sd, "optim": optim_sd, **({"ema": ema.state()} if ema else {})}
         dcp.load(both, checkpoint_id=saved["dcp"])  # resharded to this run's ranks (the EMA in place)
