@@ -155,9 +155,11 @@ def compile_model(model, train_cfg, device: torch.device, checkpointing: bool, s
     and the graphs reusable across the identical blocks. `shapes` (distinct micro-batch shapes)
     lets cuda_graphs=auto decide. Recorded CUDA graphs need weights that stay where they are, so
     FSDP2's sharded blocks, gathered into new memory every step, run without them (measured: 15 s
-    a step at 512 px with them on); blocks FSDP2 leaves whole (a replicated LoRA's kept blocks)
-    have them as under DDP."""
+    a step at 512 px with them on). When FSDP2 leaves every block whole (a replicated LoRA with
+    room for all), they are recorded as under DDP (measured); a partly sharded model, where
+    graph replays and FSDP2's gathers would alternate, is not (not measured)."""
     graphs = compiled_blocks.use_cuda_graphs(train_cfg, device, checkpointing, shapes)  # an impossible "on" fails here
     if compiled_blocks.use_compile(train_cfg, device):
         blocks = loading.transformer_blocks(model)
-        compiled_blocks.compile_blocks(model, graphs, graphed=[b for b in blocks if not fsdp.is_sharded_module(b)])
+        partly_sharded = any(fsdp.is_sharded_module(b) for b in blocks)
+        compiled_blocks.compile_blocks(model, graphs, graphed=[] if partly_sharded else blocks)

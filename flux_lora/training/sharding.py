@@ -101,7 +101,7 @@ def check_combination(train_cfg, di: DistInfo) -> None:
                           "would not shard; use fp8_compute=auto/off with fsdp, or sharding=ddp")
     if train_cfg.cuda_graphs == "on":
         raise ConfigError("train.cuda_graphs=on records fixed addresses, but FSDP2 gathers its sharded blocks' weights "
-                          "into new memory every step; use cuda_graphs=auto (graphs for the blocks it leaves whole) "
+                          "into new memory every step; use cuda_graphs=auto (graphs when it leaves every block whole) "
                           "or off with dist.sharding=fsdp")
 
 
