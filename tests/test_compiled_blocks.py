@@ -46,6 +46,17 @@ def test_cuda_graphs_only_for_the_blocks_given(monkeypatch):
     compiled_blocks.compile_blocks(model, cuda_graphs=True, graphed=[])
     assert modes == [None] * len(blocks) and not compiled_blocks.uses_cuda_graphs(model)
     assert all(p.grad is None for _, p in lora_parameters(model))
+    # as train compiles: graphs when FSDP2 left every block whole, none when it sharded any
+    from flux_lora.parallel import fsdp
+    from flux_lora.training.model import compile_model
+
+    for sharded, want in ((set(), ["reduce-overhead"] * len(blocks)), ({1}, [None] * len(blocks))):
+        modes.clear()
+        model = _small_flux()
+        chosen = [model.transformer_blocks[i] for i in sharded]
+        monkeypatch.setattr(fsdp, "is_sharded_module", lambda m: any(m is b for b in chosen))
+        compile_model(model, TrainConfig(cuda_graphs="on"), torch.device("cuda"), checkpointing=False)
+        assert modes == want
 
 
 class _ReplayedLinear(torch.autograd.Function):
