@@ -42,7 +42,7 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
     not sharded at all but whole on every rank, as under DDP. `replicate_lora`: the trained
     parameters stay whole on every rank, outside FSDP2 (moved to the GPU here)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(di.device.type, (di.world_size,))
     # inputs are left as the model makes them (autocast decides, as under DDP): FSDP2 would cast
@@ -76,7 +76,7 @@ def wrap_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], di: DistInf
                 ignored_params=(ignored or set()) | whole or None)
     if replicate_lora:
         model.set_reshard_after_backward(False, recurse=False)  # the root's frozen weights: gathered once
-    sharded_blocks = [b for b in blocks if isinstance(b, FSDPModule)]
+    sharded_blocks = [b for b in blocks if is_sharded_module(b)]
     if prefetch > 1 and unit_blocks == 1:
         for i, block in enumerate(sharded_blocks):
             block.set_modules_to_forward_prefetch(sharded_blocks[i + 1:i + 1 + prefetch])
@@ -170,10 +170,8 @@ def reshard(model) -> None:
     forward would reuse them, as they were before the optimizer's update."""
     if not is_sharded(model):
         return
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if is_sharded_module(module):
             module.reshard()
 
 
