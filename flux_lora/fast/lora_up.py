@@ -8,6 +8,10 @@ own, or folded into the next one, which then reads both tensors); addmm writes t
 
 The op is a torch.library custom op, opaque to inductor: an addmm that inductor sees is lowered
 with a copy of y first (measured slower than peft's forward). Its backward is plain matmuls.
+
+With `triton` (train.lora_triton) the forward is flux_lora.lora_kernels.widen on CUDA instead:
+cuBLAS runs this rank-r addmm at ~1.5 TB/s on an H200, the Triton kernel at 3.2-3.5 TB/s at
+FLUX.1's large shapes (scripts/lora_kernel_speed.py).
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from flux_lora.fast import lora_kernels
+
 
 @torch.library.custom_op("flux_lora::lora_up_add", mutates_args=())
-def lora_up_add(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+def lora_up_add(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float, triton: bool = False) -> torch.Tensor:
     """y [..., out] + scaling · h [..., r] · b [out, r]ᵀ; all three of one dtype."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
-    return out.view(y.shape)
+    y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
+    if triton and lora_kernels.available(y2, h2, b):
+        return lora_kernels.widen(h2, b, y2, alpha=scaling).view(y.shape)
+    return torch.addmm(y2, h2, b.t(), alpha=scaling).view(y.shape)
 
 
 @lora_up_add.register_fake
-def _(y, h, b, scaling):
+def _(y, h, b, scaling, triton=False):
     return y.new_empty(y.shape)
 
 
@@ -38,7 +46,7 @@ def _lora_up_add_flops(y_shape, h_shape, b_shape, *args, **kwargs) -> int:
 
 
 def _setup(ctx, inputs, output):
-    _, h, b, scaling = inputs
+    _, h, b, scaling, _ = inputs
     ctx.save_for_backward(h, b)
     ctx.scaling = scaling
 
@@ -50,7 +58,7 @@ def _backward(ctx, dy):
     db = dy2.t() @ h.reshape(-1, h.shape[-1])
     if ctx.scaling != 1.0:
         dh, db = dh * ctx.scaling, db * ctx.scaling
-    return dy, dh.view(h.shape), db, None
+    return dy, dh.view(h.shape), db, None, None
 
 
 lora_up_add.register_autograd(_backward, setup_context=_setup)
@@ -62,11 +70,11 @@ def lora_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
 
 
-def up_add(y: torch.Tensor, h: torch.Tensor, b_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+def up_add(y: torch.Tensor, h: torch.Tensor, b_weight: torch.Tensor, scaling: float, triton: bool = False) -> torch.Tensor:
     """y + scaling · h · b_weightᵀ in y's dtype, summed in h's dtype (peft's order: bf16 under
-    autocast, fp32 otherwise) with one rounding."""
+    autocast, fp32 otherwise) with one rounding; `triton`: by lora_kernels where it runs."""
     dtype = h.dtype
-    return lora_up_add(y.to(dtype), h, b_weight.to(dtype), float(scaling)).to(y.dtype)
+    return lora_up_add(y.to(dtype), h, b_weight.to(dtype), float(scaling), triton).to(y.dtype)
 
 
 def _peft_linear():
@@ -97,20 +105,23 @@ def _up_add_class() -> type:
         name = self.active_adapters[0]
         lora_a = self.lora_A[name]
         h = lora_a(lora_input(x, lora_a.weight))
-        return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name])
+        return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name],
+                      getattr(self, "flux_lora_triton", False))
 
     cls = type("UpAdd" + base_cls.__name__, (base_cls,), {"forward": forward, "__module__": __name__})
     globals()[cls.__name__] = cls  # findable by name: a pickled model loads
     return cls
 
 
-def install(model: torch.nn.Module) -> int:
-    """Give every peft LoRA Linear (a bf16 or fp8 base; not 4-bit) the one-addmm forward; layers
-    with dropout, DoRA or several adapters keep peft's path at run time. Returns how many."""
+def install(model: torch.nn.Module, triton: bool = False) -> int:
+    """Give every peft LoRA Linear (a bf16 or fp8 base; not 4-bit) the one-addmm forward (`triton`:
+    the Triton kernel where it runs); layers with dropout, DoRA or several adapters keep peft's path
+    at run time. Returns how many."""
     linear = _peft_linear()
     n = 0
     for module in model.modules():
         if type(module) is linear:
             module.__class__ = _up_add_class()
+            module.flux_lora_triton = triton
             n += 1
     return n

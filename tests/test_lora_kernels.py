@@ -1,0 +1,59 @@
+"""The LoRA branch's Triton kernels (flux_lora.fast.lora_kernels) against fp32 matmuls, their
+determinism (exact resume needs the same bits each run), and the LoRA up-add op's two paths. The
+kernels run on CUDA only: on a CPU the op takes torch's addmm, which the last test checks."""
+
+import pytest
+import torch
+
+from flux_lora.fast import lora_kernels, lora_up
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and lora_kernels.available(torch.zeros(1, device="cuda", dtype=torch.bfloat16))),
+                          reason="needs CUDA and triton")
+SHAPES = [(100, 96, 80, 16), (70, 64, 200, 48), (33, 300, 40, 5), (6144, 3072, 1024, 16)]
+
+
+def rel(got, want):
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
+@cuda
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+def test_kernels_match_fp32_matmuls_and_repeat_bit_for_bit(m, k, n, r):
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, dy, y = torch.randn(m, k, **bf), torch.randn(m, n, **bf), torch.randn(m, n, **bf)
+    a, b = torch.randn(r, k, **bf), torch.randn(n, r, **bf)
+    h, dh = x @ a.t(), dy @ b
+    cases = {"h = x·Aᵀ": (lambda: lora_kernels.narrow(x, a.t()), x.float() @ a.float().t()),
+             "dh = 0.5·dy·B": (lambda: lora_kernels.narrow(dy, b, alpha=0.5), 0.5 * dy.float() @ b.float()),
+             "dB = dyᵀ·h": (lambda: lora_kernels.reduce_rows(dy, h), dy.float().t() @ h.float()),
+             "dA = dhᵀ·x": (lambda: lora_kernels.reduce_rows(x, dh).t(), dh.float().t() @ x.float()),
+             "y + 2·h·Bᵀ": (lambda: lora_kernels.widen(h, b, y, alpha=2.0), y.float() + 2 * h.float() @ b.float().t()),
+             "dx = dh·A": (lambda: lora_kernels.widen(dh, a.t()), dh.float() @ a.float())}
+    for name, (run, want) in cases.items():
+        got = run()
+        assert got.shape == want.shape and rel(got, want) < 1e-2, name  # bf16 output, fp32 sums
+        assert torch.equal(run(), got), name  # deterministic
+
+
+@cuda
+def test_up_add_op_by_triton_matches_addmm_and_its_gradients():
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    y, h, b = torch.randn(2, 300, 512, **bf), torch.randn(2, 300, 16, **bf, requires_grad=True), torch.randn(512, 16, **bf, requires_grad=True)
+    outs = {}
+    for triton in (False, True):
+        out = lora_up.lora_up_add(y, h, b, 0.5, triton)
+        out.float().square().sum().backward()
+        outs[triton] = (out.detach(), h.grad.clone(), b.grad.clone())
+        h.grad = b.grad = None
+    for want, got in zip(outs[False], outs[True]):
+        assert rel(got, want.float()) < 1e-2
+
+
+def test_up_add_on_the_cpu_takes_addmm_whatever_the_flag():
+    torch.manual_seed(0)
+    y, h, b = torch.randn(3, 7, 40), torch.randn(3, 7, 4), torch.randn(40, 4)
+    want = y + 0.5 * h @ b.t()
+    for triton in (False, True):
+        assert torch.allclose(lora_up.lora_up_add(y, h, b, 0.5, triton), want, atol=1e-5)
