@@ -186,7 +186,9 @@ class TrainConfig:
     fuse_qkv: bool = doc(True, "compute each attention's q, k and v (base and LoRA) as one projection: fewer, larger matmuls; same LoRA keys (DDP only: under dist.sharding=fsdp the grouped weight would be whole on every GPU)")
     gc_freeze: bool = doc(True, "collect Python's garbage and freeze start-up's objects (libraries, model) before the first step, so the warm-up's full collections skip them (half their time or more); after the warm-up steps (compile, CUDA-graph recording, DDP's bucket rebuild) collect once and freeze what survives, so later full collections skip dynamo's and inductor's objects instead of stalling a step for up to ~0.7 s (under DDP every rank waits with it)")
     fuse_lora_up: bool = doc(True, "compute each LoRA up-projection and its add to the base output as one matmul (addmm, the add in its epilogue); +3-4% samples/s on an H100; off = peft's forward")
+    lora_triton: bool = doc(True, "with fuse_lora_up, that add as a Triton kernel on CUDA (cuBLAS runs this rank-r matmul at half the GPU's memory bandwidth: ~10 ms of a 0.32 s step at 512 px, batch 4); false or a CPU: the addmm")
     fp8_compute: str = doc("auto", "fast mode with an fp8 frozen base (fp8 matmuls, half the weight memory; LoRA stays fp32): auto (on for GPUs with fp8 tensor cores: H100/H200/Ada), on or off")
+    fp8_transposed: str = doc("auto", "fp8 base: keep a transposed copy of each weight for the backward instead of making it every step (+1 byte per base parameter, 11 GiB for FLUX.1): auto (fast mode, when the step's memory estimate leaves room without checkpointing), on or off")
     save_every: int = doc(0, "write OUTPUT/lora-step-NNNNNN.safetensors every N steps (0 = only at the end)", low=0)
     checkpoint_every: int = doc(100, "write a resumable checkpoint every N steps (and on stop)", low=0)
     keep_checkpoints: int = doc(2, "how many checkpoints to keep", low=1)
@@ -211,6 +213,7 @@ class TrainConfig:
         _choice("train.cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         self.fp8_compute = {"true": "on", "false": "off"}.get(self.fp8_compute.lower(), self.fp8_compute)
         _choice("train.fp8_compute", self.fp8_compute, ("auto", "on", "off"))
+        _choice("train.fp8_transposed", self.fp8_transposed, ("auto", "on", "off"))
         if self.fp8_compute == "on" and self.memory_mode == "nf4":
             raise ConfigError("train.fp8_compute does not combine with memory_mode=nf4 (a 4-bit base); "
                               "use memory_mode=fp8 for an fp8 base with checkpointing")

@@ -115,6 +115,7 @@ def step_flops(model, data, slices, inputs) -> float:
 
 
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "cudnn")),
+                ("matmul fp8", ("_qq", "f8f8", "e4m3")),  # cuBLAS's nvjet names fp8 operands q
                 ("matmul", ("gemm", "sm90", "sm100", "cutlass", "nvjet", "cublas", "scaled_mm", "matmul", "xmma")),
                 ("fused (triton)", ("triton",)),
                 ("optimizer", ("adam", "multi_tensor")),
@@ -154,7 +155,7 @@ def profile_breakdown(run_steps, first_step: int, device: torch.device, steps: i
     host.sort(reverse=True)
     return {"ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "gpu_busy_ms_per_step": sum(kinds.values()), "wall_ms_per_step_profiled": wall_ms,
-            "top_kernels_ms_calls": kernels[:30], "top_host_ops_self_ms_calls": host[:25],
+            "top_kernels_ms_calls": kernels[:60], "top_host_ops_self_ms_calls": host[:25],
             "largest_gpu_idle_gaps": idle_gaps(prof)}
 
 
@@ -212,6 +213,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
+             "train.lora_triton": setting.get("lora_triton", True), "train.fp8_transposed": setting.get("fp8_transposed", "auto"),
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
              "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1), "dist.fsdp_prefetch": setting.get("fsdp_prefetch", 1),
              "dist.fsdp_keep_gathered": setting.get("fsdp_keep_gathered", -1),
@@ -294,6 +296,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     out = {**setting, "compiled": compiled, "lora_parameters": n_params, "world_size": di.world_size, "step_s": step_s,
            "samples_per_s": samples_s, "time_to_first_step_s": first_step_s, "losses": losses,
            "fp8_base": any(isinstance(m, Fp8Linear) for m in model.modules()),
+           "fp8_transposed_gib": round(getattr(model, "flux_lora_fp8_transposed_bytes", 0) / 2**30, 2),
            "checkpointing_on": model.is_gradient_checkpointing, "checkpointed_share": memory.checkpointed_share(model), "fused_attention_op": attention.in_use(model),
            "cuda_graphs_on": compiled_blocks.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
            "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules()),
@@ -411,6 +414,7 @@ def train_settings(args) -> list[dict]:
             "resolution": args.resolution, "batch": args.batch_size, "memory_mode": args.memory_mode,
             "checkpointing": args.checkpointing, "checkpoint_blocks": args.checkpoint_blocks, "compile": args.compile, "fp8_compute": args.fp8_compute,
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
+            "lora_triton": args.lora_triton == "on", "fp8_transposed": args.fp8_transposed,
             "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch,
             "fsdp_keep_gathered": args.fsdp_keep_gathered, "fsdp_lora": args.fsdp_lora}
     runs = [] if args.only_baseline else [ours]
@@ -419,6 +423,12 @@ def train_settings(args) -> list[dict]:
                 (args.compare_unfused, "q/k/v unfused", {"fuse_qkv": False}, "loss_vs_unfused"),
                 (args.compare_graphs, "without CUDA graphs", {"cuda_graphs": "off"}, "loss_vs_no_graphs"),
                 (args.compare_up_add, "peft's LoRA forward" if ours["fuse_lora_up"] else "LoRA up-projection as one addmm", {"fuse_lora_up": not ours["fuse_lora_up"]}, "loss_vs_up_add_toggled"),
+                (args.compare_lora_triton, "LoRA up-add by " + ("cuBLAS" if ours["lora_triton"] else "Triton"),
+                 {"lora_triton": not ours["lora_triton"]}, "loss_vs_lora_triton_toggled"),
+                (args.compare_plain_lora, "cuBLAS up-add, fp8 transposes per call (before 2026-11-30 s17)",
+                 {"lora_triton": False, "fp8_transposed": "off"}, "loss_vs_plain_lora"),
+                (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
+                 {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
                 (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
                 (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"),
                 (args.compare_masked, "masked loss", {"masked": True}, "loss_vs_masked"),
@@ -550,6 +560,11 @@ def main() -> None:
     p.add_argument("--compare-graphs", action="store_true", help="also run without CUDA graphs; compare the losses")
     p.add_argument("--fuse-lora-up", default="on", choices=["on", "off"], help="LoRA up-projection and add as one addmm")
     p.add_argument("--compare-up-add", action="store_true", help="also run with --fuse-lora-up toggled; compare the losses")
+    p.add_argument("--lora-triton", default="on", choices=["on", "off"], help="LoRA up-add as a Triton kernel (train.lora_triton)")
+    p.add_argument("--compare-lora-triton", action="store_true", help="also run with --lora-triton toggled; compare the losses")
+    p.add_argument("--fp8-transposed", default="auto", choices=["auto", "on", "off"], help="fp8 base: kept transposed weights (train.fp8_transposed)")
+    p.add_argument("--compare-fp8-transposed", default=None, choices=["auto", "on", "off"], help="also run with this train.fp8_transposed")
+    p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--compare-masked", action="store_true", help="also run with a loss mask (half the image); the step's cost")

@@ -58,3 +58,31 @@ def test_mixed_lora_targets_are_left_alone(tiny_model):
     lora.add_lora(model, 4, 4, "to_q", 0.0, 0)  # LoRA on q only: k and v have none
     assert fused.fuse_attention(model) == 0
     assert not model.transformer_blocks[0].attn.fused_projections
+
+
+@pytest.mark.skipif(not fp8.matmul_works("cpu"), reason="this torch has no CPU fp8 matmul")
+def test_kept_transposed_fp8_weights_change_nothing_but_memory(tiny_model):
+    """fp8.keep_transposed (train.fp8_transposed): the backward reads a kept Wᵀ instead of making
+    it each call; outputs and LoRA gradients are bit-identical, and a q/k/v group's members (views
+    of the group's weight, not what runs) get no copy of their own."""
+    ref = _model(tiny_model, torch.bfloat16)
+    fp8.convert_frozen_linears(list(ref.transformer_blocks) + list(ref.single_transformer_blocks), torch.device("cpu"))
+    fused.fuse_attention(ref)
+    model = copy.deepcopy(ref)
+    fp8_params = sum(m.weight.numel() for m in model.modules()
+                     if isinstance(m, (fp8.Fp8Linear, fused.FusedProjection)) and m.weight.untyped_storage().nbytes() == m.weight.numel())
+    members = sum(m.base_layer.weight.numel() for m in model.modules() if hasattr(m, "base_layer")
+                  and isinstance(m.base_layer, fp8.Fp8Linear) and m.base_layer.weight.untyped_storage().nbytes() > m.base_layer.weight.numel())
+    assert members > 0  # the q/k/v members are views
+    assert fp8.transposed_bytes(model) == fp8_params > 0
+    assert fp8.keep_transposed(model) == fp8_params and fp8.transposed_bytes(model) == 0  # a second call adds nothing
+    group = model.transformer_blocks[0].attn.to_qkv
+    assert torch.equal(group.weight_t, group.weight.t()) and group.weight_t.is_contiguous()
+    assert model.transformer_blocks[0].attn.to_q.base_layer.weight_t is None
+    assert "weight_t" not in str(sorted(model.state_dict()))  # not saved, not exported
+    inputs = _inputs(model.config, torch.bfloat16)
+    want_out, want_grads = _run(ref, inputs)
+    got_out, got_grads = _run(model, inputs)
+    assert torch.equal(got_out, want_out)
+    for name, want in want_grads.items():
+        assert torch.equal(got_grads[name], want), name

@@ -27,19 +27,19 @@ class _Fp8GroupMatmul(torch.autograd.Function):
     the scales into dy before quantizing it, so one matmul contracts over all members."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale_out, ones_in, bias, out_dtype):
+    def forward(ctx, x, weight, scale_out, ones_in, bias, out_dtype, weight_t=None):
         shape = x.shape
         y = fp8._base_forward(x.reshape(-1, shape[-1]), weight, scale_out, bias, out_dtype)
-        ctx.save_for_backward(weight, scale_out, ones_in)
+        ctx.save_for_backward(weight, scale_out, ones_in, weight_t)
         ctx.x_shape, ctx.x_dtype = shape, x.dtype
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        weight, scale_out, ones_in = ctx.saved_tensors
+        weight, scale_out, ones_in, weight_t = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).float() * scale_out
-        dx = fp8._base_input_grad(dy2, weight, ones_in).to(ctx.x_dtype)
-        return dx.view(ctx.x_shape), None, None, None, None, None
+        dx = fp8._base_input_grad(dy2, weight, ones_in, weight_t).to(ctx.x_dtype)
+        return dx.view(ctx.x_shape), None, None, None, None, None, None
 
 
 def _base(layer):
@@ -50,10 +50,11 @@ class FusedProjection(torch.nn.Module):
     """The members' outputs concatenated on the last dim, computed as one projection. Members are
     read, not owned (kept out of the module tree, so their parameters are not listed twice)."""
 
-    def __init__(self, members: list[torch.nn.Module], up_add: bool = False):
+    def __init__(self, members: list[torch.nn.Module], up_add: bool = False, triton: bool = False):
         super().__init__()
         self.__dict__["members"] = tuple(members)
         self.up_add = up_add  # the LoRA up-projection and its add as one addmm (flux_lora.lora_up)
+        self.triton = triton  # that add as a Triton kernel where one runs (flux_lora.lora_kernels)
         bases = [_base(m) for m in members]
         self.use_fp8 = isinstance(bases[0], fp8.Fp8Linear)
         dev = bases[0].weight.device
@@ -65,6 +66,7 @@ class FusedProjection(torch.nn.Module):
             self.out_dtype = bases[0].out_dtype
             self.register_buffer("scale_out", torch.cat([b.scale_out for b in bases], dim=1), persistent=False)
             self.register_buffer("ones_in", torch.ones(1, bases[0].in_features, device=dev), persistent=False)
+            self.register_buffer("weight_t", None, persistent=False)  # fp8.keep_transposed's copy
         # the members now read slices of the concatenated tensors: no second copy of the base
         row = 0
         for b in bases:
@@ -87,7 +89,8 @@ class FusedProjection(torch.nn.Module):
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fp8:
-            return _Fp8GroupMatmul.apply(x, self.weight, self.scale_out, self.ones_in, self.bias, self.out_dtype)
+            return _Fp8GroupMatmul.apply(x, self.weight, self.scale_out, self.ones_in, self.bias, self.out_dtype,
+                                         self.weight_t)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +107,7 @@ class FusedProjection(torch.nn.Module):
         h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
         y = self._base_forward(x)
         if self.up_add:
-            return lora_up.up_add(y, h, b, members[0].scaling[name])
+            return lora_up.up_add(y, h, b, members[0].scaling[name], self.triton)
         delta = torch.nn.functional.linear(h, b) * members[0].scaling[name]
         return (y + delta).to(y.dtype)  # as peft: the sum in the wider dtype, one rounding
 
@@ -120,7 +123,7 @@ def _fusable(layers: list[torch.nn.Module]) -> bool:
             and len({hasattr(m, "lora_A") for m in layers}) == 1 and not any(b.weight.requires_grad for b in bases))
 
 
-def fuse_attention(model: torch.nn.Module, up_add: bool = False) -> int:
+def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = False) -> int:
     """Install q/k/v groups on every FLUX attention layer whose projections allow it (same input
     size, same base kind: fp8 or plain Linear, LoRA on all or none). Returns how many groups."""
     n = 0
@@ -133,7 +136,7 @@ def fuse_attention(model: torch.nn.Module, up_add: bool = False) -> int:
         if not all(all(x is not None for x in layers) and _fusable(layers) for _, layers in groups):
             continue
         for attr, layers in groups:
-            setattr(module, attr, FusedProjection(layers, up_add))
+            setattr(module, attr, FusedProjection(layers, up_add, triton))
             n += 1
         module.fused_projections = True
     return n

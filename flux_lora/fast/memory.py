@@ -115,6 +115,15 @@ def use_checkpointing(train_cfg, model=None, max_tokens: int = 0, gpu_bytes: int
     return k, why if k == ALL_BLOCKS else f"{why}; ~{need(k) / 2**30:.0f} GiB with these"
 
 
+def fits_with(model, max_tokens: int, gpu_bytes: int, extra_bytes: int) -> bool:
+    """Whether a step without checkpointing still fits the GPU with `extra_bytes` more kept (a
+    speed option's memory, e.g. fp8.keep_transposed)."""
+    if not max_tokens or not gpu_bytes:
+        return False
+    weights, trainable, blocks, hidden = model_sizes(model)
+    return step_memory_bytes(weights, trainable, max_tokens, blocks, hidden, 0) + extra_bytes <= HEADROOM * gpu_bytes
+
+
 def enable_checkpointing(model, count: int) -> int:
     """Gradient checkpointing of the first `count` blocks (ALL_BLOCKS: every one) through
     diffusers' own hook: while checkpointing is on, the model hands every block's call to its

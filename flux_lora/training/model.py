@@ -10,7 +10,7 @@ import torch
 
 from flux_lora.config import Config
 from flux_lora.errors import ConfigError
-from flux_lora.fast import attention, compiled_blocks, fused_qkv, lora_up, memory, quantize
+from flux_lora.fast import attention, compiled_blocks, fp8, fused_qkv, lora_up, memory, quantize
 from flux_lora.models import families, loading
 from flux_lora.models.families.base import Family
 from flux_lora.parallel import fsdp
@@ -103,10 +103,7 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
     checkpointed, why = apply_speed_options(transformer, cfg.train, di.device, tokens,
                                             family.fuses_qkv and not sharded, di.world_size if sharded else 1,
                                             cfg.dist.gpu_memory_gib)
-    if checkpointed:
-        blocks = len(loading.transformer_blocks(transformer))
-        reporter.info(f"gradient checkpointing on ({why})" if checkpointed == blocks else
-                      f"gradient checkpointing on for {checkpointed} of {blocks} blocks ({why})")
+    say_speed_options(reporter, transformer, checkpointed, why)
     mark("speed_options")  # fused q/k/v and LoRA-up, checkpointing
     if sharded:
         shard(transformer, cfg, di, dtype, tokens, checkpointed, n_params, reporter)
@@ -143,11 +140,35 @@ def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int 
     sharded over that many GPUs (FSDP2), which the memory estimate counts. Returns how many
     blocks are checkpointed (0: none) and why."""
     if train_cfg.fuse_lora_up:
-        lora_up.install(model)
+        lora_up.install(model, train_cfg.lora_triton)
     if train_cfg.fuse_qkv and fuses_qkv:  # FLUX.2's single blocks come fused; its double blocks stay separate
-        fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up)
-    count, why = memory.use_checkpointing(train_cfg, model, max_tokens, memory.gpu_bytes(device, budget_gib), shards)
+        fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up, triton=train_cfg.lora_triton)
+    gpu_bytes = memory.gpu_bytes(device, budget_gib)
+    count, why = memory.use_checkpointing(train_cfg, model, max_tokens, gpu_bytes, shards)
+    if keeps_fp8_transposed(train_cfg, model, count, max_tokens, gpu_bytes):
+        model.flux_lora_fp8_transposed_bytes = fp8.keep_transposed(model)
     return (memory.enable_checkpointing(model, count) if count else 0), why
+
+
+def say_speed_options(reporter, transformer, checkpointed: int, why: str) -> None:
+    """One line each for what apply_speed_options chose that costs memory or speed."""
+    if checkpointed:
+        blocks = len(loading.transformer_blocks(transformer))
+        reporter.info(f"gradient checkpointing on ({why})" if checkpointed == blocks else
+                      f"gradient checkpointing on for {checkpointed} of {blocks} blocks ({why})")
+    if kept := getattr(transformer, "flux_lora_fp8_transposed_bytes", 0):
+        reporter.info(f"fp8 weights also kept transposed for the backward (+{kept / 2**30:.1f} GiB; "
+                      "train.fp8_transposed=off saves it)")
+
+
+def keeps_fp8_transposed(train_cfg, model, checkpointed: int, max_tokens: int, gpu_bytes: int) -> bool:
+    """train.fp8_transposed: on, off, or auto: in the fast mode, without checkpointing, when the
+    step's estimate leaves room for the copies."""
+    extra = fp8.transposed_bytes(model)
+    if not extra or train_cfg.fp8_transposed == "off":
+        return False
+    return train_cfg.fp8_transposed == "on" or (
+        train_cfg.memory_mode == "fast" and not checkpointed and memory.fits_with(model, max_tokens, gpu_bytes, extra))
 
 
 def compile_model(model, train_cfg, device: torch.device, checkpointing: bool, shapes: int = 1) -> None:
