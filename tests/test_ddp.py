@@ -49,3 +49,24 @@ def test_blocks_under_ddp_compile_whole_not_split_at_buckets(monkeypatch, tmp_pa
         dist.destroy_process_group()
         torch._dynamo.reset()
     assert len(graphs) == 2, f"{len(graphs)} graphs (one per block kind): the blocks were split at DDP's buckets"
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, float("inf")])
+def test_gradient_clipping_is_torchs_bit_for_bit(max_norm):
+    """fsdp.clip_grad_norm_ (the update's clipping, DDP and one rank): torch's clip_grad_norm_
+    maths without its per-call grouping; the same norm and the same clipped gradients, bit for bit."""
+    from flux_lora.parallel import fsdp
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (16, 300, 7, 64) * 20]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    ours = [p.grad.clone() for p in params]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, g in zip(theirs, ours):
+        p.grad = g.clone()
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    got = fsdp.clip_grad_norm_(params, max_norm)
+    assert torch.equal(got, want)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, theirs))
+    assert (max_norm >= want) or not torch.equal(params[0].grad, ours[0])  # clipped when over

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora.fast import fp8, lora_up
+from flux_lora.fast import fp8, fp8_lora, lora_up
 
 
 class _Fp8GroupMatmul(torch.autograd.Function):
@@ -38,7 +38,7 @@ class _Fp8GroupMatmul(torch.autograd.Function):
     def backward(ctx, dy):
         weight, scale_out, ones_in, weight_t = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).float() * scale_out
-        dx = fp8._base_input_grad(dy2, weight, ones_in, weight_t).to(ctx.x_dtype)
+        dx = fp8._base_input_grad(dy2, weight, ones_in, weight_t, out_dtype=ctx.x_dtype)  # (bf16 written, not fp32)
         return dx.view(ctx.x_shape), None, None, None, None, None, None
 
 
@@ -50,11 +50,12 @@ class FusedProjection(torch.nn.Module):
     """The members' outputs concatenated on the last dim, computed as one projection. Members are
     read, not owned (kept out of the module tree, so their parameters are not listed twice)."""
 
-    def __init__(self, members: list[torch.nn.Module], up_add: bool = False, triton: bool = False):
+    def __init__(self, members: list[torch.nn.Module], up_add: bool = False, triton: bool = False, down: bool = False):
         super().__init__()
         self.__dict__["members"] = tuple(members)
         self.up_add = up_add  # the LoRA up-projection and its add as one addmm (flux_lora.lora_up)
         self.triton = triton  # that add as a Triton kernel where one runs (flux_lora.lora_kernels)
+        self.down = down  # an fp8 base and the LoRA down-projection as one node (flux_lora.fp8_lora)
         bases = [_base(m) for m in members]
         self.use_fp8 = isinstance(bases[0], fp8.Fp8Linear)
         dev = bases[0].weight.device
@@ -104,8 +105,12 @@ class FusedProjection(torch.nn.Module):
         name = members[0].active_adapters[0]
         a = torch.cat([m.lora_A[name].weight for m in members])  # [members × r, in]
         b = torch.block_diag(*[m.lora_B[name].weight for m in members])  # [out total, members × r]
-        h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
-        y = self._base_forward(x)
+        if self.use_fp8 and self.down:  # the base and the LoRA down as one node: dx written once
+            y, h = fp8_lora.group_and_down(self.weight, self.scale_out, self.ones_in, self.bias, self.out_dtype,
+                                           self.weight_t, x, a, self.triton)
+        else:
+            h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
+            y = self._base_forward(x)
         if self.up_add:
             return lora_up.up_add(y, h, b, members[0].scaling[name], self.triton)
         delta = torch.nn.functional.linear(h, b) * members[0].scaling[name]
@@ -123,7 +128,7 @@ def _fusable(layers: list[torch.nn.Module]) -> bool:
             and len({hasattr(m, "lora_A") for m in layers}) == 1 and not any(b.weight.requires_grad for b in bases))
 
 
-def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = False) -> int:
+def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = False, down: bool = False) -> int:
     """Install q/k/v groups on every FLUX attention layer whose projections allow it (same input
     size, same base kind: fp8 or plain Linear, LoRA on all or none). Returns how many groups."""
     n = 0
@@ -136,7 +141,7 @@ def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = 
         if not all(all(x is not None for x in layers) and _fusable(layers) for _, layers in groups):
             continue
         for attr, layers in groups:
-            setattr(module, attr, FusedProjection(layers, up_add, triton))
+            setattr(module, attr, FusedProjection(layers, up_add, triton, down))
             n += 1
         module.fused_projections = True
     return n

@@ -137,7 +137,13 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
 
     grads = [p.grad for p in params if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not grads or len({(g.device, g.dtype) for g in grads}) > 1:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # torch's own maths for one device and dtype, without its per-call grouping of ~840
+        # tensors (~2 ms of host time a step, in which the GPU ran dry before the update)
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
     import torch.distributed as dist
 
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
