@@ -213,7 +213,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "train.compile": "off", "lora.rank": 16,
              "train.fp8_compute": setting.get("fp8_compute", "off"), "train.fuse_qkv": setting.get("fuse_qkv", True),
              "train.cuda_graphs": setting.get("cuda_graphs", "off"), "train.fuse_lora_up": setting.get("fuse_lora_up", True),
-             "train.lora_triton": setting.get("lora_triton", True), "train.fuse_lora_down": setting.get("fuse_lora_down", True), "train.fp8_transposed": setting.get("fp8_transposed", "auto"),
+             "train.lora_triton": setting.get("lora_triton", True), "train.fp8_transposed": setting.get("fp8_transposed", "auto"),
              "dist.average_per_bucket": setting.get("average_per_bucket", True), "dist.sharding": setting.get("sharding", "ddp"),
              "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1), "dist.fsdp_prefetch": setting.get("fsdp_prefetch", 1),
              "dist.fsdp_keep_gathered": setting.get("fsdp_keep_gathered", -1),
@@ -415,7 +415,6 @@ def train_settings(args) -> list[dict]:
             "checkpointing": args.checkpointing, "checkpoint_blocks": args.checkpoint_blocks, "compile": args.compile, "fp8_compute": args.fp8_compute,
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
             "lora_triton": args.lora_triton == "on", "fp8_transposed": args.fp8_transposed,
-            "fuse_lora_down": args.fuse_lora_down == "on",
             "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch,
             "fsdp_keep_gathered": args.fsdp_keep_gathered, "fsdp_lora": args.fsdp_lora}
     runs = [] if args.only_baseline else [ours]
@@ -426,10 +425,8 @@ def train_settings(args) -> list[dict]:
                 (args.compare_up_add, "peft's LoRA forward" if ours["fuse_lora_up"] else "LoRA up-projection as one addmm", {"fuse_lora_up": not ours["fuse_lora_up"]}, "loss_vs_up_add_toggled"),
                 (args.compare_lora_triton, "LoRA up-add by " + ("cuBLAS" if ours["lora_triton"] else "Triton"),
                  {"lora_triton": not ours["lora_triton"]}, "loss_vs_lora_triton_toggled"),
-                (args.compare_plain_lora, "cuBLAS up-add, fp8 transposes per call, LoRA down apart (before 2026-11-30 s17)",
-                 {"lora_triton": False, "fp8_transposed": "off", "fuse_lora_down": False}, "loss_vs_plain_lora"),
-                (args.compare_lora_down, "LoRA down " + ("apart from" if ours["fuse_lora_down"] else "in one node with") + " the fp8 base",
-                 {"fuse_lora_down": not ours["fuse_lora_down"]}, "loss_vs_lora_down_toggled"),
+                (args.compare_plain_lora, "cuBLAS up-add, fp8 transposes per call (before 2026-11-30 s17)",
+                 {"lora_triton": False, "fp8_transposed": "off"}, "loss_vs_plain_lora"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
                 (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
@@ -567,9 +564,7 @@ def main() -> None:
     p.add_argument("--compare-lora-triton", action="store_true", help="also run with --lora-triton toggled; compare the losses")
     p.add_argument("--fp8-transposed", default="auto", choices=["auto", "on", "off"], help="fp8 base: kept transposed weights (train.fp8_transposed)")
     p.add_argument("--compare-fp8-transposed", default=None, choices=["auto", "on", "off"], help="also run with this train.fp8_transposed")
-    p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off --fuse-lora-down off")
-    p.add_argument("--fuse-lora-down", default="on", choices=["on", "off"], help="fp8 base and LoRA down as one node (train.fuse_lora_down)")
-    p.add_argument("--compare-lora-down", action="store_true", help="also run with --fuse-lora-down toggled; compare the losses")
+    p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--compare-masked", action="store_true", help="also run with a loss mask (half the image); the step's cost")

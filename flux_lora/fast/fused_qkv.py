@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora.fast import fp8, fp8_lora, lora_up
+from flux_lora.fast import fp8, lora_up
 
 
 class _Fp8GroupMatmul(torch.autograd.Function):
@@ -50,12 +50,11 @@ class FusedProjection(torch.nn.Module):
     """The members' outputs concatenated on the last dim, computed as one projection. Members are
     read, not owned (kept out of the module tree, so their parameters are not listed twice)."""
 
-    def __init__(self, members: list[torch.nn.Module], up_add: bool = False, triton: bool = False, down: bool = False):
+    def __init__(self, members: list[torch.nn.Module], up_add: bool = False, triton: bool = False):
         super().__init__()
         self.__dict__["members"] = tuple(members)
         self.up_add = up_add  # the LoRA up-projection and its add as one addmm (flux_lora.lora_up)
         self.triton = triton  # that add as a Triton kernel where one runs (flux_lora.lora_kernels)
-        self.down = down  # an fp8 base and the LoRA down-projection as one node (flux_lora.fp8_lora)
         bases = [_base(m) for m in members]
         self.use_fp8 = isinstance(bases[0], fp8.Fp8Linear)
         dev = bases[0].weight.device
@@ -105,12 +104,8 @@ class FusedProjection(torch.nn.Module):
         name = members[0].active_adapters[0]
         a = torch.cat([m.lora_A[name].weight for m in members])  # [members × r, in]
         b = torch.block_diag(*[m.lora_B[name].weight for m in members])  # [out total, members × r]
-        if self.use_fp8 and self.down:  # the base and the LoRA down as one node: dx written once
-            y, h = fp8_lora.group_and_down(self.weight, self.scale_out, self.ones_in, self.bias, self.out_dtype,
-                                           self.weight_t, x, a, self.triton)
-        else:
-            h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
-            y = self._base_forward(x)
+        h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
+        y = self._base_forward(x)
         if self.up_add:
             return lora_up.up_add(y, h, b, members[0].scaling[name], self.triton)
         delta = torch.nn.functional.linear(h, b) * members[0].scaling[name]
@@ -128,7 +123,7 @@ def _fusable(layers: list[torch.nn.Module]) -> bool:
             and len({hasattr(m, "lora_A") for m in layers}) == 1 and not any(b.weight.requires_grad for b in bases))
 
 
-def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = False, down: bool = False) -> int:
+def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = False) -> int:
     """Install q/k/v groups on every FLUX attention layer whose projections allow it (same input
     size, same base kind: fp8 or plain Linear, LoRA on all or none). Returns how many groups."""
     n = 0
@@ -141,7 +136,7 @@ def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = 
         if not all(all(x is not None for x in layers) and _fusable(layers) for _, layers in groups):
             continue
         for attr, layers in groups:
-            setattr(module, attr, FusedProjection(layers, up_add, triton, down))
+            setattr(module, attr, FusedProjection(layers, up_add, triton))
             n += 1
         module.fused_projections = True
     return n

@@ -22,7 +22,7 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from flux_lora.fast import fp8, fp8_lora, lora_kernels
+from flux_lora.fast import lora_kernels
 
 
 @torch.library.custom_op("flux_lora::lora_up_add", mutates_args=())
@@ -104,28 +104,24 @@ def _up_add_class() -> type:
             return base_cls.forward(self, x, *args, **kwargs)
         name = self.active_adapters[0]
         lora_a = self.lora_A[name]
-        triton = getattr(self, "flux_lora_triton", False)
-        if getattr(self, "flux_lora_down", False) and isinstance(self.base_layer, fp8.Fp8Linear):  # dx written once
-            y, h = fp8_lora.base_and_down(self.base_layer, x, lora_a.weight, triton)
-        else:
-            y, h = self.base_layer(x), lora_a(lora_input(x, lora_a.weight))
-        return up_add(y, h, self.lora_B[name].weight, self.scaling[name], triton)
+        h = lora_a(lora_input(x, lora_a.weight))
+        return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name],
+                      getattr(self, "flux_lora_triton", False))
 
     cls = type("UpAdd" + base_cls.__name__, (base_cls,), {"forward": forward, "__module__": __name__})
     globals()[cls.__name__] = cls  # findable by name: a pickled model loads
     return cls
 
 
-def install(model: torch.nn.Module, triton: bool = False, down: bool = False) -> int:
+def install(model: torch.nn.Module, triton: bool = False) -> int:
     """Give every peft LoRA Linear (a bf16 or fp8 base; not 4-bit) the one-addmm forward (`triton`:
-    the Triton kernel where it runs; `down`: an fp8 base and the LoRA down-projection as one node,
-    fast.fp8_lora); layers with dropout, DoRA or several adapters keep peft's path at run time.
-    Returns how many."""
+    the Triton kernel where it runs); layers with dropout, DoRA or several adapters keep peft's path
+    at run time. Returns how many."""
     linear = _peft_linear()
     n = 0
     for module in model.modules():
         if type(module) is linear:
             module.__class__ = _up_add_class()
-            module.flux_lora_triton, module.flux_lora_down = triton, down
+            module.flux_lora_triton = triton
             n += 1
     return n

@@ -140,10 +140,9 @@ def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int 
     sharded over that many GPUs (FSDP2), which the memory estimate counts. Returns how many
     blocks are checkpointed (0: none) and why."""
     if train_cfg.fuse_lora_up:
-        lora_up.install(model, train_cfg.lora_triton, train_cfg.fuse_lora_down)
+        lora_up.install(model, train_cfg.lora_triton)
     if train_cfg.fuse_qkv and fuses_qkv:  # FLUX.2's single blocks come fused; its double blocks stay separate
-        fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up, triton=train_cfg.lora_triton,
-                                 down=train_cfg.fuse_lora_down)
+        fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up, triton=train_cfg.lora_triton)
     gpu_bytes = memory.gpu_bytes(device, budget_gib)
     count, why = memory.use_checkpointing(train_cfg, model, max_tokens, gpu_bytes, shards)
     if keeps_fp8_transposed(train_cfg, model, count, max_tokens, gpu_bytes):
