@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flux_lora.config import TrainConfig
-from flux_lora.fast import memory
+from flux_lora.fast import fp8, memory
 
 GIB = 2**30
 FLUX_BLOCKS, FLUX_HIDDEN, LORA_PARAMS = 57, 3072, 65_372_160
@@ -119,3 +119,32 @@ def test_memory_first_modes_let_the_allocator_grow_segments(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     memory.grow_segments_for_small_cards(SimpleNamespace(memory_mode="nf4"), cuda)
     assert len(calls) == 3
+
+
+@pytest.mark.skipif(not fp8.matmul_works("cpu"), reason="this torch has no CPU fp8 matmul")
+def test_fp8_transposed_copies_kept_only_where_the_step_leaves_room(tiny_model):
+    """train.fp8_transposed=auto keeps the +1 byte/parameter copies in the fast mode when the step
+    fits without checkpointing with them, never with checkpointing or in the memory-first modes."""
+    import dataclasses
+
+    from flux_lora.models import loading
+    from flux_lora.training import lora
+    from flux_lora.training.model import keeps_fp8_transposed
+
+    model = loading.load_transformer(str(tiny_model), torch.bfloat16, "", torch.device("cpu"))
+    lora.add_lora(model, 4, 4, "attention-mlp", 0.0, 0)
+    fp8.convert_frozen_linears(list(model.transformer_blocks) + list(model.single_transformer_blocks), torch.device("cpu"))
+    extra = fp8.transposed_bytes(model)
+    tokens = 4096
+    weights, trainable, blocks, hidden = memory.model_sizes(model)
+    need = memory.step_memory_bytes(weights, trainable, tokens, blocks, hidden)
+    room, no_room = int((need + extra) / memory.HEADROOM) + 1, int((need + extra // 2) / memory.HEADROOM)
+    auto = TrainConfig()
+    assert extra > 0 and auto.fp8_transposed == "auto"
+    assert keeps_fp8_transposed(auto, model, 0, tokens, room)
+    assert not keeps_fp8_transposed(auto, model, 0, tokens, no_room)  # the step fits, the copies do not
+    assert not keeps_fp8_transposed(auto, model, 1, tokens, room)  # checkpointing: memory comes first
+    assert not keeps_fp8_transposed(dataclasses.replace(auto, memory_mode="fp8"), model, 0, tokens, room)
+    assert not keeps_fp8_transposed(auto, model, 0, tokens, 0)  # no GPU size known
+    assert keeps_fp8_transposed(dataclasses.replace(auto, fp8_transposed="on"), model, 1, tokens, no_room)
+    assert not keeps_fp8_transposed(dataclasses.replace(auto, fp8_transposed="off"), model, 0, tokens, room)
