@@ -115,9 +115,12 @@ def step_flops(model, data, slices, inputs) -> float:
 
 
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "cudnn")),
+                # inductor names a fused kernel after the ops it absorbed ("..._scaled_mm_..." for an
+                # fp8 input's quantization): the triton kinds come before the matmul names
+                ("LoRA up-add (triton)", ("_widen_kernel",)),
+                ("fused (triton)", ("triton",)),
                 ("matmul fp8", ("_qq", "f8f8", "e4m3")),  # cuBLAS's nvjet names fp8 operands q
                 ("matmul", ("gemm", "sm90", "sm100", "cutlass", "nvjet", "cublas", "scaled_mm", "matmul", "xmma")),
-                ("fused (triton)", ("triton",)),
                 ("optimizer", ("adam", "multi_tensor")),
                 ("nccl", ("nccl",)))
 
