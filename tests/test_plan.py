@@ -19,6 +19,9 @@ S = plan.Setting
 # (results file, entry, model, resolution, batch per GPU, GPUs, the setting that run used)
 MEASURED = [
     ("2026-11-29_h200_train-512-after-layout.json", 0, "random:flux1-dev", 512, 4, 1, S("fast", "ddp", False, True)),
+    # fp8 weights kept transposed too (train.fp8_transposed=auto: an H200 has room), the LoRA up-add by Triton
+    ("2026-11-30_h200_s17-512-b4-one-node-down-vs-apart-vs-plain.json", 2, "random:flux1-dev", 512, 4, 1, S("fast", "ddp", False, True)),
+    ("2026-11-30_h200_s17-1024-b1-vs-plain-lora.json", 0, "random:flux1-dev", 1024, 1, 1, S("fast", "ddp", False, True)),
     ("2026-11-30_h200x2_one-gpu-bf16-1024.json", 0, "random:flux1-dev", 1024, 1, 1, S("fast", "ddp", False, False)),
     ("2026-11-26_h200_train-1024-fp8.json", 0, "random:flux1-dev", 1024, 1, 1, S("fp8", "ddp", True, False)),
     ("2026-11-26_h200_train-1024-nf4.json", 0, "random:flux1-dev", 1024, 1, 1, S("nf4", "ddp", True, False)),
@@ -41,7 +44,9 @@ def test_predictions_match_the_recorded_gpu_runs(name, entry, model, resolution,
     sizes = sharding.planned_sizes(families.of_model(model), model, "", torch.bfloat16, LoraConfig())
     tokens = (resolution // 16) ** 2
     work = plan.Workload(tokens, tokens, report["text_len"], batch, 1, gpus, 100)
-    p = plan.predict(sizes, work, setting, plan.gpu_tflops("NVIDIA H200"))
+    # the GPU's size only where the run kept fp8 transposes (the runs before them had as much room)
+    room = int(139 * 2**30) if measured.get("fp8_transposed_gib") else 0
+    p = plan.predict(sizes, work, setting, plan.gpu_tflops("NVIDIA H200"), room)
     assert p.peak_gib == pytest.approx(measured["peak_mem_gib"], rel=0.15)
     assert p.samples_per_s == pytest.approx(measured["samples_per_s"], rel=0.30)
 

@@ -34,7 +34,7 @@ FP8_GPUS = ("H200", "H100", "GH200", "B200", "L40S", "L4", "RTX 6000 Ada", "RTX 
 # bench/results (fp8 mode with fp8 matmuls: FLUX.2 [dev]'s run, scaled to width 3072); fp8 matmuls
 # can pass 1 (their peak is twice bf16's). Wider models fill the GPU better: × sqrt(width / 3072)
 # fits FLUX.2 [klein] 9B (4096) and [dev] (6144) within 30%.
-MFU = {("fast", True, "ddp", False): 0.74, ("fast", False, "ddp", False): 0.60,
+MFU = {("fast", True, "ddp", False): 0.77, ("fast", False, "ddp", False): 0.60,
        ("fast", True, "ddp", True): 0.50, ("fast", False, "ddp", True): 0.45,
        ("fp8", True, "ddp", True): 0.71, ("fp8", False, "ddp", True): 0.30, ("nf4", False, "ddp", True): 0.235,
        ("fast", False, "fsdp", False): 0.46, ("fast", False, "fsdp", True): 0.34}
@@ -109,14 +109,20 @@ def weight_bytes(sizes: PlannedSizes, setting: Setting) -> int:
     return sizes.weight_bytes
 
 
-def peak_bytes(sizes: PlannedSizes, work: Workload, setting: Setting) -> int:
+def peak_bytes(sizes: PlannedSizes, work: Workload, setting: Setting, gpu_bytes: int = 0) -> int:
+    """The step's peak on one GPU; with the fast mode's fp8 matmuls unchecked on a GPU of
+    `gpu_bytes` that has room, train.fp8_transposed=auto's copies too (1 byte per fp8 parameter)."""
     tokens = work.micro_batch_tokens()
     weights = weight_bytes(sizes, setting)
     k = setting.checkpointed_blocks(sizes.blocks)
     if setting.sharding == "fsdp" and work.ranks > 1:
         return memory.sharded_step_memory_bytes(weights, sizes.lora_params, tokens, sizes.blocks, sizes.hidden,
                                                 sizes.largest_block_bytes, work.ranks, k)
-    return memory.step_memory_bytes(weights, sizes.lora_params, tokens, sizes.blocks, sizes.hidden, k)
+    step = memory.step_memory_bytes(weights, sizes.lora_params, tokens, sizes.blocks, sizes.hidden, k)
+    transposed = sizes.blocks_linear_params
+    if setting.memory_mode == "fast" and setting.fp8_compute and not k and step + transposed <= memory.HEADROOM * gpu_bytes:
+        step += transposed
+    return step
 
 
 def flops_per_sample(sizes: PlannedSizes, image_tokens: float, text_tokens: int, checkpointing: bool | float,
@@ -141,7 +147,7 @@ def predict(sizes: PlannedSizes, work: Workload, setting: Setting, tflops: float
     mfu = off + (on - off) * share if setting.memory_mode == "fast" else on  # partial checkpointing: in between
     mfu = min(1.5, mfu * math.sqrt(sizes.hidden / 3072))
     step_s = flops * samples / work.ranks / (tflops * 1e12 * mfu) if tflops else float("nan")
-    peak = peak_bytes(sizes, work, setting)
+    peak = peak_bytes(sizes, work, setting, gpu_bytes)
     run_h = step_s * work.steps / 3600
     return Prediction(setting, peak / GIB, step_s, samples / step_s if step_s else float("nan"), run_h,
                       run_h * work.ranks, (peak <= memory.HEADROOM * gpu_bytes) if gpu_bytes else None)
