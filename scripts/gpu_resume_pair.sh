@@ -31,16 +31,14 @@ from safetensors.torch import load_file
 out, name, work, half, steps = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 def losses(run):
     events = [json.loads(l) for l in (out / f"resume-{name}-{run}.jsonl").read_text().splitlines() if l.startswith("{")]
-    return {e["step"]: e["loss"] for e in events if e["event"] == "progress"}, next((e for e in events if e["event"] == "done"), {})
-(la, done_a), (lb, done_b) = losses("a"), losses("b")
+    return {e["step"]: e["loss"] for e in events if e["event"] == "progress"}
+la, lb = losses("a"), losses("b")
 a, b = (load_file(work / f"{name}-{run}" / "lora.safetensors") for run in "ab")
 diff = max(((a[k].float() - b[k].float()).abs().max().item() for k in a), default=float("nan"))
 report = {"variant": name, "steps": steps, "resumed_from": half, "lora_max_abs_diff": diff,
           "lora_bit_identical": all(a[k].equal(b[k]) for k in a),
           "losses": {s: [la.get(s), lb.get(s)] for s in (half + 1, half + 2, half + 10, steps) if s in la or s in lb},
-          "first_step_apart": next((s for s in sorted(lb) if s in la and la[s] != lb[s]), None),
-          "graph_lines": [l.strip() for run in "ab" for l in (out / f"resume-{name}-{run}.log").read_text().splitlines()
-                          if "cuda graph" in l.lower()][:4]}
+          "first_step_apart": next((s for s in sorted(lb) if s in la and la[s] != lb[s]), None)}
 print(json.dumps(report))
 (out / f"resume-pair-{name}.json").write_text(json.dumps(report, indent=1) + "\n")
 PY
