@@ -9,8 +9,10 @@ stderr line and a documented exit code:
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -366,4 +368,24 @@ def main() -> None:
     # before any library import: transformers warns about torchvision at import time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    app(prog_name="flux_lora")
+    try:
+        app(prog_name="flux_lora")
+    except SystemExit as e:  # typer ends every command so, whatever its exit code
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        _leave(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+
+
+def _leave(code: int) -> None:
+    """End the process without Python's teardown of every loaded module, which after a train run
+    (torch, diffusers, transformers, peft, dynamo) takes 1.3-2 s past the done event on a CPU
+    core. The parts of a normal exit that matter happen first: the other (non-daemon) threads
+    finish, the exit handlers run (logging, worker processes, temporary folders), and the output
+    is flushed. Every file flux_lora writes is closed before its command returns."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
