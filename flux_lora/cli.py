@@ -382,9 +382,7 @@ def _leave(code: int) -> None:
     core. The parts of a normal exit that matter happen first: the other (non-daemon) threads
     finish, the exit handlers run (logging, worker processes, temporary folders), and the output
     is flushed. Every file flux_lora writes is closed before its command returns."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # as the interpreter's exit begins: executors told to stop, non-daemon threads joined
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -80,3 +80,23 @@ def test_model_folder_missing_a_part_names_it(tmp_path, tiny_model, images):
     proc = run_cli("preprocess", "--model", broken, "--data", images, "--cache-dir", tmp_path / "c")
     line = _one_error_line(proc)
     assert f"model folder {broken} has no vae/" in line and "Hub" not in line
+
+
+def test_exit_waits_for_threads_and_skips_only_the_teardown(tmp_path):
+    """cli.main ends with os._exit after what a normal exit does first: work queued on a thread
+    pool finishes (an idle pool left open does not hang the exit), exit handlers run, the exit
+    code and output get through."""
+    done, handler = tmp_path / "pool-job", tmp_path / "atexit"
+    script = f"""
+import atexit, sys, time
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(max_workers=1)
+pool.submit(lambda: (time.sleep(0.3), open({str(done)!r}, "w").write("ok")))
+atexit.register(lambda: open({str(handler)!r}, "w").write("ran"))
+sys.argv = ["flux_lora", "no-such-command"]
+from flux_lora.cli import main
+main()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "no-such-command" in proc.stderr  # click's usage error, its code
+    assert done.read_text() == "ok" and handler.read_text() == "ran"
