@@ -1,6 +1,8 @@
 """DDP over the LoRA parameters: bucket choice, and compiled blocks kept whole under DDP.
     pytest -q tests/test_ddp.py"""
 
+import gc
+
 import pytest
 import torch
 
@@ -37,6 +39,7 @@ def test_blocks_under_ddp_compile_whole_not_split_at_buckets(monkeypatch, tmp_pa
     monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 64)
     torch._dynamo.reset()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    wrapped = None
     try:
         with torch._dynamo.config.patch(optimize_ddp=True):  # dynamo's default, whatever ran before
             model = _small_flux()
@@ -46,8 +49,12 @@ def test_blocks_under_ddp_compile_whole_not_split_at_buckets(monkeypatch, tmp_pa
                 wrapped.zero_grad(set_to_none=True)
                 _loss_and_grads(wrapped)
     finally:
-        dist.destroy_process_group()
+        # DDP's reducer holds the group: free it (and dynamo's graphs, which hold the module) while
+        # the group is whole. Freed after destroy_process_group, its gloo destructor hung a full run once.
+        wrapped = model = None
         torch._dynamo.reset()
+        gc.collect()
+        dist.destroy_process_group()
     assert len(graphs) == 2, f"{len(graphs)} graphs (one per block kind): the blocks were split at DDP's buckets"
 
 
