@@ -10,6 +10,7 @@ import random
 
 import torch
 
+from flux_lora.models.families.base import to_device
 from flux_lora.training.flow import sample_seed
 
 DROPOUT_SALT = 0xC0FFEE  # its own stream: the noise and timesteps of a sample do not change with p
@@ -33,12 +34,15 @@ def caption_picks(seed: int, step: int, positions: list[int]) -> list[int]:
 
 def drop_captions(batch: dict, drop: list[bool], empty: dict[str, torch.Tensor]) -> dict:
     """The batch with the dropped samples' text embeddings (every text key) replaced by the empty
-    prompt's; the batch itself is not changed."""
+    prompt's; the batch itself is not changed. A pinned (page-locked) batch stays pinned, so its
+    copy to the GPU is still queued, not a wait for the GPU."""
     if not any(drop):
         return batch
     out = dict(batch)
     for key, row in empty.items():
-        text = batch[key].clone()
-        text[torch.tensor(drop)] = row.to(text.dtype)
+        text = torch.empty(batch[key].shape, dtype=batch[key].dtype, device=batch[key].device,
+                           pin_memory=batch[key].is_pinned())
+        text.copy_(batch[key])
+        text[to_device(torch.tensor(drop), text.device)] = row.to(text.dtype)
         out[key] = text
     return out
