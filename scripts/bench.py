@@ -38,11 +38,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_lora.config import build_config  # noqa: E402
-from flux_lora.fast import attention, compiled_blocks, fused_qkv, gc_freeze, memory  # noqa: E402
+from flux_lora.fast import attention, compiled_blocks, fp8, fused_qkv, gc_freeze, memory  # noqa: E402
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
 from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
@@ -225,6 +226,9 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     if args.gpu_memory_cap or args.gpu_memory_gib:  # the run plans for the cap (e.g. a quantized base staged on the CPU)
         flags["dist.gpu_memory_gib"] = args.gpu_memory_cap or args.gpu_memory_gib
     cfg = build_config(None, flags)
+    # read when the blocks are compiled (dynamo is reset between settings)
+    fp8.BACKWARD_FAST_ACCUM = setting.get("backward_fast_accum", False)
+    torch._inductor.config.coordinate_descent_tuning = setting.get("inductor_tuning", False)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # before this setting's first allocation (the cap held since the start)
@@ -430,6 +434,10 @@ def train_settings(args) -> list[dict]:
                  {"lora_triton": not ours["lora_triton"]}, "loss_vs_lora_triton_toggled"),
                 (args.compare_plain_lora, "cuBLAS up-add, fp8 transposes per call (before 2026-11-30 s17)",
                  {"lora_triton": False, "fp8_transposed": "off"}, "loss_vs_plain_lora"),
+                (args.compare_backward_fast_accum, "fp8 backward with fast accumulation", {"backward_fast_accum": True},
+                 "loss_vs_backward_fast_accum"),
+                (args.compare_inductor_tuning, "inductor's coordinate-descent tuning", {"inductor_tuning": True},
+                 "loss_vs_inductor_tuning"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
                 (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
@@ -567,6 +575,8 @@ def main() -> None:
     p.add_argument("--compare-lora-triton", action="store_true", help="also run with --lora-triton toggled; compare the losses")
     p.add_argument("--fp8-transposed", default="auto", choices=["auto", "on", "off"], help="fp8 base: kept transposed weights (train.fp8_transposed)")
     p.add_argument("--compare-fp8-transposed", default=None, choices=["auto", "on", "off"], help="also run with this train.fp8_transposed")
+    p.add_argument("--compare-backward-fast-accum", action="store_true", help="also run the fp8 input gradients with fast accumulation")
+    p.add_argument("--compare-inductor-tuning", action="store_true", help="also run with inductor's coordinate-descent tuning of its kernels")
     p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")

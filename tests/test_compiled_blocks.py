@@ -1,6 +1,8 @@
 """Per-block compile and CUDA graphs, checked on the CPU: graphs counted by dynamo, numbers against
 eager, kept gradients under replayed buffers.   pytest -q tests/test_compiled_blocks.py"""
 
+import os
+
 import pytest
 import torch
 
@@ -167,8 +169,10 @@ def test_the_compile_cache_folder_is_torchs(tmp_path, monkeypatch):
     from flux_lora.fast.compiled_blocks import use_compile_cache
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     use_compile_cache(str(tmp_path / "shared" / "compile"))
     assert cache_dir() == str(tmp_path / "shared" / "compile") and (tmp_path / "shared" / "compile").is_dir()
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "shared" / "compile" / "triton")  # the LoRA kernel's
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="compile_cache_dir .*cannot create it"):
         use_compile_cache(str(tmp_path / "file" / "sub"))

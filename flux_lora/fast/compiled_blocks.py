@@ -120,7 +120,8 @@ def _strided_like_later_single_blocks(block, args, kwargs):
 def use_compile_cache(folder: str) -> None:
     """Point torch.compile's on-disk caches at `folder` (created): inductor reads
     TORCHINDUCTOR_CACHE_DIR when it first looks for a cache, after this. Its entries are written
-    under temporary names and renamed, so ranks and nodes can share one folder."""
+    under temporary names and renamed, so ranks and nodes can share one folder. Triton's own cache
+    (flux_lora's hand-written kernels, fast/lora_kernels.py) goes in it too, under triton/."""
     if folder:
         path = Path(folder).expanduser().resolve()
         try:
@@ -129,6 +130,7 @@ def use_compile_cache(folder: str) -> None:
             raise ConfigError(f"train.compile_cache_dir {folder}: cannot create it ({e.strerror or e}); "
                               "pass a writable folder") from None
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+        os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
 
 
 def allow_compile_cache_of_fp8_functions() -> None:

@@ -19,6 +19,7 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 _TINY = 1e-12  # an all-zero row gets this amax (and quantizes to zeros), not a division by zero
+BACKWARD_FAST_ACCUM = False  # the input gradient's matmul with Hopper's fast fp8 accumulation (scripts/bench.py's comparison)
 
 
 def quantize_tensorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,8 @@ def _base_input_grad(dy2, weight, scale_in, weight_t=None, out_dtype=None):
     (a copy of the weight each backward: 8.5 ms of a 322 ms step at 512 px, batch 4, on an H200)."""
     dyq, dys = quantize_rows(dy2)
     w = weight_t.t() if weight_t is not None else weight.t().contiguous().t()
-    return torch._scaled_mm(dyq, w, scale_a=dys, scale_b=scale_in, out_dtype=out_dtype or dy2.dtype)
+    return torch._scaled_mm(dyq, w, scale_a=dys, scale_b=scale_in, out_dtype=out_dtype or dy2.dtype,
+                            use_fast_accum=BACKWARD_FAST_ACCUM)
 
 
 def apply_keeping_dtypes(module: torch.nn.Module, apply, fn, recurse: bool) -> torch.nn.Module:
