@@ -26,6 +26,7 @@ runs the real preprocess stage with full-size random encoders on synthetic image
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import datetime
@@ -228,7 +229,6 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     cfg = build_config(None, flags)
     # read when the blocks are compiled (dynamo is reset between settings)
     fp8.BACKWARD_FAST_ACCUM = setting.get("backward_fast_accum", False)
-    torch._inductor.config.coordinate_descent_tuning = setting.get("inductor_tuning", False)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # before this setting's first allocation (the cap held since the start)
@@ -436,8 +436,6 @@ def train_settings(args) -> list[dict]:
                  {"lora_triton": False, "fp8_transposed": "off"}, "loss_vs_plain_lora"),
                 (args.compare_backward_fast_accum, "fp8 backward with fast accumulation", {"backward_fast_accum": True},
                  "loss_vs_backward_fast_accum"),
-                (args.compare_inductor_tuning, "inductor's coordinate-descent tuning", {"inductor_tuning": True},
-                 "loss_vs_inductor_tuning"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
                 (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
@@ -460,6 +458,10 @@ def train_settings(args) -> list[dict]:
     for wanted, what, change, key in variants:
         if wanted:
             runs.append({**ours, **change, "name": f"flux_lora {args.memory_mode} {what}", "loss_key": key})
+    for setting in args.compare_inductor:
+        name, _, value = setting.partition("=")
+        runs.append({**ours, "inductor": {name: ast.literal_eval(value)}, "name": f"flux_lora {args.memory_mode} inductor {setting}",
+                     "loss_key": f"loss_vs_inductor_{name}"})
     if args.baseline:  # the script on these machines: SDPA with cuDNN off, i.e. flash
         runs.append({"name": "diffusers-script setting", "resolution": args.resolution, "batch": 1,
                      "memory_mode": "fast", "checkpointing": "on", "compile": "off", "lora_bf16": True,
@@ -475,7 +477,8 @@ def run_train(args) -> dict:
         peak = matmul_peak_tflops(di.device)
         results = []
         for setting in train_settings(args):
-            results.append(bench_train(args, di, setting, peak))
+            with torch._inductor.config.patch(setting.get("inductor", {})):  # read when the blocks compile
+                results.append(bench_train(args, di, setting, peak))
             if di.is_main:
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         report = {"kind": "train", "model": args.model, "text_len": args.text_len, "peak_bf16_tflops": peak,
@@ -576,7 +579,8 @@ def main() -> None:
     p.add_argument("--fp8-transposed", default="auto", choices=["auto", "on", "off"], help="fp8 base: kept transposed weights (train.fp8_transposed)")
     p.add_argument("--compare-fp8-transposed", default=None, choices=["auto", "on", "off"], help="also run with this train.fp8_transposed")
     p.add_argument("--compare-backward-fast-accum", action="store_true", help="also run the fp8 input gradients with fast accumulation")
-    p.add_argument("--compare-inductor-tuning", action="store_true", help="also run with inductor's coordinate-descent tuning of its kernels")
+    p.add_argument("--compare-inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run with this inductor setting (repeatable: one run each), e.g. triton.multi_kernel=1")
     p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")

@@ -119,6 +119,25 @@ def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatc
         assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
     torch._dynamo.reset()
 
+def test_single_blocks_hand_on_two_tensors_not_views_of_one(monkeypatch):
+    """A FLUX.1 single block's two streams are views of one tensor. Handed on as views, their
+    gradients were joined by autograd's eager view backward between the compiled graphs (a
+    zero-filled copy of the stream per view, then an add); compiled, each block returns two tensors."""
+    _compile_on_cpu_quickly(monkeypatch)
+    model = _small_flux()
+    outputs = []
+    for block in model.single_transformer_blocks:
+        block.register_forward_hook(lambda m, args, out: outputs.extend(out))
+    _loss_and_grads(model)
+    assert outputs and all(t._base is not None for t in outputs)  # diffusers' eager block: views
+    outputs.clear()
+    compiled_blocks.compile_blocks(model)
+    _loss_and_grads(model)
+    assert len(outputs) == 2 * len(model.single_transformer_blocks)
+    assert all(t._base is None and t.is_contiguous() for t in outputs)
+    torch._dynamo.reset()
+
+
 def test_compiled_and_checkpointed_blocks_match_eager(monkeypatch):
     """Under gradient checkpointing each block's forward runs again in the backward; the first
     block's inputs, made to need a gradient for the compile, do not change what the LoRA learns.
