@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flux_lora.config import build_config  # noqa: E402
 from flux_lora.fast import attention, compiled_blocks, fp8, fused_qkv, gc_freeze, memory  # noqa: E402
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
+
+FP8_BACKWARD_FAST_ACCUM = fp8.BACKWARD_FAST_ACCUM  # the product's choice; --compare-backward-fast-accum toggles it
 from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
 from flux_lora.parallel import fsdp, session  # noqa: E402
@@ -228,7 +230,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         flags["dist.gpu_memory_gib"] = args.gpu_memory_cap or args.gpu_memory_gib
     cfg = build_config(None, flags)
     # read when the blocks are compiled (dynamo is reset between settings)
-    fp8.BACKWARD_FAST_ACCUM = setting.get("backward_fast_accum", False)
+    fp8.BACKWARD_FAST_ACCUM = setting.get("backward_fast_accum", FP8_BACKWARD_FAST_ACCUM)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # before this setting's first allocation (the cap held since the start)
@@ -434,7 +436,8 @@ def train_settings(args) -> list[dict]:
                  {"lora_triton": not ours["lora_triton"]}, "loss_vs_lora_triton_toggled"),
                 (args.compare_plain_lora, "cuBLAS up-add, fp8 transposes per call (before 2026-11-30 s17)",
                  {"lora_triton": False, "fp8_transposed": "off"}, "loss_vs_plain_lora"),
-                (args.compare_backward_fast_accum, "fp8 backward with fast accumulation", {"backward_fast_accum": True},
+                (args.compare_backward_fast_accum, f"fp8 backward fast accumulation {'off' if FP8_BACKWARD_FAST_ACCUM else 'on'}",
+                 {"backward_fast_accum": not FP8_BACKWARD_FAST_ACCUM},
                  "loss_vs_backward_fast_accum"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
@@ -578,7 +581,7 @@ def main() -> None:
     p.add_argument("--compare-lora-triton", action="store_true", help="also run with --lora-triton toggled; compare the losses")
     p.add_argument("--fp8-transposed", default="auto", choices=["auto", "on", "off"], help="fp8 base: kept transposed weights (train.fp8_transposed)")
     p.add_argument("--compare-fp8-transposed", default=None, choices=["auto", "on", "off"], help="also run with this train.fp8_transposed")
-    p.add_argument("--compare-backward-fast-accum", action="store_true", help="also run the fp8 input gradients with fast accumulation")
+    p.add_argument("--compare-backward-fast-accum", action="store_true", help="also run the fp8 input gradients with fast accumulation toggled")
     p.add_argument("--compare-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="also run with this inductor setting (repeatable: one run each), e.g. triton.multi_kernel=1")
     p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")

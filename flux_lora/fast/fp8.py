@@ -19,7 +19,10 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 _TINY = 1e-12  # an all-zero row gets this amax (and quantizes to zeros), not a division by zero
-BACKWARD_FAST_ACCUM = False  # the input gradient's matmul with Hopper's fast fp8 accumulation (scripts/bench.py's comparison)
+# Hopper's fast fp8 accumulation in the input gradient's matmul too: its error against fp32 is
+# 2.58e-2 beside 2.57e-2 without it (the quantization's own; bf16: 2.4e-3) at FLUX.1's shapes, and
+# it saves ~5 ms of a 512-px step on an H200 (scripts/fp8_accuracy.py, bench/README.md, session 18)
+BACKWARD_FAST_ACCUM = True
 
 
 def quantize_tensorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +57,8 @@ def fp8_supported_shape(linear: torch.nn.Linear) -> bool:
 
 
 def _base_forward(x2, weight, scale_out, bias, out_dtype):
-    """x2 [M, K] -> x2 Wᵀ + b [M, N]: x scaled per row; fast accumulation in the forward only (as
-    the float8 training recipe does); the bias is added in the matmul's epilogue."""
+    """x2 [M, K] -> x2 Wᵀ + b [M, N]: x scaled per row; fast accumulation (as the float8 training
+    recipe's forward; the backward's too: BACKWARD_FAST_ACCUM); the bias is added in the epilogue."""
     xq, xs = quantize_rows(x2)
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_out, bias=bias, out_dtype=out_dtype,
                             use_fast_accum=True)
