@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
@@ -85,7 +87,8 @@ def main() -> None:
               f"| dx ms {r['fp8_exact_input_grad_ms']:.3f} -> {r['fp8_fast_input_grad_ms']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"resolution": args.resolution, "batch": args.batch, "device": torch.cuda.get_device_name(),
+            json.dump({"command": " ".join(["scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+                       "resolution": args.resolution, "batch": args.batch, "device": torch.cuda.get_device_name(),
                        "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 

@@ -22,6 +22,11 @@ MEASURED = [
     # fp8 weights kept transposed too (train.fp8_transposed=auto: an H200 has room), the LoRA up-add by Triton
     ("2026-11-30_h200_s17-512-b4-one-node-down-vs-apart-vs-plain.json", 2, "random:flux1-dev", 512, 4, 1, S("fast", "ddp", False, True)),
     ("2026-11-30_h200_s17-1024-b1-vs-plain-lora.json", 0, "random:flux1-dev", 1024, 1, 1, S("fast", "ddp", False, True)),
+    # no sync in the update, single blocks handing on two tensors, fp8 backward with fast accumulation
+    ("2026-11-30_h200_s18-512-b4-final-vs-fast-accum-off-fresh-machine.json", 0, "random:flux1-dev", 512, 4, 1,
+     S("fast", "ddp", False, True)),
+    ("2026-11-30_h200_s18-1024-b1-final.json", 0, "random:flux1-dev", 1024, 1, 1, S("fast", "ddp", False, True)),
+    ("2026-11-30_h200_s18-512-b4-bf16-final-profile.json", 0, "random:flux1-dev", 512, 4, 1, S("fast", "ddp", False, False)),
     ("2026-11-30_h200x2_one-gpu-bf16-1024.json", 0, "random:flux1-dev", 1024, 1, 1, S("fast", "ddp", False, False)),
     ("2026-11-26_h200_train-1024-fp8.json", 0, "random:flux1-dev", 1024, 1, 1, S("fp8", "ddp", True, False)),
     ("2026-11-26_h200_train-1024-nf4.json", 0, "random:flux1-dev", 1024, 1, 1, S("nf4", "ddp", True, False)),

@@ -34,7 +34,7 @@ FP8_GPUS = ("H200", "H100", "GH200", "B200", "L40S", "L4", "RTX 6000 Ada", "RTX 
 # bench/results (fp8 mode with fp8 matmuls: FLUX.2 [dev]'s run, scaled to width 3072); fp8 matmuls
 # can pass 1 (their peak is twice bf16's). Wider models fill the GPU better: × sqrt(width / 3072)
 # fits FLUX.2 [klein] 9B (4096) and [dev] (6144) within 30%.
-MFU = {("fast", True, "ddp", False): 0.77, ("fast", False, "ddp", False): 0.60,
+MFU = {("fast", True, "ddp", False): 0.82, ("fast", False, "ddp", False): 0.60,
        ("fast", True, "ddp", True): 0.50, ("fast", False, "ddp", True): 0.45,
        ("fp8", True, "ddp", True): 0.71, ("fp8", False, "ddp", True): 0.30, ("nf4", False, "ddp", True): 0.235,
        ("fast", False, "fsdp", False): 0.46, ("fast", False, "fsdp", True): 0.34}

@@ -1,0 +1,82 @@
+"""Which kernel of a LoRA training step is not bit-deterministic on this GPU: a small FLUX.1-shaped
+transformer (head dim 128, so the fused cuDNN attention op takes it, as it takes FLUX.1) runs the
+same forward and backward twice per attention choice, eagerly in bf16, and the LoRA gradients of
+the two runs are compared bit for bit. One GPU; prints a line per choice and writes a JSON.
+
+    python scripts/determinism_probe.py --out OUT.json"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from flux_lora.fast import attention
+from flux_lora.training import flow, lora
+
+
+def small_flux(device: torch.device):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
+                                   num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=64,
+                                   guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    lora.add_lora(model, 16, 16, "attention-mlp", 0.0, 0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    return model.to(device, torch.bfloat16)
+
+
+def grads_of_one_step(model, inputs: dict) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        pred = model(**inputs, return_dict=False)[0]
+    pred.float().square().mean().backward()
+    return {n: p.grad.detach().clone() for n, p in lora.lora_parameters(model)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-tokens", type=int, default=1024)
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    side = int(args.image_tokens ** 0.5) * 2
+    inputs = {"hidden_states": torch.randn(args.batch, args.image_tokens, 64, generator=g, device=device, dtype=torch.bfloat16),
+              "encoder_hidden_states": torch.randn(args.batch, args.text_tokens, 256, generator=g, device=device, dtype=torch.bfloat16),
+              "pooled_projections": torch.randn(args.batch, 64, generator=g, device=device, dtype=torch.bfloat16),
+              "timestep": torch.rand(args.batch, generator=g, device=device, dtype=torch.bfloat16),
+              "guidance": torch.ones(args.batch, device=device, dtype=torch.bfloat16),
+              "txt_ids": flow.text_ids(args.text_tokens, device), "img_ids": flow.image_ids(side, side, device)}
+    rows = []
+    for choice in ("cudnn", "flash", "efficient", "math"):
+        model = small_flux(device)
+        chosen = attention.choose_backend("default" if choice == "math" else choice, model, torch.bfloat16, device)
+        if choice == "math":
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            chosen = "math"
+        first, second = grads_of_one_step(model, inputs), grads_of_one_step(model, inputs)
+        differing = [n for n in first if not torch.equal(first[n], second[n])]
+        largest = max(((first[n].float() - second[n].float()).abs().max().item() for n in first), default=0.0)
+        rows.append({"attention": chosen, "tensors": len(first), "differing": len(differing), "max_abs_diff": largest,
+                     "first_differing": differing[:3]})
+        print(f"attention {chosen:9s}: {len(differing)} of {len(first)} LoRA gradients differ between two identical steps "
+              f"(max {largest:.3g}) {differing[:2]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(["scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
