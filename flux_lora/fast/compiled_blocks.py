@@ -101,8 +101,8 @@ def _separate_outputs(forward):
     into the next compiled block as views, their gradients were joined outside the graphs, by
     autograd's eager view backward: a zero-filled copy of the whole stream per view and an add, ~4
     ms of a 512-px step on an H200 plus ~230 launches between replays. Returned as two tensors
-    from inside the graph (inductor writes the last add straight into both), every single block
-    also receives the same layout as the first (the double blocks' two tensors): one compile."""
+    made inside the graph, they need no such join, and every single block receives the layout the
+    first one gets (the double blocks' two tensors): one compile for all of them."""
     def run(*args, **kwargs):
         out = forward(*args, **kwargs)
         if isinstance(out, tuple) and len(out) > 1 and all(isinstance(t, torch.Tensor) for t in out):

@@ -153,7 +153,7 @@ def update(model, opt, sched, loss: torch.Tensor, stop_raised: bool, max_grad_no
     local_bad = (~torch.isfinite(loss)) | (~torch.isfinite(grad_norm))
     # the stop vote is a fill, not torch.tensor(x, device=...): that copies from the host and then
     # waits for the GPU to finish the whole backward, leaving it idle while the host queues the update
-    # and the next step's first kernels (~6% of a 512-px step on an H200)
+    # and the next step's first kernels (measured at 512 px on an H200: 13.07 -> 13.27 samples/s)
     votes = session.all_sum_on_device(
         torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
                      torch.full((), float(stop_raised), device=device), local_bad.float()]))
