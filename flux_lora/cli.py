@@ -55,6 +55,8 @@ def guarded(fn: Callable[[], object], debug: bool) -> None:
         if debug:
             raise
         hint = "; lower --batch-size or use --memory-mode fp8/nf4" if type(e).__name__ == "OutOfMemoryError" else ""
+        if "deterministic implementation" in str(e):
+            hint = "; that op has no deterministic kernel: set train.deterministic=false"
         msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
         print(f"{tag}failed: {type(e).__name__}: {msg}{hint} (rerun with --debug for the traceback)",
               file=sys.stderr, flush=True)

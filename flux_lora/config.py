@@ -183,6 +183,7 @@ class TrainConfig:
     compile: str = doc("auto", "per-block torch.compile: auto (on with CUDA), on or off")
     compile_cache_dir: str = doc("", "a folder for torch.compile's caches (inductor, Triton, AOTAutograd; TORCHINDUCTOR_CACHE_DIR): on a shared filesystem the other nodes of a job and every later job start with compiled blocks (measured: 57 -> 38 s to the first step at 512 px on an H200); empty: torch's own per-machine folder")
     cuda_graphs: str = doc("auto", "replay each compiled block's forward and backward as CUDA graphs (no per-kernel launch cost on the host): auto (on when the blocks are compiled on CUDA without gradient checkpointing, all buckets have one token count (each new shape records every block again) and the run has at least 1,000 micro-steps (recording costs ~6-9 s before the first step)), on or off")
+    deterministic: bool = doc(False, "the same bits from every run on a GPU, a resume included (on the CPU they are anyway): deterministic kernels for the attention backward (flash; model.attention=auto), inductor's reductions (chosen by shape, not by timing them) and cuBLAS; slower (bench/README.md)")
     fuse_qkv: bool = doc(True, "compute each attention's q, k and v (base and LoRA) as one projection: fewer, larger matmuls; same LoRA keys (DDP only: under dist.sharding=fsdp the grouped weight would be whole on every GPU)")
     gc_freeze: bool = doc(True, "collect Python's garbage and freeze start-up's objects (libraries, model) before the first step, so the warm-up's full collections skip them (half their time or more); after the warm-up steps (compile, CUDA-graph recording, DDP's bucket rebuild) collect once and freeze what survives, so later full collections skip dynamo's and inductor's objects instead of stalling a step for up to ~0.7 s (under DDP every rank waits with it)")
     fuse_lora_up: bool = doc(True, "compute each LoRA up-projection and its add to the base output as one matmul (addmm, the add in its epilogue); +3-4% samples/s on an H100; off = peft's forward")
@@ -274,6 +275,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.deterministic and self.model.attention in ("cudnn", "default"):
+            raise ConfigError(f"train.deterministic needs a deterministic attention backward, and model.attention="
+                              f"{self.model.attention} may run cuDNN's, which has none; use model.attention=auto, "
+                              "flash, efficient or math")
 
 
 def _choice(key: str, value: str, valid: tuple) -> None:

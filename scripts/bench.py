@@ -44,7 +44,7 @@ import torch._inductor.config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_lora.config import build_config  # noqa: E402
-from flux_lora.fast import attention, compiled_blocks, fp8, fused_qkv, gc_freeze, memory  # noqa: E402
+from flux_lora.fast import attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, memory  # noqa: E402
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
 
 FP8_BACKWARD_FAST_ACCUM = fp8.BACKWARD_FAST_ACCUM  # the product's choice; --compare-backward-fast-accum toggles it
@@ -225,7 +225,8 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
              "dist.fsdp_unit_blocks": setting.get("fsdp_unit_blocks", 1), "dist.fsdp_prefetch": setting.get("fsdp_prefetch", 1),
              "dist.fsdp_keep_gathered": setting.get("fsdp_keep_gathered", -1),
              "dist.fsdp_lora": setting.get("fsdp_lora", "auto"),
-             "train.preservation_weight": setting.get("preservation_weight", 0.0)}
+             "train.preservation_weight": setting.get("preservation_weight", 0.0),
+             "train.deterministic": setting.get("deterministic", False)}
     if args.gpu_memory_cap or args.gpu_memory_gib:  # the run plans for the cap (e.g. a quantized base staged on the CPU)
         flags["dist.gpu_memory_gib"] = args.gpu_memory_cap or args.gpu_memory_gib
     cfg = build_config(None, flags)
@@ -425,7 +426,8 @@ def train_settings(args) -> list[dict]:
             "fuse_qkv": args.fuse_qkv == "on", "cuda_graphs": args.cuda_graphs, "fuse_lora_up": args.fuse_lora_up == "on",
             "lora_triton": args.lora_triton == "on", "fp8_transposed": args.fp8_transposed,
             "sharding": args.sharding, "fsdp_unit_blocks": args.fsdp_unit_blocks, "fsdp_prefetch": args.fsdp_prefetch,
-            "fsdp_keep_gathered": args.fsdp_keep_gathered, "fsdp_lora": args.fsdp_lora}
+            "fsdp_keep_gathered": args.fsdp_keep_gathered, "fsdp_lora": args.fsdp_lora,
+            "deterministic": args.deterministic}
     runs = [] if args.only_baseline else [ours]
     # (asked for, what changes, the report key comparing the losses)
     variants = ((args.compare_bf16, "bf16 base (loss reference)", {"fp8_compute": "off"}, "loss_vs_bf16_base"),
@@ -441,6 +443,8 @@ def train_settings(args) -> list[dict]:
                  "loss_vs_backward_fast_accum"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
+                (args.compare_deterministic, f"deterministic={not args.deterministic}", {"deterministic": not args.deterministic},
+                 "loss_vs_deterministic_toggled"),
                 (args.compare_average, "DDP dividing each gradient", {"average_per_bucket": False}, "loss_vs_ddp_average"),
                 (args.compare_attention, "flash attention (loss reference)", {"attention": "flash"}, "loss_vs_flash_attention"),
                 (args.compare_masked, "masked loss", {"masked": True}, "loss_vs_masked"),
@@ -585,6 +589,8 @@ def main() -> None:
     p.add_argument("--compare-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="also run with this inductor setting (repeatable: one run each), e.g. triton.multi_kernel=1")
     p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")
+    p.add_argument("--deterministic", action="store_true", help="train.deterministic: bit-identical runs on the GPU")
+    p.add_argument("--compare-deterministic", action="store_true", help="also run with train.deterministic toggled")
     p.add_argument("--compare-average", action="store_true", help="under torchrun: also let DDP divide each gradient by the world size (no comm hook)")
     p.add_argument("--compare-attention", action="store_true", help="also run with flash attention; compare the losses")
     p.add_argument("--compare-masked", action="store_true", help="also run with a loss mask (half the image); the step's cost")
@@ -622,6 +628,8 @@ def main() -> None:
         args.resolution, args.text_len, args.steps, args.warmup, args.images = 64, 32, 2, 1, 6
         args.batch_size = min(args.batch_size, 2)
         args.workers = 0
+    if args.deterministic or args.compare_deterministic:  # read once, at cuBLAS's first call: before the peak matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", determinism.CUBLAS_WORKSPACE)
     report = run_train(args) if args.kind == "train" else run_preprocess(args)
     if not report:
         return

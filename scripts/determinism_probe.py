@@ -1,7 +1,7 @@
 """Which kernel of a LoRA training step is not bit-deterministic on this GPU: a small FLUX.1-shaped
 transformer (head dim 128, so the fused cuDNN attention op takes it, as it takes FLUX.1) runs the
 same forward and backward twice per attention choice, eagerly in bf16, and the LoRA gradients of
-the two runs are compared bit for bit. One GPU; prints a line per choice and writes a JSON.
+the two runs are compared bit for bit; "+det" rows run under train.deterministic. One GPU; prints a line per choice and writes a JSON.
 
     python scripts/determinism_probe.py --out OUT.json"""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.fast import attention
+from flux_lora.fast import attention, determinism
 from flux_lora.training import flow, lora
 
 
@@ -57,21 +57,32 @@ def main() -> None:
               "guidance": torch.ones(args.batch, device=device, dtype=torch.bfloat16),
               "txt_ids": flow.text_ids(args.text_tokens, device), "img_ids": flow.image_ids(side, side, device)}
     rows = []
-    for choice in ("cudnn", "flash", "efficient", "math"):
+    # "+det": under train.deterministic (flux_lora.fast.determinism), as a run with it would be
+    for choice in ("cudnn", "flash", "efficient", "math", "flash+det", "efficient+det"):
         model = small_flux(device)
-        chosen = attention.choose_backend("default" if choice == "math" else choice, model, torch.bfloat16, device)
+        kernel, deterministic = choice.removesuffix("+det"), choice.endswith("+det")
+        determinism.apply(deterministic)
+        chosen = attention.choose_backend("default" if kernel == "math" else kernel, model, torch.bfloat16, device,
+                                          deterministic) + ("+det" if deterministic else "")
         if choice == "math":
             torch.backends.cuda.enable_flash_sdp(False)
             torch.backends.cuda.enable_mem_efficient_sdp(False)
             torch.backends.cuda.enable_cudnn_sdp(False)
             chosen = "math"
-        first, second = grads_of_one_step(model, inputs), grads_of_one_step(model, inputs)
+        grads_of_one_step(model, inputs)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        first = grads_of_one_step(model, inputs)
+        end.record()
+        torch.cuda.synchronize()
+        second = grads_of_one_step(model, inputs)
         differing = [n for n in first if not torch.equal(first[n], second[n])]
         largest = max(((first[n].float() - second[n].float()).abs().max().item() for n in first), default=0.0)
         rows.append({"attention": chosen, "tensors": len(first), "differing": len(differing), "max_abs_diff": largest,
-                     "first_differing": differing[:3]})
-        print(f"attention {chosen:9s}: {len(differing)} of {len(first)} LoRA gradients differ between two identical steps "
-              f"(max {largest:.3g}) {differing[:2]}")
+                     "first_differing": differing[:3], "step_ms": start.elapsed_time(end)})
+        print(f"attention {chosen:13s}: {len(differing)} of {len(first)} LoRA gradients differ between two identical steps "
+              f"(max {largest:.3g}), eager step {start.elapsed_time(end):.1f} ms {differing[:2]}")
+    determinism.apply(False)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": " ".join(["scripts/" + Path(sys.argv[0]).name, *sys.argv[1:]]),

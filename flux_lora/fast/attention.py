@@ -13,6 +13,8 @@ no dropout, not causal); anything else falls back to SDPA.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
@@ -101,6 +103,9 @@ def _diffusers_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     return out.transpose(1, 2)
 
 
+# what model.attention=auto runs under train.deterministic (measured: bench/README.md, session 19)
+DETERMINISTIC = "flash"
+
 # diffusers names its cuDNN backend "_native_cudnn"; the op takes that name's place in its registry
 BACKEND = "_native_cudnn"
 
@@ -124,14 +129,17 @@ def in_use(transformer) -> bool:
     return any(getattr(b, "value", b) == BACKEND for b in backends)
 
 
-def choose_backend(name: str, transformer, dtype: torch.dtype, device: torch.device) -> str:
+def choose_backend(name: str, transformer, dtype: torch.dtype, device: torch.device, deterministic: bool = False) -> str:
     """Choose attention kernels deliberately; returns what the transformer's attention runs on.
     auto: the fused cuDNN op (flux_lora.attention) where supported (Hopper, bf16, head dim 64/128),
     else flash; cudnn: the op regardless. SDPA's own cuDNN path stays off: its backward crashes
     inside the compiled FLUX step on H100 with torch 2.11 (2026-11-26); the op calls the same
-    kernels without that failure."""
+    kernels without that failure. `deterministic` (train.deterministic): auto is flash, whose
+    backward has a deterministic mode; cuDNN's has none in torch."""
     chosen = name
-    if name in ("auto", "cudnn"):
+    if deterministic and name == "auto":
+        chosen = DETERMINISTIC
+    elif name in ("auto", "cudnn"):
         head_dim = getattr(transformer.config, "attention_head_dim", 0)
         chosen = "cudnn" if name == "cudnn" or supported(head_dim, dtype, device) else "flash"
         if chosen == "cudnn":
@@ -142,4 +150,19 @@ def choose_backend(name: str, transformer, dtype: torch.dtype, device: torch.dev
         torch.backends.cuda.enable_flash_sdp(sdpa == "flash")
         torch.backends.cuda.enable_mem_efficient_sdp(sdpa in ("flash", "efficient"))
         torch.backends.cuda.enable_math_sdp(True)
+    tag_compile_caches()
     return chosen
+
+
+def tag_compile_caches() -> None:
+    """Make SDPA's backend switches part of torch.compile's cache keys. A compiled block calls SDPA,
+    which picks its kernel when the graph is traced; the caches key on the traced graph and on
+    torch's deterministic setting, not on these switches. So a run with model.attention=efficient
+    after one with flash loaded flash's compiled blocks (measured on an H200: the same losses to
+    the bit and an 11 s start; session 19)."""
+    import torch.compiler.config
+
+    cuda = torch.backends.cuda
+    switches = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled())
+    own = os.environ.get("TORCH_COMPILER_CACHE_KEY_TAG", "")  # the user's tag, if any, stays in the key
+    torch.compiler.config.cache_key_tag = own + "|sdpa=" + "".join("1" if on else "0" for on in switches)

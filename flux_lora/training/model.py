@@ -10,7 +10,7 @@ import torch
 
 from flux_lora.config import Config
 from flux_lora.errors import ConfigError
-from flux_lora.fast import attention, compiled_blocks, fp8, fused_qkv, lora_up, memory, quantize
+from flux_lora.fast import attention, compiled_blocks, determinism, fp8, fused_qkv, lora_up, memory, quantize
 from flux_lora.models import families, loading
 from flux_lora.models.families.base import Family
 from flux_lora.parallel import fsdp
@@ -70,10 +70,11 @@ def build_model(cfg: Config, di: DistInfo, reporter, tokens: int = 0, shapes: in
         stage = torch.device("cpu")
     else:
         stage = quantize.load_device(cfg.train, di.device, dtype, cfg.dist.gpu_memory_gib)
+    determinism.apply(cfg.train.deterministic)  # before the first matmul and compile
     memory.grow_segments_for_small_cards(cfg.train, di.device, cfg.dist.gpu_memory_gib)
     transformer = family.load_transformer(cfg.model.path, dtype, cfg.model.revision, stage, cfg.model.transformer_file)
     mark("model_load")
-    attention.choose_backend(cfg.model.attention, transformer, dtype, di.device)
+    attention.choose_backend(cfg.model.attention, transformer, dtype, di.device, cfg.train.deterministic)
     for name in lora.unmatched_targets(transformer, cfg.lora.targets, family.lora_presets):
         reporter.warning(f"LoRA target {name!r} matches no Linear layer of the transformer")
     quantize.quantize_base(transformer, cfg.train.memory_mode, di.device)

@@ -1,0 +1,94 @@
+"""train.deterministic: torch's global switches set and put back, the config it refuses, the
+attention it picks, the compile caches keyed on SDPA's switches, and a whole run under it.
+    pytest -q tests/test_determinism.py"""
+
+import os
+
+import pytest
+import torch
+import torch._inductor.config as inductor
+import torch.compiler.config
+from conftest import run_cli, train_args
+from safetensors.torch import load_file
+
+from flux_lora.config import Config, ModelConfig, TrainConfig, build_config
+from flux_lora.errors import ConfigError
+from flux_lora.fast import attention, determinism
+from flux_lora.models.tiny import make_tiny
+
+
+@pytest.fixture
+def undo():
+    yield
+    determinism.apply(False)
+
+
+def test_switches_set_and_put_back(undo, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    determinism.apply(False)  # never turned on: nothing to undo, the user's own setting is left alone
+    assert not torch.are_deterministic_algorithms_enabled()
+    determinism.apply(True)
+    assert torch.are_deterministic_algorithms_enabled() and determinism.enabled()
+    # strict: under warn_only torch keeps the non-deterministic attention backwards
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert inductor.deterministic and torch.backends.cudnn.deterministic
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == determinism.CUBLAS_WORKSPACE
+    assert not torch.utils.deterministic.fill_uninitialized_memory  # no fill kernel per allocation
+    determinism.apply(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not inductor.deterministic
+    assert torch.utils.deterministic.fill_uninitialized_memory and not torch.backends.cudnn.deterministic
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "default"])
+def test_attention_without_deterministic_backward_refused(kernel):
+    with pytest.raises(ConfigError, match=f"model.attention={kernel}.*use model.attention=auto"):
+        Config(model=ModelConfig(attention=kernel), train=TrainConfig(deterministic=True))
+    with pytest.raises(ConfigError, match="train.deterministic"):
+        build_config(None, {"model.attention": kernel, "train.deterministic": True})
+    for fine in ("auto", "flash", "efficient", "math"):
+        Config(model=ModelConfig(attention=fine), train=TrainConfig(deterministic=True))
+
+
+def test_auto_attention_under_deterministic_is_not_cudnn(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(make_tiny(tmp_path / "tiny") / "transformer")
+    # on a GPU auto would pick the cuDNN op (test_attention); deterministic picks flash instead
+    chosen = attention.choose_backend("auto", model, torch.bfloat16, torch.device("cpu"), deterministic=True)
+    assert chosen == attention.DETERMINISTIC == "flash" and not attention.in_use(model)
+
+
+def test_sdpa_switches_are_part_of_the_compile_cache_key(monkeypatch):
+    """A compiled block bakes SDPA's kernel in when it is traced, and torch's caches do not key on
+    the switches: without the tag a run with other switches loaded the first run's kernels."""
+    cuda = torch.backends.cuda
+    before = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    monkeypatch.setenv("TORCH_COMPILER_CACHE_KEY_TAG", "mine")
+    try:
+        cuda.enable_flash_sdp(True)
+        cuda.enable_mem_efficient_sdp(True)
+        attention.tag_compile_caches()
+        flash = torch.compiler.config.cache_key_tag
+        cuda.enable_flash_sdp(False)
+        attention.tag_compile_caches()
+        efficient = torch.compiler.config.cache_key_tag
+    finally:
+        cuda.enable_flash_sdp(before[0])
+        cuda.enable_mem_efficient_sdp(before[1])
+        torch.compiler.config.cache_key_tag = ""
+    assert flash != efficient and flash.startswith("mine|") and efficient.startswith("mine|")
+
+
+def test_a_run_under_it_trains_as_without(tiny_model, cache_dir, tmp_path):
+    """Strict deterministic mode stops at any op without a deterministic kernel: the whole run
+    (steps, validation, previews, checkpoint) has none. On the CPU the kernels are the same, so
+    are the bits."""
+    common = ["--steps", "3", "--lr", "1e-3", "--validation-split", "0.25", "--sample-every", "3",
+              "--checkpoint-every", "3"]
+    plain, strict = tmp_path / "plain", tmp_path / "strict"
+    run_cli(*train_args(tiny_model, cache_dir, plain, *common), check=True)
+    run_cli(*train_args(tiny_model, cache_dir, strict, *common, "--set", "train.deterministic=true"), check=True)
+    assert "deterministic: true" in (strict / "config.yaml").read_text()
+    a, b = load_file(plain / "lora.safetensors"), load_file(strict / "lora.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert any((strict / "samples").rglob("*.png"))
