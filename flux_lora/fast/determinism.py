@@ -45,7 +45,3 @@ def apply(on: bool) -> None:
     if hasattr(inductor, "deterministic"):  # torch ≥ 2.10
         inductor.deterministic = on
     _applied = on
-
-
-def enabled() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
