@@ -44,7 +44,7 @@ import torch._inductor.config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_lora.config import build_config  # noqa: E402
-from flux_lora.fast import attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, memory  # noqa: E402
+from flux_lora.fast import attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, memory, quantize  # noqa: E402
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
 
 FP8_BACKWARD_FAST_ACCUM = fp8.BACKWARD_FAST_ACCUM  # the product's choice; --compare-backward-fast-accum toggles it
@@ -85,20 +85,47 @@ class ShapedData:
         return self.batch
 
 
+def _matmul_rate_tflops(matmul, n: int) -> float:
+    """TFLOP/s of an n×n×n matmul (3 warm-up calls, then 50 timed)."""
+    for _ in range(3):
+        matmul()
+    torch.cuda.synchronize()
+    t0, iters = time.perf_counter(), 50
+    for _ in range(iters):
+        matmul()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
 def matmul_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0, iters = time.perf_counter(), 50
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    return _matmul_rate_tflops(lambda: a @ b, n)
+
+
+def fp8_matmul_peak_tflops(device: torch.device) -> float | None:
+    """The fp8 tensor cores' rate, measured as the bf16 peak is: an 8192³ row-scaled e4m3
+    _scaled_mm with fast accumulation, as the fp8 base's matmuls run (flux_lora.fast.fp8)."""
+    if not quantize.has_fp8_tensor_cores(device):
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device).to(fp8.E4M3)
+    b = torch.randn(n, n, device=device).to(fp8.E4M3)
+    scale = torch.ones(n, 1, device=device)
+    return _matmul_rate_tflops(lambda: torch._scaled_mm(a, b.t(), scale_a=scale, scale_b=scale.t(), out_dtype=torch.bfloat16,
+                                                        use_fast_accum=True), n)
+
+
+def fp8_aware_mfu(tflop_per_sample: float, fp8_tflop_per_sample: float, samples_per_s_per_gpu: float,
+                  bf16_peak: float, fp8_peak: float) -> float:
+    """The share of the step's time that its FLOPs need at the peaks of the units they run on: the
+    fp8 matmuls' at the fp8 peak (about twice the bf16 one), everything else at the bf16 peak.
+    Against the bf16 peak alone, an fp8 step's MFU hides its headroom (it can pass 100%)."""
+    ideal_s_per_sample = fp8_tflop_per_sample / fp8_peak + (tflop_per_sample - fp8_tflop_per_sample) / bf16_peak
+    return ideal_s_per_sample * samples_per_s_per_gpu
 
 
 def _sync(device):
@@ -106,8 +133,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def step_flops(model, data, slices, inputs) -> float:
-    """FLOPs of one forward+backward (eager; counted by torch's FlopCounterMode)."""
+def step_flops(model, data, slices, inputs) -> tuple[float, float]:
+    """FLOPs of one forward+backward (eager; counted by torch's FlopCounterMode): all of them, and
+    those of the fp8 matmuls (_scaled_mm)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -115,7 +143,8 @@ def step_flops(model, data, slices, inputs) -> float:
         train_step(model, [data.collate(part.items) for part in slices], slices, 0, inputs)
     for p in model.parameters():
         p.grad = None
-    return float(counter.get_total_flops())
+    by_op = counter.get_flop_counts().get("Global", {})
+    return float(counter.get_total_flops()), float(sum(n for op, n in by_op.items() if "_scaled_mm" in str(op)))
 
 
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "cudnn")),
@@ -213,7 +242,7 @@ def cap_gpu_memory(device: torch.device, gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
 
 
-def bench_train(args, di, setting: dict, peak: float | None) -> dict:
+def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | None = None) -> dict:
     """One setting: build, time-to-first-step, FLOPs, steady-state samples/s, peak memory."""
     flags = {"model.path": args.model, "model.attention": setting.get("attention", args.attention), "train.batch_size": setting["batch"], "train.memory_mode": setting["memory_mode"],
              "train.gradient_checkpointing": setting["checkpointing"], "train.checkpoint_blocks": setting.get("checkpoint_blocks", 0),
@@ -262,6 +291,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
     # counted on one sample (FLOPs grow linearly with the batch): the counting pass runs eagerly
     # through Python dispatch and needs far more memory than a compiled step
     one_sample = ShapedData(family, conf, 1, setting["resolution"], args.text_len, preserve=bool(setting.get("preservation_weight")))
+    fp8_flops = None  # known where the counter ran
     if not setting.get("count_flops", True):
         flops = None
     elif args.gpu_memory_cap:  # the eager counting pass would not fit the cap: the plan's count (within 3% of it)
@@ -269,7 +299,7 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         flops = plan.flops_per_sample(sizes, (setting["resolution"] // 16) ** 2, args.text_len,
                                       memory.checkpointed_share(model), family.paired) * setting["batch"]
     else:
-        flops = step_flops(model, one_sample, [Slice(0, [0], [0])], inputs) * setting["batch"]
+        flops, fp8_flops = (n * setting["batch"] for n in step_flops(model, one_sample, [Slice(0, [0], [0])], inputs))
     note("FLOPs counted")
     if di.device.type == "cuda":
         reset_peak(di.device)  # FLOP counting runs through Python dispatch: not a real step
@@ -321,8 +351,13 @@ def bench_train(args, di, setting: dict, peak: float | None) -> dict:
         per_sample = flops / setting["batch"]
         out.update(tflop_per_sample=per_sample / 1e12, tflops_per_gpu=per_sample * samples_s / di.world_size / 1e12,
                    flops_counted_by="the plan (under a memory cap)" if args.gpu_memory_cap else "FlopCounterMode")
+        if fp8_flops is not None:
+            out["fp8_matmul_tflop_per_sample"] = fp8_flops / setting["batch"] / 1e12
         if peak:
             out["mfu"] = out["tflops_per_gpu"] / peak
+            if fp8_peak and fp8_flops:
+                out["mfu_fp8_aware"] = fp8_aware_mfu(out["tflop_per_sample"], out["fp8_matmul_tflop_per_sample"],
+                                                     samples_s / di.world_size, peak, fp8_peak)
             if out["checkpointed_share"]:
                 # the count above has the recompute in it (though FlopCounterMode misses its attention);
                 # the model's own FLOPs, from the plan (within ~1.5% of the counter's without checkpointing),
@@ -481,14 +516,14 @@ def run_train(args) -> dict:
         loading.quiet_libraries()
         if args.gpu_memory_cap and di.device.type == "cuda":
             cap_gpu_memory(di.device, args.gpu_memory_cap)
-        peak = matmul_peak_tflops(di.device)
+        peak, fp8_peak = matmul_peak_tflops(di.device), fp8_matmul_peak_tflops(di.device)
         results = []
         for setting in train_settings(args):
             with torch._inductor.config.patch(setting.get("inductor", {})):  # read when the blocks compile
-                results.append(bench_train(args, di, setting, peak))
+                results.append(bench_train(args, di, setting, peak, fp8_peak))
             if di.is_main:
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-        report = {"kind": "train", "model": args.model, "text_len": args.text_len, "peak_bf16_tflops": peak,
+        report = {"kind": "train", "model": args.model, "text_len": args.text_len, "peak_bf16_tflops": peak, "peak_fp8_tflops": fp8_peak,
                   "results": results}
         if args.baseline and not args.only_baseline:
             report["speedup_vs_diffusers_setting"] = results[0]["samples_per_s"] / results[-1]["samples_per_s"]

@@ -9,7 +9,7 @@ import sys
 
 
 def line(path: str, row: dict) -> str:
-    keys = ("samples_per_s", "step_s", "mfu", "mfu_model_flops", "peak_mem_gib", "whole_run_peak_gib", "load_peak_gib",
+    keys = ("samples_per_s", "step_s", "mfu", "mfu_fp8_aware", "mfu_model_flops", "peak_mem_gib", "whole_run_peak_gib", "load_peak_gib",
             "time_to_first_step_s", "checkpointed_share", "cuda_graphs_on", "fsdp_blocks_kept_gathered",
             "fsdp_lora_replicated", "images_per_s", "steady_images_per_s")
     shown = " ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row[k]}"

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, cli_env
 
 
@@ -36,3 +37,27 @@ def test_bench_preprocess_tiny(tmp_path):
     assert report["images_per_s"] > 0 and report["images_per_s_per_gpu"] == report["images_per_s"]
     timing = report["timing"][0]  # where the rank's time went: each encoder queued, the GPU and decoding waited
     assert timing["images_s"] > 0 and timing["text_s"] > 0 and timing["gpu_wait_s"] >= 0 and timing["decode_wait_s"] >= 0
+
+
+def test_bench_counts_the_fp8_matmuls_apart(tmp_path):
+    """The fp8 base's matmuls are counted apart from the rest (for an MFU against the fp8 peak,
+    which the CPU has none of); a bf16 base has none."""
+    report = _bench("train", tmp_path / "b.json", "--fp8-compute", "on", "--compare-bf16", "--no-baseline")
+    fp8_run, bf16_run = report["results"]
+    assert fp8_run["fp8_base"] and not bf16_run["fp8_base"]
+    assert 0 < fp8_run["fp8_matmul_tflop_per_sample"] < fp8_run["tflop_per_sample"]
+    assert bf16_run["fp8_matmul_tflop_per_sample"] == 0
+    assert report["peak_fp8_tflops"] is None and "mfu_fp8_aware" not in fp8_run
+
+
+def test_fp8_aware_mfu_counts_each_matmul_at_its_own_peak():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 8 of 10 TFLOP a sample on fp8 tensor cores twice as fast: 0.4 + 0.2 s a sample at the peaks
+    assert bench.fp8_aware_mfu(10.0, 8.0, 1.0, bf16_peak=10.0, fp8_peak=20.0) == pytest.approx(0.6)
+    # with no fp8 matmuls, or an fp8 peak no faster, it is the plain MFU
+    assert bench.fp8_aware_mfu(10.0, 0.0, 0.5, 10.0, 20.0) == pytest.approx(0.5)
+    assert bench.fp8_aware_mfu(10.0, 8.0, 0.5, 10.0, 10.0) == pytest.approx(0.5)
