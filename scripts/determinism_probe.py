@@ -1,7 +1,8 @@
 """Which kernel of a LoRA training step is not bit-deterministic on this GPU: a small FLUX.1-shaped
 transformer (head dim 128, so the fused cuDNN attention op takes it, as it takes FLUX.1) runs the
 same forward and backward twice per attention choice, eagerly in bf16, and the LoRA gradients of
-the two runs are compared bit for bit; "+det" rows run under train.deterministic. One GPU; prints a line per choice and writes a JSON.
+the two runs are compared bit for bit; "+det" rows run under train.deterministic. One GPU; prints
+a line per choice (with an eager step's time) and writes a JSON.
 
     python scripts/determinism_probe.py --out OUT.json"""
 
