@@ -44,10 +44,8 @@ import torch._inductor.config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_lora.config import build_config  # noqa: E402
-from flux_lora.fast import attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, memory, quantize  # noqa: E402
+from flux_lora.fast import attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, memory, quantize, single_block  # noqa: E402
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
-
-FP8_BACKWARD_FAST_ACCUM = fp8.BACKWARD_FAST_ACCUM  # the product's choice; --compare-backward-fast-accum toggles it
 from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
 from flux_lora.parallel import fsdp, session  # noqa: E402
@@ -57,6 +55,10 @@ from flux_lora.training.batches import Slice  # noqa: E402
 from flux_lora.training.model import build_model, compile_model, train_settings_for  # noqa: E402
 from flux_lora.training.optim import make_optimizer  # noqa: E402
 from flux_lora.training.step import StepInputs, Trainee, pipelined_steps, train_step  # noqa: E402
+
+FP8_BACKWARD_FAST_ACCUM = fp8.BACKWARD_FAST_ACCUM  # the product's choice; --compare-backward-fast-accum toggles it
+MULTI_KERNEL = compiled_blocks.MULTI_KERNEL  # likewise, --compare-multi-kernel
+SINGLE_GROUP = single_block.ENABLED  # likewise, --compare-single-group
 
 
 class ShapedData:
@@ -261,6 +263,8 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
     cfg = build_config(None, flags)
     # read when the blocks are compiled (dynamo is reset between settings)
     fp8.BACKWARD_FAST_ACCUM = setting.get("backward_fast_accum", FP8_BACKWARD_FAST_ACCUM)
+    compiled_blocks.MULTI_KERNEL = setting.get("multi_kernel", MULTI_KERNEL)
+    single_block.ENABLED = setting.get("single_group", SINGLE_GROUP)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # before this setting's first allocation (the cap held since the start)
@@ -340,6 +344,8 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
            "checkpointing_on": model.is_gradient_checkpointing, "checkpointed_share": memory.checkpointed_share(model), "fused_attention_op": attention.in_use(model),
            "cuda_graphs_on": compiled_blocks.uses_cuda_graphs(model), "average_per_bucket": cfg.dist.average_per_bucket,
            "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules()),
+           "single_blocks_grouped": sum(hasattr(m, "to_qkv_mlp") for m in model.modules()),
+           "multi_kernel": compiled_blocks.MULTI_KERNEL and not cfg.train.deterministic,
            "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None),
            "fsdp_lora_replicated": bool(getattr(model, "flux_lora_replicated", None))}
     if breakdown:
@@ -476,6 +482,10 @@ def train_settings(args) -> list[dict]:
                 (args.compare_backward_fast_accum, f"fp8 backward fast accumulation {'off' if FP8_BACKWARD_FAST_ACCUM else 'on'}",
                  {"backward_fast_accum": not FP8_BACKWARD_FAST_ACCUM},
                  "loss_vs_backward_fast_accum"),
+                (args.compare_multi_kernel, f"multi-kernel reductions {'off' if MULTI_KERNEL else 'on'}",
+                 {"multi_kernel": not MULTI_KERNEL}, "loss_vs_multi_kernel_toggled"),
+                (args.compare_single_group, f"FLUX.1 single blocks' q/k/v and proj_mlp {'apart' if SINGLE_GROUP else 'as one'}",
+                 {"single_group": not SINGLE_GROUP}, "loss_vs_single_group_toggled"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
                 (args.compare_deterministic, f"deterministic={not args.deterministic}", {"deterministic": not args.deterministic},
@@ -621,6 +631,8 @@ def main() -> None:
     p.add_argument("--fp8-transposed", default="auto", choices=["auto", "on", "off"], help="fp8 base: kept transposed weights (train.fp8_transposed)")
     p.add_argument("--compare-fp8-transposed", default=None, choices=["auto", "on", "off"], help="also run with this train.fp8_transposed")
     p.add_argument("--compare-backward-fast-accum", action="store_true", help="also run the fp8 input gradients with fast accumulation toggled")
+    p.add_argument("--compare-multi-kernel", action="store_true", help="also run with inductor's multi-kernel reductions toggled (compiled_blocks.MULTI_KERNEL)")
+    p.add_argument("--compare-single-group", action="store_true", help="also run with FLUX.1 single blocks' q/k/v and proj_mlp grouping toggled (single_block.ENABLED)")
     p.add_argument("--compare-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="also run with this inductor setting (repeatable: one run each), e.g. triton.multi_kernel=1")
     p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")

@@ -37,7 +37,8 @@ def test_cuda_graphs_only_for_the_blocks_given(monkeypatch):
     """Under FSDP2 only the blocks it leaves whole are recorded (sharded ones are gathered into new
     memory every step); the model says graphs are on, and keeps its gradients, only if one is."""
     modes = []
-    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, mode=None: modes.append(mode) or fn)
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, options=None: modes.append(
+        "reduce-overhead" if options["triton.cudagraphs"] else None) or fn)
     model = _small_flux()
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     compiled_blocks.compile_blocks(model, cuda_graphs=True, graphed=blocks[2:])
@@ -220,3 +221,14 @@ def test_preprocess_encoders_compile_and_encode_as_eager(tiny_model, monkeypatch
             torch.testing.assert_close(family.encode_latents(vae, x), ref, rtol=1e-5, atol=1e-5)
     again = family.encode_prompts(text, ["a red circle", "sks"], 32, torch.device("cpu"))
     torch.testing.assert_close(again["t5"], prompts["t5"], rtol=1e-5, atol=1e-5)
+
+
+def test_multi_kernel_reductions_unless_deterministic():
+    """Inductor's multi-kernel reductions are chosen by timing them, so train.deterministic (torch's
+    deterministic algorithms) leaves them out."""
+    assert compiled_blocks.inductor_options(True) == {"triton.cudagraphs": True, "triton.multi_kernel": 1}
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert compiled_blocks.inductor_options(False) == {"triton.cudagraphs": False}
+    finally:
+        torch.use_deterministic_algorithms(False)

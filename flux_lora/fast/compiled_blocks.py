@@ -66,7 +66,7 @@ def compile_blocks(model, cuda_graphs: bool = False, graphed: list | None = None
     for block in blocks:
         block.flux_lora_forward = block.forward  # the eager forward, for inference_blocks
         forward = _separate_outputs(block.forward) if id(block) in singles else block.forward
-        block.forward = torch.compile(forward, dynamic=None, mode="reduce-overhead" if id(block) in graphed_ids else None)
+        block.forward = torch.compile(forward, dynamic=None, options=inductor_options(id(block) in graphed_ids))
     cuda_graphs = bool(graphed_ids)
     transformer_blocks(model)[0].register_forward_pre_hook(_inputs_need_grad_like_later_blocks, with_kwargs=True)
     model.flux_lora_cuda_graphs = cuda_graphs
@@ -76,6 +76,27 @@ def compile_blocks(model, cuda_graphs: bool = False, graphed: list | None = None
         # child of the previous, and warns of a loop without a step boundary. Per-block graphs
         # are that path by design; the path ends each step when its outputs die (measured: replays).
         warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs because of pending")
+
+
+MULTI_KERNEL = True  # see inductor_options; scripts/bench.py --compare-multi-kernel toggles it
+
+
+def inductor_options(cuda_graphs: bool) -> dict:
+    """What inductor compiles a training block with: CUDA graph trees (`cuda_graphs`; what
+    mode="reduce-overhead" sets), and multi-kernel reductions: each reduction kernel built both
+    persistent (a row held in registers, read once) and looped, and the faster kept after timing
+    both at its first run (+0.9% samples/s at 512 px, batch 4 on an H200, bench/README.md). The
+    timing picks a summation order, so not under train.deterministic (torch's deterministic
+    algorithms on), which keeps inductor's choice by shape."""
+    options = {"triton.cudagraphs": cuda_graphs}
+    if MULTI_KERNEL and not torch.are_deterministic_algorithms_enabled():
+        options["triton.multi_kernel"] = 1
+        # torch 2.11 keeps each pick in a file named by its kernels' Triton cache keys, which it
+        # cannot read from a kernel loaded from inductor's cache ("'NoneType' object does not
+        # support the context manager protocol" at every warm start, measured on an H200). Without
+        # that file each process times its picks at their first run (milliseconds).
+        os.environ["TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"] = "1"
+    return options
 
 
 def _inputs_need_grad_like_later_blocks(block, args, kwargs):

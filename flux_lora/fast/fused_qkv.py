@@ -56,6 +56,7 @@ class FusedProjection(torch.nn.Module):
         self.up_add = up_add  # the LoRA up-projection and its add as one addmm (flux_lora.lora_up)
         self.triton = triton  # that add as a Triton kernel where one runs (flux_lora.lora_kernels)
         bases = [_base(m) for m in members]
+        self.split_sizes = [b.out_features for b in bases]  # the members' columns of the output
         self.use_fp8 = isinstance(bases[0], fp8.Fp8Linear)
         dev = bases[0].weight.device
         weight = torch.cat([b.weight.detach() for b in bases])
@@ -116,7 +117,7 @@ class FusedProjection(torch.nn.Module):
 GROUPS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
 
 
-def _fusable(layers: list[torch.nn.Module]) -> bool:
+def fusable(layers: list[torch.nn.Module]) -> bool:
     bases = [_base(m) for m in layers]
     same_kind = all(type(b) is type(bases[0]) for b in bases) and type(bases[0]) in (torch.nn.Linear, fp8.Fp8Linear)
     return (same_kind and len({b.in_features for b in bases}) == 1 and len({b.bias is None for b in bases}) == 1
@@ -125,15 +126,17 @@ def _fusable(layers: list[torch.nn.Module]) -> bool:
 
 def fuse_attention(model: torch.nn.Module, up_add: bool = False, triton: bool = False) -> int:
     """Install q/k/v groups on every FLUX attention layer whose projections allow it (same input
-    size, same base kind: fp8 or plain Linear, LoRA on all or none). Returns how many groups."""
+    size, same base kind: fp8 or plain Linear, LoRA on all or none) and not in a group already
+    (flux_lora.fast.single_block's). Returns how many groups."""
     n = 0
+    grouped = {id(m.attn) for m in model.modules() if hasattr(m, "to_qkv_mlp")}
     for module in model.modules():
-        if not hasattr(module, "fused_projections") or module.fused_projections:
+        if not hasattr(module, "fused_projections") or module.fused_projections or id(module) in grouped:
             continue
         # diffusers reads both groups of a joint (image + text) attention, or neither
         wanted = GROUPS if getattr(module, "added_kv_proj_dim", None) is not None else GROUPS[:1]
         groups = [(attr, [getattr(module, name, None) for name in names]) for attr, names in wanted]
-        if not all(all(x is not None for x in layers) and _fusable(layers) for _, layers in groups):
+        if not all(all(x is not None for x in layers) and fusable(layers) for _, layers in groups):
             continue
         for attr, layers in groups:
             setattr(module, attr, FusedProjection(layers, up_add, triton))
