@@ -123,19 +123,29 @@ def test_compiled_blocks_match_eager_and_compile_each_block_kind_once(monkeypatc
 def test_single_blocks_hand_on_two_tensors_not_views_of_one(monkeypatch):
     """A FLUX.1 single block's two streams are views of one tensor. Handed on as views, their
     gradients were joined by autograd's eager view backward between the compiled graphs (a
-    zero-filled copy of the stream per view, then an add); compiled, each block returns two tensors."""
+    zero-filled copy of the stream per view, then an add); compiled, each block returns two tensors.
+    Going back, the gradients of its two input streams (slices of one) come out contiguous, as the
+    block before takes them (not copied eagerly between the graphs)."""
     _compile_on_cpu_quickly(monkeypatch)
     model = _small_flux()
-    outputs = []
-    for block in model.single_transformer_blocks:
-        block.register_forward_hook(lambda m, args, out: outputs.extend(out))
+    outputs, grads = [], []
+
+    def keep(m, args, out):
+        outputs.extend(out)
+        for t in out:
+            t.register_hook(grads.append)
+
+    for block in [model.transformer_blocks[-1], *model.single_transformer_blocks[:-1]]:  # the last: text unused
+        block.register_forward_hook(keep)
     _loss_and_grads(model)
-    assert outputs and all(t._base is not None for t in outputs)  # diffusers' eager block: views
-    outputs.clear()
+    assert outputs and all(t._base is not None for t in outputs[2:])  # diffusers' eager single block: views
+    assert not all(g.is_contiguous() for g in grads)
+    outputs.clear(), grads.clear()
     compiled_blocks.compile_blocks(model)
     _loss_and_grads(model)
     assert len(outputs) == 2 * len(model.single_transformer_blocks)
     assert all(t._base is None and t.is_contiguous() for t in outputs)
+    assert len(grads) == len(outputs) and all(g.is_contiguous() for g in grads)
     torch._dynamo.reset()
 
 

@@ -106,9 +106,7 @@ def _inputs_need_grad_like_later_blocks(block, args, kwargs):
     Asking for their gradient costs the first block's input-gradient matmuls (~0.3% of a step)."""
     if not torch.is_grad_enabled():
         return None
-    streams = ("hidden_states", "encoder_hidden_states")  # by name, or the first two positional arguments
-    return (tuple(_needing_grad(a) if i < 2 else a for i, a in enumerate(args)),
-            {k: _needing_grad(v) if k in streams else v for k, v in kwargs.items()})
+    return _streams(args, kwargs, _needing_grad)
 
 
 def _needing_grad(t):
@@ -117,20 +115,49 @@ def _needing_grad(t):
     return t.detach().requires_grad_()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _streams(args: tuple, kwargs: dict, change) -> tuple[tuple, dict]:
+    """`change` applied to a block call's two streams: by name, or the first two positional arguments."""
+    names = ("hidden_states", "encoder_hidden_states")
+    return (tuple(change(a) if i < 2 else a for i, a in enumerate(args)),
+            {k: change(v) if k in names else v for k, v in kwargs.items()})
+
+
 def _separate_outputs(forward):
-    """A FLUX.1 single block returns its text and image streams as two views of one tensor. Crossing
-    into the next compiled block as views, their gradients were joined outside the graphs, by
-    autograd's eager view backward: a zero-filled copy of the whole stream per view and an add, ~4
-    ms of a 512-px step on an H200 plus ~230 launches between replays. Returned as two tensors
-    made inside the graph, they need no such join, and every single block receives the layout the
-    first one gets (the double blocks' two tensors): one compile for all of them."""
+    """A FLUX.1 single block joins its two streams into one tensor and returns them as two views of
+    it. Crossing into the next compiled block as views, their gradients were joined outside the
+    graphs, by autograd's eager view backward: a zero-filled copy of the whole stream per view and
+    an add, ~4 ms of a 512-px step on an H200 plus ~230 launches between replays. Returned as two
+    tensors made inside the graph, they need no such join, and every single block receives the
+    layout the first one gets (the double blocks' two tensors): one compile for all of them.
+    Going back, the streams' gradients are slices of the joined tensor's; a compiled backward
+    takes its incoming gradients contiguous, so they were copied eagerly before each block's
+    backward (76 copies a step); made contiguous inside the graph, the copy fuses into the kernel
+    that computes them."""
     def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            args, kwargs = _streams(args, kwargs, _contiguous_grad)
         out = forward(*args, **kwargs)
         if isinstance(out, tuple) and len(out) > 1 and all(isinstance(t, torch.Tensor) for t in out):
             return tuple(t.clone(memory_format=torch.contiguous_format) for t in out)
         return out
 
     return run
+
+
+def _contiguous_grad(t):
+    return _ContiguousGrad.apply(t) if isinstance(t, torch.Tensor) and t.requires_grad else t
 
 
 def use_compile_cache(folder: str) -> None:
