@@ -85,9 +85,9 @@ def inductor_options(cuda_graphs: bool) -> dict:
     """What inductor compiles a training block with: CUDA graph trees (`cuda_graphs`; what
     mode="reduce-overhead" sets), and multi-kernel reductions: each reduction kernel built both
     persistent (a row held in registers, read once) and looped, and the faster kept after timing
-    both at its first run (+0.9% samples/s at 512 px, batch 4 on an H200, bench/README.md). The
-    timing picks a summation order, so not under train.deterministic (torch's deterministic
-    algorithms on), which keeps inductor's choice by shape."""
+    both at its first run (+1.2% samples/s at 512 px, batch 4 on an H200; +0.7% with the bf16 base;
+    bench/README.md, session 20). The timing picks a summation order, so not under
+    train.deterministic (torch's deterministic algorithms on), which keeps inductor's choice by shape."""
     options = {"triton.cudagraphs": cuda_graphs}
     if MULTI_KERNEL and not torch.are_deterministic_algorithms_enabled():
         options["triton.multi_kernel"] = 1
