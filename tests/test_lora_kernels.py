@@ -24,7 +24,8 @@ def test_kernel_matches_fp32_matmuls_and_repeats_bit_for_bit(m, k, n, r):
     h, y, b = torch.randn(m, r, **bf), torch.randn(m, n, **bf), torch.randn(n, r, **bf)
     a = torch.randn(r, n, **bf)
     cases = {"y + 2·h·Bᵀ": (lambda: lora_kernels.widen(h, b, y, alpha=2.0), y.float() + 2 * h.float() @ b.float().t()),
-             "h·A (a transposed view)": (lambda: lora_kernels.widen(h, a.t()), h.float() @ a.float())}
+             "h·A (a transposed view)": (lambda: lora_kernels.widen(h, a.t()), h.float() @ a.float()),
+             "bias + 2·h·Bᵀ": (lambda: lora_kernels.widen(h, b, alpha=2.0, bias=y[0]), y[0].float() + 2 * h.float() @ b.float().t())}
     for name, (run, want) in cases.items():
         got = run()
         assert got.shape == want.shape and rel(got, want) < 1e-2, name  # bf16 output, fp32 sums

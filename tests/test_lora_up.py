@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from flux_lora.fast import fp8, fused_qkv as fused, lora_up
+from flux_lora.fast import fp8, fused_qkv as fused, lora_linear, lora_up
 from flux_lora.training import lora
 from helpers import _inputs, _model, _run, assert_trains_like
 
@@ -51,8 +51,9 @@ def test_model_matches_peft_forward(tiny_model, group_qkv):
 
 def test_shortcut_is_taken_and_dropout_keeps_pefts_path(tiny_model, monkeypatch):
     calls = []
-    real = lora_up.up_add
-    monkeypatch.setattr(lora_up, "up_add", lambda *a: calls.append(1) or real(*a))
+    real_up_add, real_linear = lora_up.up_add, lora_linear.lora_linear
+    monkeypatch.setattr(lora_up, "up_add", lambda *a: calls.append(1) or real_up_add(*a))
+    monkeypatch.setattr(lora_linear, "lora_linear", lambda *a: calls.append(1) or real_linear(*a))
     model = _model(tiny_model)
     lora_up.install(model)
     model(**_inputs(model.config))

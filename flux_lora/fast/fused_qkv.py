@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora.fast import fp8, lora_up
+from flux_lora.fast import fp8, lora_linear, lora_up
 
 
 class _Fp8GroupMatmul(torch.autograd.Function):
@@ -105,11 +105,14 @@ class FusedProjection(torch.nn.Module):
         name = members[0].active_adapters[0]
         a = torch.cat([m.lora_A[name].weight for m in members])  # [members × r, in]
         b = torch.block_diag(*[m.lora_B[name].weight for m in members])  # [out total, members × r]
+        scaling = members[0].scaling[name]
+        if self.up_add and not self.use_fp8 and (dtype := lora_linear.compute_dtype(x, self.weight, a)):
+            return lora_linear.lora_linear(x, self.weight, self.bias, a, b, scaling, self.triton, dtype)
         h = torch.nn.functional.linear(lora_up.lora_input(x, a), a)
         y = self._base_forward(x)
         if self.up_add:
-            return lora_up.up_add(y, h, b, members[0].scaling[name], self.triton)
-        delta = torch.nn.functional.linear(h, b) * members[0].scaling[name]
+            return lora_up.up_add(y, h, b, scaling, self.triton)
+        delta = torch.nn.functional.linear(h, b) * scaling
         return (y + delta).to(y.dtype)  # as peft: the sum in the wider dtype, one rounding
 
 

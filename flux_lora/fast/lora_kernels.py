@@ -36,8 +36,8 @@ def rank_block(r: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _widen_kernel(h_ptr, w_ptr, y_ptr, out_ptr, M, N, R, shm, shr, swn, swr, sym, syn, som, son, alpha,
-                      HAS_Y: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    def _widen_kernel(h_ptr, w_ptr, y_ptr, bias_ptr, out_ptr, M, N, R, shm, shr, swn, swr, sym, syn, som, son, alpha,
+                      HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -49,18 +49,22 @@ if triton is not None:
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         if HAS_Y:
             acc += tl.load(y_ptr + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-    """(y +) alpha · h [M, r] · w [N, r]ᵀ -> [M, N], in y's dtype (h's without y); fp32 sum, one rounding."""
+def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha: float = 1.0,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(y +) (bias [N] +) alpha · h [M, r] · w [N, r]ᵀ -> [M, N], in y's dtype (h's without y); fp32
+    sum, one rounding."""
     m, r = h.shape
     n = w.shape[0]
     out = torch.empty((m, n), device=h.device, dtype=y.dtype if y is not None else h.dtype)
     bm, bn = 64, 128
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
     _widen_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        h, w, y if y is not None else out, out, m, n, r, h.stride(0), h.stride(1), w.stride(0), w.stride(1), *ys,
-        out.stride(0), out.stride(1), float(alpha), HAS_Y=y is not None, BM=bm, BN=bn, BR=rank_block(r),
+        h, w, y if y is not None else out, bias if bias is not None else out, out, m, n, r, h.stride(0), h.stride(1), w.stride(0), w.stride(1), *ys,
+        out.stride(0), out.stride(1), float(alpha), HAS_Y=y is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BR=rank_block(r),
         num_warps=4, num_stages=2)
     return out

@@ -22,7 +22,7 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from flux_lora.fast import lora_kernels
+from flux_lora.fast import lora_kernels, lora_linear
 
 
 @torch.library.custom_op("flux_lora::lora_up_add", mutates_args=())
@@ -104,6 +104,10 @@ def _up_add_class() -> type:
             return base_cls.forward(self, x, *args, **kwargs)
         name = self.active_adapters[0]
         lora_a = self.lora_A[name]
+        base = self.base_layer
+        if type(base) is torch.nn.Linear and (dtype := lora_linear.compute_dtype(x, base.weight, lora_a.weight)):
+            return lora_linear.lora_linear(x, base.weight, base.bias, lora_a.weight, self.lora_B[name].weight,
+                                           self.scaling[name], getattr(self, "flux_lora_triton", False), dtype)
         h = lora_a(lora_input(x, lora_a.weight))
         return up_add(self.base_layer(x), h, self.lora_B[name].weight, self.scaling[name],
                       getattr(self, "flux_lora_triton", False))
