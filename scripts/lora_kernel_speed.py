@@ -2,10 +2,12 @@
 (from CUDA graphs, as the training step replays them), bandwidth and error of each, and the sum
 over one training step's layers. The up-add's kernel is flux_lora's (fast.lora_kernels.widen,
 which also serves dx = dh·A here); `narrow` and `reduce_rows` below are the candidates for the
-other four, which cuBLAS matched or beat (so they stay here, not in the package). One GPU; prints a
-line per op and writes a JSON.
+other four, and `fused_up_grads` for dh and dB from one read of dy; cuBLAS matched or beat them
+(so they stay here, not in the package). One GPU; prints a line per op and writes a JSON.
+`--sweep` times the tile choices of `fused_up_grads` and of the write-only widen
+(flux_lora.fast.lora_linear's forward) over a step's layers.
 
-    python scripts/lora_kernel_speed.py --resolution 512 --batch 4 --out OUT.json"""
+    python scripts/lora_kernel_speed.py --resolution 512 --batch 4 [--sweep] --out OUT.json"""
 
 from __future__ import annotations
 
@@ -58,6 +60,33 @@ def _reduce_rows_kernel(x_ptr, h_ptr, part_ptr, M, K, R, rows_per_split, sxm, sx
     tl.store(part_ptr + offs, acc, mask=rk[:, None] < K)
 
 
+@triton.jit
+def _up_grads_kernel(dy_ptr, h_ptr, b_ptr, ws_dh_ptr, ws_db_ptr, M, N, R, sdm, sdn, shm, shr, sbn, sbr,
+                     bound1, bound2, bound3, COLS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BR: tl.constexpr):
+    pm = tl.program_id(0)
+    pn = tl.program_id(1)
+    rm = pm * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    c0 = pn * COLS
+    # the member whose columns these are: its rank slice of h and B (block-diagonal B)
+    r0 = ((c0 >= bound1).to(tl.int32) + (c0 >= bound2).to(tl.int32) + (c0 >= bound3).to(tl.int32)) * R
+    row_ok = rm < M
+    h = tl.load(h_ptr + rm[:, None] * shm + (r0 + rr)[None, :] * shr, mask=row_ok[:, None] & (rr[None, :] < R),
+                other=0.0)
+    dh = tl.zeros((BM, BR), dtype=tl.float32)
+    for j in range(0, COLS, BN):
+        rn = c0 + j + tl.arange(0, BN)
+        col_ok = rn < N
+        dy = tl.load(dy_ptr + rm[:, None] * sdm + rn[None, :] * sdn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[:, None] * sbn + (r0 + rr)[None, :] * sbr, mask=col_ok[:, None] & (rr[None, :] < R),
+                    other=0.0)
+        dh += tl.dot(dy, b)
+        db = tl.dot(tl.trans(dy), h)
+        tl.store(ws_db_ptr + pm * N * BR + rn[:, None] * BR + rr[None, :], db, mask=col_ok[:, None])
+    tl.store(ws_dh_ptr + pn * M * BR + rm[:, None] * BR + rr[None, :], dh, mask=row_ok[:, None])
+
+
 def narrow(x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """alpha · x [M, K] · w [K, r] -> [M, r] (w may be a transposed view)."""
     m, k = x.shape
@@ -93,6 +122,42 @@ def reduce_rows(x: torch.Tensor, h: torch.Tensor, alpha: float = 1.0, out_dtype:
     if alpha != 1.0:
         total = total * alpha
     return total.to(out_dtype or x.dtype)
+
+UP_GRADS_TILE = [256, 512, 64, 8, 3]  # rows and columns a program covers, column tile, warps, stages
+
+
+def fused_up_grads(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
+             splits: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A candidate that lost to cuBLAS (bench/README.md, session 21: 12.9 against 10.3 ms a step at
+    512 px, batch 4, on an H200; cuBLAS reads dy twice at ~3.5-3.9 TB/s, this kernel once at ~1.7).
+    (alpha · dy·B, alpha · dyᵀ·h) from one read of dy [M, N]; h [M, R], B [N, R]. `splits`: the
+    output columns of each member of a group whose B is block-diagonal (member i: columns splits[i],
+    rank R / len(splits)); the zero blocks are neither read nor written. Partial sums go to fp32
+    buffers (per row block for dB, per column block for dh) and are added in a fixed order."""
+    m, n = dy.shape
+    splits = list(splits or [n])
+    r = h.shape[1] // len(splits)
+    bm, cols, bn, warps, stages = UP_GRADS_TILE
+    br = lk.rank_block(r)
+    bounds = [sum(splits[:i + 1]) for i in range(len(splits) - 1)] + [n] * (4 - len(splits))
+    pm, pn = triton.cdiv(m, bm), triton.cdiv(n, cols)
+    ws_dh = torch.empty((pn, m, br), device=dy.device, dtype=torch.float32)
+    ws_db = torch.empty((pm, n, br), device=dy.device, dtype=torch.float32)
+    _up_grads_kernel[(pm, pn)](dy, h, b, ws_dh, ws_db, m, n, r, dy.stride(0), dy.stride(1), h.stride(0), h.stride(1),
+                               b.stride(0), b.stride(1), *bounds[:3], COLS=cols, BM=bm, BN=bn, BR=br,
+                               num_warps=warps, num_stages=stages)
+    db_members = ws_db.sum(0)[:, :r].mul_(alpha).to(dy.dtype)  # [N, r]: each column's own member's rank
+    if len(splits) == 1:
+        return ws_dh.sum(0)[:, :r].mul_(alpha).to(dy.dtype), db_members
+    dh = dy.new_empty((m, h.shape[1]))
+    db = b.new_zeros(b.shape, dtype=dy.dtype)
+    start = 0
+    for i, size in enumerate(splits):
+        blocks = slice(start // cols, triton.cdiv(start + size, cols))
+        dh[:, i * r:(i + 1) * r] = ws_dh[blocks].sum(0)[:, :r].mul_(alpha)
+        db[start:start + size, i * r:(i + 1) * r] = db_members[start:start + size]
+        start += size
+    return dh, db
 
 
 def layer_shapes(resolution: int, batch: int, text_len: int = 512, rank: int = 16) -> list[tuple]:
@@ -150,14 +215,68 @@ def ops(m, k, n, r, dev):
     }
 
 
+def grouped_shapes(resolution: int, batch: int, text_len: int = 512, rank: int = 16) -> list[tuple]:
+    """(name, M, N, rank of the layer, layers a step, member columns) of the up-projections as the
+    step runs them: q/k/v grouped, FLUX.1's single blocks' q/k/v/proj_mlp grouped."""
+    image, text = (resolution // 16) ** 2 * batch, text_len * batch
+    shapes = []
+    for stream, m in (("img", image), ("txt", text)):
+        shapes += [(f"double.{stream}.qkv", m, 9216, 3 * rank, 19, [3072] * 3), (f"double.{stream}.out", m, 3072, rank, 19, None),
+                   (f"double.{stream}.ff0", m, 12288, rank, 19, None), (f"double.{stream}.ff2", m, 3072, rank, 19, None)]
+    return shapes + [("single.qkv_mlp", image + text, 21504, 4 * rank, 38, [3072] * 3 + [12288]),
+                     ("single.proj_out", image + text, 3072, rank, 38, None)]
+
+
+UP_GRADS_TILES = [(256, 512, 64, 8, 3), (128, 512, 64, 8, 3), (256, 512, 32, 8, 3), (256, 1024, 64, 8, 3),
+                  (256, 512, 64, 4, 3), (512, 512, 32, 8, 2), (128, 512, 128, 8, 3)]
+WIDEN_TILES = [(64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 2), (128, 64, 4, 2), (32, 256, 4, 2), (128, 256, 8, 2)]
+
+
+def sweep(args, dev) -> dict:
+    """A step's dh + dB (cuBLAS, two reads of dy) against lora_kernels.up_grads at each tile choice,
+    and the write-only widen (bias + s·h·Bᵀ, lora_linear's forward) at each of its tile choices."""
+    bf = torch.bfloat16
+    totals = {"cublas dh+dB": 0.0, **{f"up_grads {t}": 0.0 for t in UP_GRADS_TILES}, **{f"widen {t}": 0.0 for t in WIDEN_TILES}}
+    for name, m, n, r, count, splits in grouped_shapes(args.resolution, args.batch, rank=args.rank):
+        dy, h = torch.randn(m, n, device=dev, dtype=bf), torch.randn(m, r, device=dev, dtype=bf)
+        b = (torch.block_diag(*[torch.randn(c, r // len(splits), device=dev, dtype=bf) for c in splits]) if splits
+             else torch.randn(n, r, device=dev, dtype=bf))
+        bias = torch.randn(n, device=dev, dtype=bf)
+        line = {"cublas dh+dB": timed_ms(lambda: (dy @ b, dy.t() @ h))}
+        want = (dy.float() @ b.float(), (dy.float().t() @ h.float()) * (b != 0) if splits else dy.float().t() @ h.float())
+        for tile in UP_GRADS_TILES:
+            UP_GRADS_TILE[:] = tile
+            got = fused_up_grads(dy, h, b, 1.0, splits)
+            assert all((g.float() - w.float()).abs().max() <= 1e-2 * w.float().abs().max() for g, w in zip(got, want)), tile
+            line[f"up_grads {tile}"] = timed_ms(lambda: fused_up_grads(dy, h, b, 1.0, splits))
+        for tile in WIDEN_TILES:
+            lk.WIDEN_TILE = tile
+            line[f"widen {tile}"] = timed_ms(lambda: lk.widen(h, b, alpha=0.5, bias=bias))
+        for key, ms in line.items():
+            totals[key] += ms * count
+        print(name, " ".join(f"{k}={v * 1e3:.1f}us" for k, v in line.items()), flush=True)
+    for key, ms in totals.items():
+        print(f"a step: {key:40s} {ms:7.2f} ms")
+    return totals
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--sweep", action="store_true", help="tile choices of up_grads and the write-only widen, a step's sum each")
     p.add_argument("--out", default="")
     args = p.parse_args()
     dev = torch.device("cuda")
+    if args.sweep:
+        totals = sweep(args, dev)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"kind": "lora_kernels_sweep", "resolution": args.resolution, "batch": args.batch,
+                           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "ms_per_step": totals}, f, indent=1)
+        return
     rows, totals = [], {"torch": 0.0, "triton": 0.0}
     for name, m, k, n, r, count in layer_shapes(args.resolution, args.batch, rank=args.rank):
         for op, (f_torch, f_triton, f_ref, nbytes) in ops(m, k, n, r, dev).items():

@@ -54,6 +54,9 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+WIDEN_TILE = (64, 128, 4, 2)  # rows, columns, warps, stages of a program (fixed: same bits each run)
+
+
 def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha: float = 1.0,
           bias: torch.Tensor | None = None) -> torch.Tensor:
     """(y +) (bias [N] +) alpha · h [M, r] · w [N, r]ᵀ -> [M, N], in y's dtype (h's without y); fp32
@@ -61,10 +64,11 @@ def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha
     m, r = h.shape
     n = w.shape[0]
     out = torch.empty((m, n), device=h.device, dtype=y.dtype if y is not None else h.dtype)
-    bm, bn = 64, 128
+    bm, bn, warps, stages = WIDEN_TILE
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
     _widen_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         h, w, y if y is not None else out, bias if bias is not None else out, out, m, n, r, h.stride(0), h.stride(1), w.stride(0), w.stride(1), *ys,
         out.stride(0), out.stride(1), float(alpha), HAS_Y=y is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BR=rank_block(r),
-        num_warps=4, num_stages=2)
+        num_warps=warps, num_stages=stages)
     return out
+
