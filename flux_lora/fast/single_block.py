@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from flux_lora.fast import fused_qkv
+from flux_lora.fast import fused_qkv, qk_rope
 
 MEMBERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 ENABLED = True  # with train.fuse_qkv; scripts/bench.py --compare-single-group toggles it
@@ -54,12 +54,16 @@ def _grouped_class() -> type:
         residual = hidden_states
         norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
         query, key, value, mlp = self.to_qkv_mlp(norm_hidden_states).split(self.to_qkv_mlp.split_sizes, dim=-1)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        if image_rotary_emb is not None and qk_rope.applies(attn.norm_q, query, image_rotary_emb) \
+                and qk_rope.applies(attn.norm_k, key, image_rotary_emb):
+            query = qk_rope.norm_rope(attn.norm_q, query, image_rotary_emb)
+            key = qk_rope.norm_rope(attn.norm_k, key, image_rotary_emb)
+        else:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         attn_output = dispatch_attention_fn(query, key, value, attn_mask=None, backend=attn.processor._attention_backend,
                                             parallel_config=attn.processor._parallel_config)
         attn_output = attn_output.flatten(2, 3).to(query.dtype)
