@@ -2,6 +2,8 @@
 against diffusers' two steps (torch's RMSNorm, apply_rotary_emb), where it applies, that FLUX.1's
 grouped single block takes it, and on CUDA the Triton forward against the torch one."""
 
+import pickle
+
 import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -43,8 +45,30 @@ def test_gradcheck_and_registration():
     x, norm, rotary = _case(torch.float64)
     rotary = tuple(r.double() for r in rotary)
     x = x.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: qk_rope._forward(t, norm.weight, 1e-6, *rotary)[0], (x,))
-    torch.library.opcheck(qk_rope._forward, (x.detach().float(), norm.weight.float(), 1e-6, *(r.float() for r in rotary)))
+    assert torch.autograd.gradcheck(lambda t: qk_rope._forward(t, norm.weight, None, None, 1e-6, *rotary)[0], (x,))
+    text, image = x[:, :2].detach().requires_grad_(), x[:, 2:].detach().requires_grad_()
+    weight2 = norm.weight.flip(0)
+    assert torch.autograd.gradcheck(lambda t, i: qk_rope._forward(t, norm.weight, i, weight2, 1e-6, *rotary)[0], (text, image))
+    f = (lambda t: t.detach().float())
+    torch.library.opcheck(qk_rope._forward, (f(x), f(norm.weight), None, None, 1e-6, *map(f, rotary)))
+    torch.library.opcheck(qk_rope._forward, (f(text), f(norm.weight), f(image), f(weight2), 1e-6, *map(f, rotary)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_parts_match_diffusers_double_block_order(dtype):
+    """A double block norms the text's and the image's q with their own weights, joins them (text
+    first) and rotates the joined sequence."""
+    x, norm, rotary = _case(dtype)
+    text, image = x[:, :2].detach().requires_grad_(), x[:, 2:].detach().requires_grad_()
+    norm_text = torch.nn.RMSNorm(x.shape[-1], eps=1e-6, dtype=dtype).requires_grad_(False)
+    norm_text.weight.copy_(norm.weight.flip(0))
+    got = qk_rope.norm_rope(norm_text, text, rotary, norm, image)
+    want = apply_rotary_emb(torch.cat([norm_text(text), norm(image)], dim=1), rotary, sequence_dim=1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == want.shape and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    upstream = torch.randn(want.shape, dtype=dtype)
+    for a, b in zip(torch.autograd.grad(got, (text, image), upstream), torch.autograd.grad(want, (text, image), upstream)):
+        assert torch.allclose(a.float(), b.float(), atol=tol * 10, rtol=tol * 10)
 
 
 def test_applies_only_where_it_computes_diffusers_maths():
@@ -82,9 +106,53 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and lora_kernels.availa
 def test_triton_forward_matches_torch_and_repeats(shape):
     b, s, h, d = shape
     x, norm, rotary = _case(torch.bfloat16, "cuda", b, s, h, d)
-    got, rstd = qk_rope._forward(x, norm.weight, 1e-6, *rotary)
+    got, rstd = qk_rope._forward(x, norm.weight, None, None, 1e-6, *rotary)
     want = _diffusers(norm, x, rotary)
     assert got.transpose(1, 2).is_contiguous() and got.dtype == torch.bfloat16
     assert torch.allclose(rstd, torch.rsqrt(x.float().square().mean(-1) + 1e-6), rtol=1e-5)
     assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
-    assert torch.equal(qk_rope._forward(x, norm.weight, 1e-6, *rotary)[0], got)
+    assert torch.equal(qk_rope._forward(x, norm.weight, None, None, 1e-6, *rotary)[0], got)
+    text, image = x[:, : s // 3], x[:, s // 3:]
+    two = qk_rope._forward(text, norm.weight, image, norm.weight.flip(0), 1e-6, *rotary)[0]
+    assert torch.equal(two[:, : s // 3], got[:, : s // 3])  # the text's rows: the same maths, the same bits
+    norm.weight.copy_(norm.weight.flip(0))
+    assert torch.equal(two[:, s // 3:], qk_rope._forward(x, norm.weight, None, None, 1e-6, *rotary)[0][:, s // 3:])
+
+
+def test_double_blocks_processor_matches_diffusers(monkeypatch):
+    import copy
+
+    from helpers import _loss_and_grads, _small_flux
+
+    ref = _small_flux()
+    model = copy.deepcopy(ref)
+    assert qk_rope.install(model) == len(model.transformer_blocks)
+    calls = []
+    real = qk_rope.norm_rope
+    monkeypatch.setattr(qk_rope, "norm_rope", lambda *a: calls.append(1) or real(*a))
+    loss, grads = _loss_and_grads(model)
+    want_loss, want_grads = _loss_and_grads(ref)
+    assert len(calls) == 2 * len(model.transformer_blocks)  # q and k of each double block
+    assert torch.allclose(loss, want_loss, rtol=1e-5)
+    for name, grad in want_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
+    assert type(pickle.loads(pickle.dumps(model.transformer_blocks[0].attn.processor))).__name__.startswith("JointNormRope")
+
+
+def test_double_block_with_the_processor_is_one_graph_under_compile():
+    from flux_lora.fast import fused_qkv
+    from helpers import _small_flux
+
+    model = _small_flux()
+    fused_qkv.fuse_attention(model)
+    qk_rope.install(model)
+    block = model.transformer_blocks[0]
+    g = torch.Generator().manual_seed(3)
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    kwargs = dict(hidden_states=torch.randn(2, 16, dim, generator=g), encoder_hidden_states=torch.randn(2, 8, dim, generator=g),
+                  temb=torch.randn(2, dim, generator=g), image_rotary_emb=model.pos_embed(torch.zeros(24, 3)))
+    want = block(**kwargs)
+    torch._dynamo.reset()
+    got = torch.compile(block, backend="aot_eager", fullgraph=True)(**kwargs)  # fullgraph: a break would raise
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -10,8 +10,8 @@ import torch
 
 from flux_lora.config import Config
 from flux_lora.errors import ConfigError
-from flux_lora.fast import (attention, compiled_blocks, determinism, fp8, fused_qkv, lora_up, memory, quantize,
-                            single_block)
+from flux_lora.fast import (attention, compiled_blocks, determinism, fp8, fused_qkv, lora_up, memory, qk_rope,
+                            quantize, single_block)
 from flux_lora.models import families, loading
 from flux_lora.models.families.base import Family
 from flux_lora.parallel import fsdp
@@ -146,6 +146,7 @@ def apply_speed_options(model, train_cfg, device: torch.device, max_tokens: int 
     if train_cfg.fuse_qkv and fuses_qkv:  # FLUX.2's single blocks come fused; its double blocks stay separate
         single_block.group(model, up_add=train_cfg.fuse_lora_up, triton=train_cfg.lora_triton)
         fused_qkv.fuse_attention(model, up_add=train_cfg.fuse_lora_up, triton=train_cfg.lora_triton)
+        qk_rope.install(model)
     gpu_bytes = memory.gpu_bytes(device, budget_gib)
     count, why = memory.use_checkpointing(train_cfg, model, max_tokens, gpu_bytes, shards)
     if keeps_fp8_transposed(train_cfg, model, count, max_tokens, gpu_bytes):
