@@ -33,6 +33,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -168,7 +169,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other elementwise/copy")
 
 
-def profile_breakdown(run_steps, first_step: int, device: torch.device, steps: int = 2) -> dict | None:
+def profile_breakdown(run_steps, first_step: int, device: torch.device, steps: int = 2, trace: str = "") -> dict | None:
     """GPU time per step by kernel kind and the top kernels, and the host side (torch.profiler):
     where the step goes, and what keeps the GPU waiting (syncs, allocations, slow launches)."""
     if device.type != "cuda":
@@ -180,6 +181,14 @@ def profile_breakdown(run_steps, first_step: int, device: torch.device, steps: i
         run_steps(first_step, steps)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    if trace:  # the timeline (chrome://tracing, Perfetto), gzipped: where the GPU waits and why
+        import gzip
+        import shutil
+
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
     kinds, kernels, host = {}, [], []
     for e in prof.key_averages():
         if getattr(e, "is_user_annotation", False):
@@ -338,7 +347,8 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
         t1 = time.perf_counter()
         losses += steps(args.warmup, args.steps)
         step_s = (time.perf_counter() - t1) / args.steps
-        breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device) if args.profile else None
+        trace = f"{args.trace}-{re.sub(r'[^A-Za-z0-9]+', '-', setting['name'])}.json" if args.trace else ""
+        breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device, trace=trace) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
     previews = preview_timings(args, di, cfg, model, family, setting, lambda: steps(args.warmup + args.steps, 3)) \
         if args.compare_previews and "loss_key" not in setting and "lora_bf16" not in setting else None
@@ -670,6 +680,7 @@ def main() -> None:
     p.add_argument("--gpu-memory-cap", type=float, default=0.0, help="GiB: cap this process's GPU memory from its first allocation (torch.cuda.set_per_process_memory_fraction) and plan for it (dist.gpu_memory_gib); reports the whole-run peak")
     p.add_argument("--compare-previews", action="store_true", help="time a 2-prompt preview grid the old way (a prompt at a time, eager) and the new (batched, CUDA graph)")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel kind")
+    p.add_argument("--trace", default="", help="with --profile: write each setting's timeline to TRACE-N.json.gz")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--text-len", type=int, default=512)

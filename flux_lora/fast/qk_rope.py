@@ -131,6 +131,7 @@ def _setup(ctx, inputs, output):
     x, weight, x2, weight2, eps, cos, sin = inputs
     ctx.save_for_backward(x, weight, x2, weight2, cos, sin, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for 1/rms
 
 
 def _part_grad(x, weight, rstd, dout, cos, sin):
@@ -146,6 +147,8 @@ def _part_grad(x, weight, rstd, dout, cos, sin):
 
 def _backward(ctx, dout, _drstd):
     """The gradient in torch ops (traced: inductor fuses it as it fused diffusers' version)."""
+    if dout is None:
+        return None, None, None, None, None, None, None
     x, weight, x2, weight2, cos, sin, rstd = ctx.saved_tensors
     n = x.shape[1]
     dx = _part_grad(x, weight, rstd[:, :n], dout[:, :n], cos[:n], sin[:n])
