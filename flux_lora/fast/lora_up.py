@@ -12,6 +12,9 @@ with a copy of y first (measured slower than peft's forward). Its backward is pl
 With `triton` (train.lora_triton) the forward is flux_lora.lora_kernels.widen on CUDA instead:
 cuBLAS runs this rank-r addmm at ~1.5 TB/s on an H200, the Triton kernel at 3.2-3.5 TB/s at
 FLUX.1's large shapes (scripts/lora_kernel_speed.py).
+
+A base of the compute dtype (bf16 under autocast) takes flux_lora.fast.lora_linear instead, which
+also folds the base matmul in; this op serves the fp8 base, whose matmul cannot add a matrix.
 """
 
 from __future__ import annotations
