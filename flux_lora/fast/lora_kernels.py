@@ -67,8 +67,7 @@ def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha
     bm, bn, warps, stages = WIDEN_TILE
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
     _widen_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        h, w, y if y is not None else out, bias if bias is not None else out, out, m, n, r, h.stride(0), h.stride(1), w.stride(0), w.stride(1), *ys,
-        out.stride(0), out.stride(1), float(alpha), HAS_Y=y is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BR=rank_block(r),
-        num_warps=warps, num_stages=stages)
+        h, w, y if y is not None else out, bias if bias is not None else out, out, m, n, r,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), *ys, out.stride(0), out.stride(1), float(alpha),
+        HAS_Y=y is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BR=rank_block(r), num_warps=warps, num_stages=stages)
     return out
-
