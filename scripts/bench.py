@@ -181,14 +181,8 @@ def profile_breakdown(run_steps, first_step: int, device: torch.device, steps: i
         run_steps(first_step, steps)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    if trace:  # the timeline (chrome://tracing, Perfetto), gzipped: where the GPU waits and why
-        import gzip
-        import shutil
-
+    if trace:  # the timeline (chrome://tracing, Perfetto; gzipped by the profiler): where the GPU waits and why
         prof.export_chrome_trace(trace)
-        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.remove(trace)
     kinds, kernels, host = {}, [], []
     for e in prof.key_averages():
         if getattr(e, "is_user_annotation", False):
@@ -347,7 +341,7 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
         t1 = time.perf_counter()
         losses += steps(args.warmup, args.steps)
         step_s = (time.perf_counter() - t1) / args.steps
-        trace = f"{args.trace}-{re.sub(r'[^A-Za-z0-9]+', '-', setting['name'])}.json" if args.trace else ""
+        trace = f"{args.trace}-{re.sub(r'[^A-Za-z0-9]+', '-', setting['name'])}.json.gz" if args.trace else ""
         breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device, trace=trace) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
     previews = preview_timings(args, di, cfg, model, family, setting, lambda: steps(args.warmup + args.steps, 3)) \
