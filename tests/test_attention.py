@@ -36,9 +36,48 @@ def test_op_matches_sdpa_values_and_gradients(device):
         assert a.shape == b.shape and (a.float() - b).abs().max() < tol * 10
 
 
+def _token_rows(device, shape=(2, 3, 40, 16), dtype=torch.float32):
+    """q, k as diffusers' [B, S, H, D] viewed as [B, H, S, D]; v a view into a wider projection
+    output (its tokens' rows farther apart), as FLUX's grouped single block passes it."""
+    b, h, s, d = shape
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(b, s, h, d, generator=g).to(device, dtype).transpose(1, 2) for _ in range(2))
+    wide = torch.randn(b, s, 3 * h * d, generator=g).to(device, dtype)
+    v = wide[..., h * d: 2 * h * d].unflatten(-1, (h, d)).transpose(1, 2)
+    return [t.detach().requires_grad_(True) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_takes_token_rows_without_copies_and_answers_in_them(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    shape = (2, 3, 40, 16) if device == "cpu" else (2, 4, 320, 128)
+    q, k, v = _token_rows(device, shape, dtype)
+    assert all(attention._token_rows(t) for t in (q, k, v)) and not v.transpose(1, 2).is_contiguous()
+    out, lse = attention.attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # the blocks read it as [B, S, H, D] without a copy
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in (q, k, v)))
+    tol = 1e-5 if device == "cpu" else 2e-2
+    assert (out.float() - ref).abs().max() < tol
+    g = torch.randn(out.shape, dtype=dtype, device=device)  # [B, H, S, D] memory: not the output's layout
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g.float())
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (a.float() - b).abs().max() < tol * 10
+    assert all(t.transpose(1, 2).is_contiguous() for t in torch.ops.flux_lora.attention_backward(g, q, k, v, out, lse))
+    # the same gradient handed in the output's own layout: the same gradients (the same bits on the
+    # CPU; cuDNN's backward sums dq in no fixed order)
+    again = torch.autograd.grad(attention.attention(q, k, v)[0], (q, k, v), g.transpose(1, 2).contiguous().transpose(1, 2))
+    for a, b in zip(got, again):
+        assert torch.equal(a, b) if device == "cpu" else (a.float() - b.float()).abs().max() < tol
+
+
 def test_op_registration_is_consistent():
     # real and fake implementations agree on shapes, strides and dtypes, and autograd is wired
     torch.library.opcheck(attention.attention, tuple(_qkv("cpu")))
+    torch.library.opcheck(attention.attention, tuple(_token_rows("cpu")))
+    q, k, v = (t.detach() for t in _token_rows("cpu"))
+    out, lse = attention.attention(q, k, v)
+    torch.library.opcheck(attention.attention_backward, (torch.randn(out.shape), q, k, v, out, lse))
 
 
 def test_op_compiles_without_graph_breaks_and_backpropagates():

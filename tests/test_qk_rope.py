@@ -31,7 +31,7 @@ def test_matches_diffusers_values_and_gradients(dtype):
     x, norm, rotary = _case(dtype)
     x = x.detach().requires_grad_()
     got = qk_rope.norm_rope(norm, x, rotary)
-    assert got.transpose(1, 2).is_contiguous() and got.shape == x.shape and got.dtype == dtype  # attention's layout
+    assert got.is_contiguous() and got.shape == x.shape and got.dtype == dtype  # attention's layout
     want = _diffusers(norm, x, rotary)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
@@ -108,7 +108,7 @@ def test_triton_forward_matches_torch_and_repeats(shape):
     x, norm, rotary = _case(torch.bfloat16, "cuda", b, s, h, d)
     got, rstd = qk_rope._forward(x, norm.weight, None, None, 1e-6, *rotary)
     want = _diffusers(norm, x, rotary)
-    assert got.transpose(1, 2).is_contiguous() and got.dtype == torch.bfloat16
+    assert got.is_contiguous() and got.dtype == torch.bfloat16
     assert torch.allclose(rstd, torch.rsqrt(x.float().square().mean(-1) + 1e-6), rtol=1e-5)
     assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
     assert torch.equal(qk_rope._forward(x, norm.weight, None, None, 1e-6, *rotary)[0], got)

@@ -3,9 +3,13 @@
 On CUDA the op runs cuDNN's fused attention; on the CPU, ATen's flash kernel (so the op, its
 backward and its fake implementation are tested without a GPU). cuDNN attention runs FLUX's
 shapes ~1.8× faster than flash on H100, but reached through SDPA inside a compiled block its first
-backward died with an illegal memory access (torch 2.11, 2026-11-26). Here inductor sees a black
-box whose inputs and outputs are contiguous [B, H, S, D]: the kernels get exactly the layout
-scripts/attention_check.py tested, and the log-sum-exp the backward needs comes back unchanged.
+backward died with an illegal memory access (torch 2.11, 2026-11-26). torch caches cuDNN's backward
+plan by q/k/v's shapes and strides only, not the output gradient's, which inductor lays out as it
+likes; a plan built for one layout then runs on another. Here inductor sees a black box that hands
+the kernels one of two layouts: [B, H, S, D] memory, or diffusers' own [B, S, H, D] (heads side by
+side in a token's row; a token's row may sit inside a wider projection output, as v does), and the
+output gradient always in the output's layout. [B, S, H, D] is what the FLUX blocks produce and
+consume: no transposing copies around the op (bench/README.md, session 22).
 
 `use(transformer)` routes diffusers' attention dispatch to the op for calls it supports (no mask,
 no dropout, not causal); anything else falls back to SDPA.
@@ -20,26 +24,62 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 
+def _token_rows(t: Tensor) -> bool:
+    """Whether [B, H, S, D] t lies in [B, S, H, D] memory: a token's heads side by side."""
+    return t.stride(3) == 1 and t.stride(1) == t.shape[3] and t.stride(2) >= t.shape[1] * t.shape[3] \
+        and t.stride(0) >= t.shape[2] * t.stride(2)
+
+
+def _dense(shape, like: Tensor, token_rows: bool) -> Tensor:
+    """An empty [B, H, S, D] tensor in the op's layout."""
+    b, h, s, d = shape
+    if token_rows:
+        return like.new_empty((b, s, h, d)).transpose(1, 2)
+    return like.new_empty((b, h, s, d))
+
+
+def _in_layout(t: Tensor, token_rows: bool, dense: bool = False) -> Tensor:
+    """t as the kernels take it: in the op's layout, 16-byte aligned (a copy only where not)."""
+    fits = _token_rows(t) if token_rows else t.is_contiguous()
+    if fits and dense and token_rows:
+        fits = t.stride(2) == t.shape[1] * t.shape[3] and t.stride(0) == t.shape[2] * t.stride(2)
+    if fits and t.device.type == "cuda":
+        fits = t.data_ptr() % 16 == 0 and all(x % 8 == 0 for x in t.stride()[:3])
+    return t if fits else _dense(t.shape, t, token_rows).copy_(t)
+
+
+def _as(t: Tensor, like: Tensor) -> Tensor:
+    """t with like's strides (a copy only where they differ)."""
+    return t if t.stride() == like.stride() else torch.empty_strided(like.shape, like.stride(), dtype=t.dtype,
+                                                                      device=t.device).copy_(t)
+
+
 @torch.library.custom_op("flux_lora::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """softmax(q kᵀ/√d) v for [B, H, S, D] inputs; returns (out [B, H, S, D], lse [B, H, S] fp32)."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """softmax(q kᵀ/√d) v for [B, H, S, D] inputs; returns (out [B, H, S, D] in q's layout (token
+    rows if q has them, else contiguous), lse [B, H, S] fp32)."""
+    rows = _token_rows(q)
+    q, k, v = (_in_layout(t, rows) for t in (q, k, v))
     if q.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-    return out.contiguous(), lse.reshape(q.shape[:3]).contiguous()
+    return _in_layout(out, rows, dense=True), lse.reshape(q.shape[:3]).contiguous()
 
 
 @attention.register_fake
 def _(q, k, v):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _dense(q.shape, q, _token_rows(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("flux_lora::attention_backward", mutates_args=())
 def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    grad, q, k, v, out = (t.contiguous() for t in (grad, q, k, v, out))
+    """(dq, dk, dv), each dense in the op's layout."""
+    rows = _token_rows(q)
+    q, k, v = (_in_layout(t, rows) for t in (q, k, v))
+    out = _in_layout(out, rows, dense=True)
+    grad = _as(grad, out)
     if q.device.type == "cuda":
         # no dropout: cuDNN reads neither the seed nor the offset, but the signature wants tensors
         unused = torch.zeros(1, dtype=torch.int64, device=q.device)
@@ -49,12 +89,13 @@ def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     else:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, False)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return tuple(_in_layout(t, rows, dense=True) for t in (dq, dk, dv))
 
 
 @attention_backward.register_fake
 def _(grad, q, k, v, out, lse):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    rows = _token_rows(q)
+    return tuple(_dense(t.shape, t, rows) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
@@ -63,8 +104,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    # made contiguous here, in the traced graph, the copy fuses into the kernel that makes grad_out
-    return attention_backward(grad_out.contiguous(), q, k, v, out, lse)
+    # laid out as the output here, in the traced graph: the copy fuses into the kernel that makes
+    # grad_out, and cuDNN's cached backward plan sees the layout it was built for
+    return attention_backward(_as(grad_out, out), q, k, v, out, lse)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -97,9 +139,12 @@ def _diffusers_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
 
         return _native_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                  return_lse, _parallel_config)
-    # the layout change happens here, in the compiled graph, so inductor folds it into the
-    # kernel that produces q/k/v (RoPE) instead of a separate copy inside the op
-    out, _ = attention(*(t.transpose(1, 2).contiguous() for t in (query, key, value)))
+    # diffusers' [B, S, H, D] as it is (flux_lora.fast.qk_rope writes q and k so; v is a view of
+    # its projection); a layout the op does not take is copied here, where inductor folds the copy
+    # into the kernel that produces it
+    heads = [t.transpose(1, 2) for t in (query, key, value)]
+    out, _ = attention(*(t if _token_rows(t) or t.is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
+                         for t in heads))
     return out.transpose(1, 2)
 
 

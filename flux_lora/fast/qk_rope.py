@@ -1,5 +1,5 @@
-"""FLUX.1's query/key RMSNorm and rotary embedding as one op: one read of q (or k) and one write, in
-the layout flux_lora.fast.attention takes.
+"""FLUX.1's query/key RMSNorm and rotary embedding as one op: one read of q (or k) and one write,
+token by token, in the layout flux_lora.fast.attention takes.
 
 Per head, diffusers' FluxAttention computes `apply_rotary_emb(norm_q(q), (cos, sin))`: torch's
 RMSNorm over the head dim (rounded to the activation dtype), then (y·cos + rot(y)·sin) in fp32,
@@ -7,8 +7,10 @@ with rot(y) = (-y₁, y₀, -y₃, y₂, ...); a double block first joins the te
 tokens (each normed by its own weight) into one sequence. Inductor fuses that maths into kernels
 that run at ~1.1-1.4 TB/s on an H200 at 512 px, batch 4 (6.2 ms of a step for the single blocks'
 alone), and a copy into attention's layout follows. Here a Triton kernel reads one head of one token
-per row, from either part, and writes the joined sequence in [B, H, S, D] memory; the backward is
-the same maths' gradient in torch ops (with the forward's 1/rms), which inductor fuses as before.
+per row, from either part, and writes the joined sequence as a contiguous [B, S, H, D], in the same
+order it reads (written head-major, [B, H, S, D], the scattered writes ran at 1.2 TB/s; session 22);
+the backward is the same maths' gradient in torch ops (with the forward's 1/rms), which inductor
+fuses as before.
 
 FLUX.1's grouped single block (fast/single_block.py) calls `norm_rope`; `install` gives double
 blocks' attention a processor that does. Both apply where diffusers' path is torch's RMSNorm (frozen
@@ -58,6 +60,10 @@ def _wide(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # fp32 as diffusers' rope (fp64 stays: gradcheck)
 
 
+# Rows (one head of one token each) a program, warps: chosen by `python scripts/qk_rope_speed.py`
+# on an H200 at FLUX.1's shapes (bench/README.md, session 22).
+TILE = dict(rows=16, warps=2)
+
 if triton is not None:
 
     @triton.jit
@@ -82,9 +88,20 @@ if triton is not None:
         rotated = tl.reshape(tl.join(-odd, even), (BR, D))
         c = tl.load(cos_ptr + s[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         sn = tl.load(sin_ptr + s[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        out_row = (b * H + h) * S + s  # [B, H, S, D] memory
-        tl.store(out_ptr + out_row[:, None] * D + d[None, :], (y * c + rotated * sn).to(out_ptr.dtype.element_ty),
+        # [B, S, H, D] memory: the rows in the order they were read
+        tl.store(out_ptr + rows[:, None] * D + d[None, :], (y * c + rotated * sn).to(out_ptr.dtype.element_ty),
                  mask=ok[:, None])
+
+
+def launch(x, weight, x2, weight2, eps, cos, sin, out, rstd, rows: int, warps: int) -> None:
+    """The Triton forward into out [B, S, H, D] and rstd [B, S, H] (scripts/qk_rope_speed.py times
+    the tile choices)."""
+    y, w2 = (x2, weight2) if x2 is not None else (x, weight)
+    b, s1, h, d = x.shape
+    s = out.shape[1]
+    _forward_kernel[(triton.cdiv(b * s * h, rows),)](
+        x, weight, y, w2, cos, sin, out, rstd, b * s * h, h, s, s1 if x2 is not None else s, *x.stride()[:3],
+        *y.stride()[:3], float(eps), D=d, BR=rows, num_warps=warps)
 
 
 def _reference(x, weight, eps, cos, sin):
@@ -98,33 +115,29 @@ def _reference(x, weight, eps, cos, sin):
 def _forward(x: torch.Tensor, weight: torch.Tensor, x2: torch.Tensor | None, weight2: torch.Tensor | None, eps: float,
              cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, S1, H, D] (then x2 [B, S2, H, D], normed by weight2) -> (rope(rms_norm(...)) of the joined
-    [B, S, H, D] sequence, laid out as a contiguous [B, H, S, D]; the norm's 1/rms [B, S, H] fp32)."""
+    sequence, a contiguous [B, S, H, D]; the norm's 1/rms [B, S, H] fp32)."""
     parts = [(x, weight)] + ([(x2, weight2)] if x2 is not None else [])
     b, s1, h, d = x.shape
     s = s1 + (x2.shape[1] if x2 is not None else 0)
-    out = torch.empty((b, h, s, d), device=x.device, dtype=x.dtype)
+    out = torch.empty((b, s, h, d), device=x.device, dtype=x.dtype)
     rstd = torch.empty((b, s, h), device=x.device, dtype=torch.float32)
     if triton is not None and all(lora_kernels.available(t) and t.stride(-1) == 1 for t, _ in parts) and d & (d - 1) == 0:
-        y, w2 = parts[-1]
-        block = 32
-        _forward_kernel[(triton.cdiv(b * s * h, block),)](
-            x, weight, y, w2, cos.float().contiguous(), sin.float().contiguous(), out, rstd, b * s * h, h, s,
-            s1 if x2 is not None else s, *x.stride()[:3], *y.stride()[:3], float(eps), D=d, BR=block, num_warps=4)
-        return out.transpose(1, 2), rstd
+        launch(x, weight, x2, weight2, eps, cos.float().contiguous(), sin.float().contiguous(), out, rstd, **TILE)
+        return out, rstd
     start = 0
     for t, w in parts:
         n = t.shape[1]
         value, rstd[:, start:start + n] = _reference(t, w, eps, cos[start:start + n], sin[start:start + n])
-        out[:, :, start:start + n] = value.transpose(1, 2)
+        out[:, start:start + n] = value
         start += n
-    return out.transpose(1, 2), rstd
+    return out, rstd
 
 
 @_forward.register_fake
 def _(x, weight, x2, weight2, eps, cos, sin):
     b, s, h, d = x.shape
     s += x2.shape[1] if x2 is not None else 0
-    return x.new_empty((b, h, s, d)).transpose(1, 2), x.new_empty((b, s, h), dtype=torch.float32)
+    return x.new_empty((b, s, h, d)), x.new_empty((b, s, h), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
