@@ -6,8 +6,9 @@ Each backend runs in its own subprocess: a crashing kernel takes down only that 
 JSON line per backend and layout. On H100 / torch 2.11 (2026-11-26) cuDNN ran these isolated
 shapes 1.8× faster than flash (432 vs 240 TFLOP/s at 4×1536 tokens) and correctly, yet the
 first backward of the real compiled FLUX step through SDPA's cuDNN path died with an illegal
-memory access. Training reaches cuDNN through flux_lora/fast/attention.py's opaque op instead, which
-hands the kernels exactly these contiguous layouts.
+memory access (likely torch's cache of cuDNN backward plans, keyed on q/k/v's strides but not the
+output gradient's). Training reaches cuDNN through flux_lora/fast/attention.py's opaque op instead,
+which hands the kernels one of these two layouts, and the output gradient in the output's.
 """
 
 from __future__ import annotations

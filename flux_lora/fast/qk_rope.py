@@ -6,11 +6,12 @@ RMSNorm over the head dim (rounded to the activation dtype), then (y·cos + rot(
 with rot(y) = (-y₁, y₀, -y₃, y₂, ...); a double block first joins the text's and the image's
 tokens (each normed by its own weight) into one sequence. Inductor fuses that maths into kernels
 that run at ~1.1-1.4 TB/s on an H200 at 512 px, batch 4 (6.2 ms of a step for the single blocks'
-alone), and a copy into attention's layout follows. Here a Triton kernel reads one head of one token
-per row, from either part, and writes the joined sequence as a contiguous [B, S, H, D], in the same
-order it reads (written head-major, [B, H, S, D], the scattered writes ran at 1.2 TB/s; session 22);
-the backward is the same maths' gradient in torch ops (with the forward's 1/rms), which inductor
-fuses as before.
+alone). Here a Triton kernel reads one head of one token
+per row, from either part, and writes the joined sequence as a contiguous [B, S, H, D] (the layout
+the attention op takes and answers in), rows in the order it reads them: ~2.6 TB/s in the step with
+16 rows and 2 warps a program (`TILE`; its first tile, 32 and 4, ran at 1.2: bench/README.md,
+session 22). The backward is the same maths' gradient in torch ops (with the forward's 1/rms),
+which inductor fuses as before.
 
 FLUX.1's grouped single block (fast/single_block.py) calls `norm_rope`; `install` gives double
 blocks' attention a processor that does. Both apply where diffusers' path is torch's RMSNorm (frozen
