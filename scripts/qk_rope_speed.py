@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from flux_lora.fast import qk_rope
+from lora_kernel_speed import timed_ms  # scripts/: a CUDA graph of calls, replayed
 
 
 @triton.jit
@@ -50,29 +51,6 @@ def heads_kernel(x, weight, eps, cos, sin, out, rstd, tokens: int, warps: int):
     b, s, h, d = x.shape
     _heads_kernel[(b * triton.cdiv(s, tokens),)](x, weight, cos, sin, out, rstd, s, h, *x.stride()[:3], float(eps),
                                                  D=d, BT=tokens, num_warps=warps)
-
-
-def graphed_us(fn, calls: int = 20, replays: int = 10) -> float:
-    """Microseconds a call, from a CUDA graph of `calls` calls replayed `replays` times."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) * 1e3 / (calls * replays)
 
 
 def after_matmul_us(fn, produce, calls: int = 30) -> float:
@@ -115,7 +93,7 @@ def main() -> None:
 
     def record(name, fn, compare=True):
         row = {"kernel": name}
-        for how, us in (("graphed", graphed_us(fn)), ("after_matmul", after_matmul_us(fn, produce))):
+        for how, us in (("graphed", timed_ms(fn) * 1e3), ("after_matmul", after_matmul_us(fn, produce))):
             row[f"{how}_us"], row[f"{how}_tb_s"] = round(us, 2), round(moved / us / 1e6, 2)
         if compare:
             row["bits_equal_to_default"] = bool(torch.equal(out, want))
