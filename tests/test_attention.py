@@ -53,6 +53,7 @@ def test_op_takes_token_rows_without_copies_and_answers_in_them(device):
     shape = (2, 3, 40, 16) if device == "cpu" else (2, 4, 320, 128)
     q, k, v = _token_rows(device, shape, dtype)
     assert all(attention._token_rows(t) for t in (q, k, v)) and not v.transpose(1, 2).is_contiguous()
+    assert all(attention._in_layout(t, True) is t for t in (q, k, v))  # handed to the kernels as they are
     out, lse = attention.attention(q, k, v)
     assert out.transpose(1, 2).is_contiguous()  # the blocks read it as [B, S, H, D] without a copy
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in (q, k, v)))
