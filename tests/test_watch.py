@@ -204,3 +204,25 @@ def test_json_flag_keeps_stdout_machine_readable(tiny_model, cache_dir, tmp_path
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines and all(json.loads(line)["v"] == 1 for line in lines)
     assert json.loads(lines[-1])["event"] == "done"
+
+
+def test_loss_plot_draws_its_lines_where_the_values_are(tmp_path):
+    """The curve falls from left to right as the loss does; a gap where a loss is not finite, a
+    run of one step and a constant learning rate still draw."""
+    from flux_lora.outputs import plot
+
+    history = [(s, 1.0 - 0.5 * s / 100, 1e-4 * s / 100) for s in range(1, 101)]
+    history[40] = (41, float("nan"), history[40][2])
+    plot.write_loss_plot(tmp_path / "loss.png", history, [(50, 0.8), (100, 0.55)])
+    with Image.open(tmp_path / "loss.png") as im:
+        assert im.format == "PNG" and im.size == (800, 450)
+        pixels = im.convert("RGB").load()
+    blue = [(x, y) for x in range(800) for y in range(450)
+            if sum(abs(c - t) for c, t in zip(pixels[x, y], plot.COLORS["average"])) < 40]
+    left = [y for x, y in blue if 80 < x < 160]
+    right = [y for x, y in blue if 400 < x < 480]  # left of the legend
+    assert left and right and max(left) < min(right)  # higher loss higher up
+    for history in ([(7, 0.3, 1e-4)], [(1, 0.5, 1e-4), (2, 0.5, 1e-4)]):
+        plot.write_loss_plot(tmp_path / "one.png", history)
+        with Image.open(tmp_path / "one.png") as im:
+            assert im.size == (800, 450)

@@ -355,8 +355,9 @@ def periodic_outputs(current: Run) -> None:
 
 def finish(current: Run, t_start: float, resume_from: str | None, timings: dict) -> dict:
     state, model = current.state, current.trainee.model
-    if resume_from is None or state.step > checkpoint.saved_step(resume_from):
-        save_state(current)
+    saved = resume_from is None or state.step > checkpoint.saved_step(resume_from)
+    if saved:
+        save_state(current)  # with loss.png
     evaluate(current)  # a no-op when the save above evaluated this step
     final = current.out / "lora.safetensors"
     export_everywhere(current, final)
@@ -366,7 +367,8 @@ def finish(current: Run, t_start: float, resume_from: str | None, timings: dict)
     if current.previews:
         with optim.averaged_weights(current.trainee.opt):
             current.previews(state.step)
-    write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
+    if not saved:
+        write_loss_plot(current.out / "loss.png", state.loss_history, state.best.history)
     shared_outcome(lambda: model_card.write_model_card(current.out, card_info(current)), "the model card README.md")
     digests = session.gather_objects(lora.digest(lora.lora_state_dict(model)))
     if len(set(digests)) > 1:
