@@ -4,17 +4,15 @@ over one training step's layers. The up-add's kernel is flux_lora's (fast.lora_k
 which also serves dx = dh·A here); `narrow` and `reduce_rows` below are the candidates for the
 other four, and `fused_up_grads` for dh and dB from one read of dy; cuBLAS matched or beat them
 (so they stay here, not in the package). One GPU; prints a line per op and writes a JSON.
-`--sweep` times the tile choices of `fused_up_grads` over a step's layers; `--widen` those of the
-write-only widen (flux_lora.fast.lora_linear's forward bias + s·h·Bᵀ and backward dh·A), each
-replayed and right after the matmul that writes its input.
+`--sweep` times the tile choices of `fused_up_grads` and of the write-only widen
+(flux_lora.fast.lora_linear's forward) over a step's layers.
 
-    python scripts/lora_kernel_speed.py --resolution 512 --batch 4 [--sweep | --widen] --out OUT.json"""
+    python scripts/lora_kernel_speed.py --resolution 512 --batch 4 [--sweep] --out OUT.json"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -200,21 +198,6 @@ def timed_ms(fn, calls: int = 20, replays: int = 10) -> float:
     return start.elapsed_time(end) / (replays * calls)
 
 
-def after_matmul_us(fn, produce, calls: int = 30) -> float:
-    """Median microseconds of a call made right after `produce` (the matmul writing its input), as
-    in the training step: a kernel can run at half the speed there that it reaches replayed back
-    to back (qk_rope's first tile, bench/README.md session 22)."""
-    fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-    for start, stop in events:
-        produce()
-        start.record()
-        fn()
-        stop.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(stop) * 1e3 for start, stop in events)
-
-
 def ops(m, k, n, r, dev):
     bf = torch.bfloat16
     x, dy, y = (torch.randn(m, k, device=dev, dtype=bf), torch.randn(m, n, device=dev, dtype=bf),
@@ -246,19 +229,19 @@ def grouped_shapes(resolution: int, batch: int, text_len: int = 512, rank: int =
 
 UP_GRADS_TILES = [(256, 512, 64, 8, 3), (128, 512, 64, 8, 3), (256, 512, 32, 8, 3), (256, 1024, 64, 8, 3),
                   (256, 512, 64, 4, 3), (512, 512, 32, 8, 2), (128, 512, 128, 8, 3)]
-# widen's (rows, columns, warps, stages, column tiles a program)
-WIDEN_TILES = [(64, 128, 4, 2, 1), (64, 128, 4, 3, 4), (64, 128, 4, 3, 8), (64, 128, 8, 3, 8), (128, 128, 8, 3, 4),
-               (64, 256, 8, 3, 4), (32, 128, 4, 3, 8), (128, 64, 4, 3, 8), (64, 64, 4, 3, 16)]
+WIDEN_TILES = [(64, 128, 4, 2), (128, 128, 8, 2), (64, 256, 8, 2), (128, 64, 4, 2), (32, 256, 4, 2), (128, 256, 8, 2)]
 
 
 def sweep(args, dev) -> dict:
-    """A step's dh + dB (cuBLAS, two reads of dy) against lora_kernels.up_grads at each tile choice."""
+    """A step's dh + dB (cuBLAS, two reads of dy) against lora_kernels.up_grads at each tile choice,
+    and the write-only widen (bias + s·h·Bᵀ, lora_linear's forward) at each of its tile choices."""
     bf = torch.bfloat16
-    totals = {"cublas dh+dB": 0.0, **{f"up_grads {t}": 0.0 for t in UP_GRADS_TILES}}
+    totals = {"cublas dh+dB": 0.0, **{f"up_grads {t}": 0.0 for t in UP_GRADS_TILES}, **{f"widen {t}": 0.0 for t in WIDEN_TILES}}
     for name, m, n, r, count, splits in grouped_shapes(args.resolution, args.batch, rank=args.rank):
         dy, h = torch.randn(m, n, device=dev, dtype=bf), torch.randn(m, r, device=dev, dtype=bf)
         b = (torch.block_diag(*[torch.randn(c, r // len(splits), device=dev, dtype=bf) for c in splits]) if splits
              else torch.randn(n, r, device=dev, dtype=bf))
+        bias = torch.randn(n, device=dev, dtype=bf)
         line = {"cublas dh+dB": timed_ms(lambda: (dy @ b, dy.t() @ h))}
         want = (dy.float() @ b.float(), (dy.float().t() @ h.float()) * (b != 0) if splits else dy.float().t() @ h.float())
         for tile in UP_GRADS_TILES:
@@ -266,46 +249,12 @@ def sweep(args, dev) -> dict:
             got = fused_up_grads(dy, h, b, 1.0, splits)
             assert all((g.float() - w.float()).abs().max() <= 1e-2 * w.float().abs().max() for g, w in zip(got, want)), tile
             line[f"up_grads {tile}"] = timed_ms(lambda: fused_up_grads(dy, h, b, 1.0, splits))
+        for tile in WIDEN_TILES:
+            lk.WIDEN_TILE = tile
+            line[f"widen {tile}"] = timed_ms(lambda: lk.widen(h, b, alpha=0.5, bias=bias))
         for key, ms in line.items():
             totals[key] += ms * count
         print(name, " ".join(f"{k}={v * 1e3:.1f}us" for k, v in line.items()), flush=True)
-    for key, ms in totals.items():
-        print(f"a step: {key:40s} {ms:7.2f} ms")
-    return totals
-
-
-def widen_calls(resolution: int, batch: int, rank: int) -> list[tuple]:
-    """(name, M, K, N, r, layers a step) of lora_linear's two write-only widens a layer: the
-    forward's bias + s·h·Bᵀ [M, N] after h = x·Aᵀ, the backward's dh·A [M, K] after dh = dy·B."""
-    k_of = {"qkv": 3072, "out": 3072, "ff0": 3072, "ff2": 12288, "qkv_mlp": 3072, "proj_out": 15360}
-    return [(name, m, k_of[name.split(".")[-1]], n, r, count)
-            for name, m, n, r, count, _ in grouped_shapes(resolution, batch, rank=rank)]
-
-
-def widen_sweep(args, dev) -> dict:
-    """Each WIDEN_TILES choice over a step's widens, timed replayed from a CUDA graph and right after
-    the matmul that writes its input (as the step runs it); the bits against the first choice."""
-    bf = torch.bfloat16
-    totals = {f"{how} {t}": 0.0 for t in WIDEN_TILES for how in ("graphed", "after_matmul")}
-    for name, m, k, n, r, count in widen_calls(args.resolution, args.batch, args.rank):
-        x, dy = torch.randn(m, k, device=dev, dtype=bf), torch.randn(m, n, device=dev, dtype=bf)
-        a, b = torch.randn(r, k, device=dev, dtype=bf) / k ** 0.5, torch.randn(n, r, device=dev, dtype=bf) / r ** 0.5
-        h, dh, bias = x @ a.t(), dy @ b, torch.randn(n, device=dev, dtype=bf)
-        for direction, fn, produce in (("forward", lambda: lk.widen(h, b, alpha=0.5, bias=bias), lambda: x @ a.t()),
-                                       ("backward", lambda: lk.widen(dh, a.t()), lambda: dy @ b)):
-            line, want = {}, None
-            for tile in WIDEN_TILES:
-                lk.WIDEN_TILE = tile
-                got = fn()
-                want = got if want is None else want
-                line[tile] = (timed_ms(fn) * 1e3, after_matmul_us(fn, produce), bool(torch.equal(got, want)))
-                totals[f"graphed {tile}"] += line[tile][0] * count / 1e3
-                totals[f"after_matmul {tile}"] += line[tile][1] * count / 1e3
-            size = got.numel() * got.element_size()
-            print(f"{name} {direction} [{got.shape[0]}, {got.shape[1]}] x{count}: " + " | ".join(
-                f"{t}: {g:.1f}/{a_:.1f} us {size / a_ / 1e6:.2f} TB/s{'' if same else ' (other bits)'}"
-                for t, (g, a_, same) in line.items()), flush=True)
-    lk.WIDEN_TILE = WIDEN_TILES[0]
     for key, ms in totals.items():
         print(f"a step: {key:40s} {ms:7.2f} ms")
     return totals
@@ -316,16 +265,15 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--sweep", action="store_true", help="tile choices of up_grads, a step's sum each")
-    p.add_argument("--widen", action="store_true", help="tile choices of the write-only widen, graphed and after their matmul")
+    p.add_argument("--sweep", action="store_true", help="tile choices of up_grads and the write-only widen, a step's sum each")
     p.add_argument("--out", default="")
     args = p.parse_args()
     dev = torch.device("cuda")
-    if args.sweep or args.widen:
-        totals = widen_sweep(args, dev) if args.widen else sweep(args, dev)
+    if args.sweep:
+        totals = sweep(args, dev)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"kind": "lora_kernels_widen" if args.widen else "lora_kernels_sweep", "resolution": args.resolution, "batch": args.batch,
+                json.dump({"kind": "lora_kernels_sweep", "resolution": args.resolution, "batch": args.batch,
                            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "ms_per_step": totals}, f, indent=1)
         return

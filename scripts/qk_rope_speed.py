@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 
 import torch
 import triton
 import triton.language as tl
 
 from flux_lora.fast import qk_rope
-from lora_kernel_speed import after_matmul_us, timed_ms  # scripts/: the two ways of timing a kernel
+from lora_kernel_speed import timed_ms  # scripts/: a CUDA graph of calls, replayed
 
 
 @triton.jit
@@ -50,6 +51,19 @@ def heads_kernel(x, weight, eps, cos, sin, out, rstd, tokens: int, warps: int):
     b, s, h, d = x.shape
     _heads_kernel[(b * triton.cdiv(s, tokens),)](x, weight, cos, sin, out, rstd, s, h, *x.stride()[:3], float(eps),
                                                  D=d, BT=tokens, num_warps=warps)
+
+
+def after_matmul_us(fn, produce, calls: int = 30) -> float:
+    """Median microseconds of a call made right after `produce` (the matmul writing its input)."""
+    fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    for start, stop in events:
+        produce()
+        start.record()
+        fn()
+        stop.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(stop) * 1e3 for start, stop in events)
 
 
 def main() -> None:

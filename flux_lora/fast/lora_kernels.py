@@ -37,27 +37,24 @@ if triton is not None:
 
     @triton.jit
     def _widen_kernel(h_ptr, w_ptr, y_ptr, bias_ptr, out_ptr, M, N, R, shm, shr, swn, swr, sym, syn, som, son, alpha,
-                      HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-                      COLUMN_TILES: tl.constexpr):
-        # a program writes COLUMN_TILES tiles of one row block in turn: h's rows are read once, and
-        # the loop lets the next tile's loads start while this one is written
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+                      HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         h = tl.load(h_ptr + rm[:, None] * shm + rr[None, :] * shr, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        for t in range(COLUMN_TILES):
-            rn = (tl.program_id(1) * COLUMN_TILES + t) * BN + tl.arange(0, BN)
-            w = tl.load(w_ptr + rr[:, None] * swr + rn[None, :] * swn, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-            acc = tl.dot(h, w) * alpha
-            mask = (rm[:, None] < M) & (rn[None, :] < N)
-            if HAS_Y:
-                acc += tl.load(y_ptr + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        w = tl.load(w_ptr + rr[:, None] * swr + rn[None, :] * swn, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(h, w) * alpha
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if HAS_Y:
+            acc += tl.load(y_ptr + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# rows, columns, warps, stages, column tiles of a program (fixed: same bits each run)
-WIDEN_TILE = (64, 128, 4, 2, 1)
+WIDEN_TILE = (64, 128, 4, 2)  # rows, columns, warps, stages of a program (fixed: same bits each run)
 
 
 def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha: float = 1.0,
@@ -67,11 +64,10 @@ def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha
     m, r = h.shape
     n = w.shape[0]
     out = torch.empty((m, n), device=h.device, dtype=y.dtype if y is not None else h.dtype)
-    bm, bn, warps, stages, column_tiles = WIDEN_TILE
+    bm, bn, warps, stages = WIDEN_TILE
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
-    _widen_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn * column_tiles))](
+    _widen_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         h, w, y if y is not None else out, bias if bias is not None else out, out, m, n, r,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), *ys, out.stride(0), out.stride(1), float(alpha),
-        HAS_Y=y is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BR=rank_block(r), COLUMN_TILES=column_tiles,
-        num_warps=warps, num_stages=stages)
+        HAS_Y=y is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BR=rank_block(r), num_warps=warps, num_stages=stages)
     return out
