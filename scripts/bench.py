@@ -45,8 +45,8 @@ import torch._inductor.config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flux_lora.config import build_config  # noqa: E402
-from flux_lora.fast import (attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, lora_kernels,  # noqa: E402
-                            lora_linear, memory, qk_rope, quantize, single_block)
+from flux_lora.fast import (attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, lora_linear, memory,  # noqa: E402
+                            qk_rope, quantize, single_block)
 from flux_lora.fast.fp8 import Fp8Linear  # noqa: E402
 from flux_lora.models import families, loading  # noqa: E402
 from flux_lora.outputs.events import NullReporter  # noqa: E402
@@ -63,7 +63,6 @@ MULTI_KERNEL = compiled_blocks.MULTI_KERNEL  # likewise, --compare-multi-kernel
 SINGLE_GROUP = single_block.ENABLED  # likewise, --compare-single-group
 LORA_LINEAR = lora_linear.ENABLED  # likewise, --compare-lora-linear
 QK_ROPE = qk_rope.ENABLED  # likewise, --compare-qk-rope
-CARVEOUT = lora_kernels.SHARED_CARVEOUT  # likewise, --compare-carveout
 
 
 class ShapedData:
@@ -274,7 +273,6 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
     single_block.ENABLED = setting.get("single_group", SINGLE_GROUP)
     lora_linear.ENABLED = setting.get("lora_linear", LORA_LINEAR)
     qk_rope.ENABLED = setting.get("qk_rope", QK_ROPE)
-    lora_kernels.SHARED_CARVEOUT = setting.get("carveout", CARVEOUT)
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # before this setting's first allocation (the cap held since the start)
@@ -357,7 +355,7 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
            "qkv_groups": sum(isinstance(m, fused_qkv.FusedProjection) for m in model.modules()),
            "single_blocks_grouped": sum(hasattr(m, "to_qkv_mlp") for m in model.modules()),
            "multi_kernel": compiled_blocks.MULTI_KERNEL and not cfg.train.deterministic,
-           "lora_linear": lora_linear.ENABLED, "qk_rope": qk_rope.ENABLED, "shared_carveout": lora_kernels.SHARED_CARVEOUT,
+           "lora_linear": lora_linear.ENABLED, "qk_rope": qk_rope.ENABLED,
            "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None),
            "fsdp_lora_replicated": bool(getattr(model, "flux_lora_replicated", None))}
     if breakdown:
@@ -502,8 +500,6 @@ def train_settings(args) -> list[dict]:
                  {"lora_linear": not LORA_LINEAR}, "loss_vs_lora_linear_toggled"),
                 (args.compare_qk_rope, f"q/k norm and rotary embedding as one op {'off' if QK_ROPE else 'on'}",
                  {"qk_rope": not QK_ROPE}, "loss_vs_qk_rope_toggled"),
-                (args.compare_carveout, "Triton kernels' carveout " + ("100% shared memory" if CARVEOUT is None else "left to the driver"),
-                 {"carveout": 100 if CARVEOUT is None else None}, "loss_vs_carveout_toggled"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
                 (args.compare_deterministic, f"deterministic={not args.deterministic}", {"deterministic": not args.deterministic},
@@ -653,8 +649,6 @@ def main() -> None:
     p.add_argument("--compare-single-group", action="store_true", help="also run with FLUX.1 single blocks' q/k/v and proj_mlp grouping toggled (single_block.ENABLED)")
     p.add_argument("--compare-lora-linear", action="store_true", help="also run with a plain base and its LoRA as one op toggled (lora_linear.ENABLED; the bf16 base)")
     p.add_argument("--compare-qk-rope", action="store_true", help="also run with the q/k norm and rotary embedding as one op toggled (qk_rope.ENABLED)")
-    p.add_argument("--compare-carveout", action="store_true",
-                   help="also run with flux_lora's Triton kernels' shared-memory carveout toggled (lora_kernels.SHARED_CARVEOUT)")
     p.add_argument("--compare-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="also run with this inductor setting (repeatable: one run each), e.g. triton.multi_kernel=1")
     p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")

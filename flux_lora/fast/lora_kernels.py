@@ -12,9 +12,6 @@ Only CUDA tensors take this path (`available`); everything else uses torch's add
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 
 try:
@@ -29,32 +26,6 @@ def available(*tensors: torch.Tensor) -> bool:
     DTensor shard) in bf16 or fp16."""
     return triton is not None and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cuda
                                       and t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
-
-
-# An SM's unified L1/shared memory is split per kernel. A kernel that leaves the split to the
-# driver gets one with little shared memory; the cuBLAS or cuDNN matmul after it needs the most, so
-# the SM drains and is split again first: ~6 µs between them on an H200, against ~0.5 after a kernel
-# that asked for the most (bench/README.md, session 23). Percent of the memory as shared memory; None:
-# the driver's choice. scripts/bench.py --compare-carveout toggles it.
-SHARED_CARVEOUT: int | None = 100
-_CARVEOUT_ATTRIBUTE = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-_carved: dict[int, int] = {}
-
-
-@functools.cache
-def _driver():
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def carve(kernel) -> None:
-    """Give a launched Triton kernel (the CompiledKernel its launch returns) the SHARED_CARVEOUT
-    split, once per setting."""
-    handle = getattr(kernel, "function", None)
-    value = -1 if SHARED_CARVEOUT is None else SHARED_CARVEOUT  # -1: CU_SHAREDMEM_CARVEOUT_DEFAULT
-    if handle is None or _carved.get(handle) == value:
-        return
-    _driver().cuFuncSetAttribute(ctypes.c_void_p(handle), _CARVEOUT_ATTRIBUTE, ctypes.c_int(value))
-    _carved[handle] = value
 
 
 def rank_block(r: int) -> int:
@@ -95,9 +66,8 @@ def widen(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None = None, alpha
     out = torch.empty((m, n), device=h.device, dtype=y.dtype if y is not None else h.dtype)
     bm, bn, warps, stages = WIDEN_TILE
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
-    kernel = _widen_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+    _widen_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         h, w, y if y is not None else out, bias if bias is not None else out, out, m, n, r,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), *ys, out.stride(0), out.stride(1), float(alpha),
         HAS_Y=y is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BR=rank_block(r), num_warps=warps, num_stages=stages)
-    carve(kernel)
     return out

@@ -100,10 +100,9 @@ def launch(x, weight, x2, weight2, eps, cos, sin, out, rstd, rows: int, warps: i
     y, w2 = (x2, weight2) if x2 is not None else (x, weight)
     b, s1, h, d = x.shape
     s = out.shape[1]
-    kernel = _forward_kernel[(triton.cdiv(b * s * h, rows),)](
+    _forward_kernel[(triton.cdiv(b * s * h, rows),)](
         x, weight, y, w2, cos, sin, out, rstd, b * s * h, h, s, s1 if x2 is not None else s, *x.stride()[:3],
         *y.stride()[:3], float(eps), D=d, BR=rows, num_warps=warps)
-    lora_kernels.carve(kernel)  # cuDNN's attention follows
 
 
 def _reference(x, weight, eps, cos, sin):
