@@ -63,6 +63,7 @@ MULTI_KERNEL = compiled_blocks.MULTI_KERNEL  # likewise, --compare-multi-kernel
 SINGLE_GROUP = single_block.ENABLED  # likewise, --compare-single-group
 LORA_LINEAR = lora_linear.ENABLED  # likewise, --compare-lora-linear
 QK_ROPE = qk_rope.ENABLED  # likewise, --compare-qk-rope
+BLAS = torch.backends.cuda.preferred_blas_library()  # likewise, --compare-blas
 
 
 class ShapedData:
@@ -273,6 +274,7 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
     single_block.ENABLED = setting.get("single_group", SINGLE_GROUP)
     lora_linear.ENABLED = setting.get("lora_linear", LORA_LINEAR)
     qk_rope.ENABLED = setting.get("qk_rope", QK_ROPE)
+    torch.backends.cuda.preferred_blas_library(setting.get("blas", BLAS))
     if di.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # before this setting's first allocation (the cap held since the start)
@@ -356,6 +358,7 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
            "single_blocks_grouped": sum(hasattr(m, "to_qkv_mlp") for m in model.modules()),
            "multi_kernel": compiled_blocks.MULTI_KERNEL and not cfg.train.deterministic,
            "lora_linear": lora_linear.ENABLED, "qk_rope": qk_rope.ENABLED,
+           "blas": str(torch.backends.cuda.preferred_blas_library()),
            "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None),
            "fsdp_lora_replicated": bool(getattr(model, "flux_lora_replicated", None))}
     if breakdown:
@@ -500,6 +503,8 @@ def train_settings(args) -> list[dict]:
                  {"lora_linear": not LORA_LINEAR}, "loss_vs_lora_linear_toggled"),
                 (args.compare_qk_rope, f"q/k norm and rotary embedding as one op {'off' if QK_ROPE else 'on'}",
                  {"qk_rope": not QK_ROPE}, "loss_vs_qk_rope_toggled"),
+                (bool(args.compare_blas), f"torch's bf16 matmuls by {args.compare_blas}", {"blas": args.compare_blas},
+                 "loss_vs_blas"),
                 (args.compare_fp8_transposed is not None, f"fp8_transposed={args.compare_fp8_transposed}",
                  {"fp8_transposed": args.compare_fp8_transposed}, "loss_vs_fp8_transposed"),
                 (args.compare_deterministic, f"deterministic={not args.deterministic}", {"deterministic": not args.deterministic},
@@ -649,6 +654,8 @@ def main() -> None:
     p.add_argument("--compare-single-group", action="store_true", help="also run with FLUX.1 single blocks' q/k/v and proj_mlp grouping toggled (single_block.ENABLED)")
     p.add_argument("--compare-lora-linear", action="store_true", help="also run with a plain base and its LoRA as one op toggled (lora_linear.ENABLED; the bf16 base)")
     p.add_argument("--compare-qk-rope", action="store_true", help="also run with the q/k norm and rotary embedding as one op toggled (qk_rope.ENABLED)")
+    p.add_argument("--compare-blas", default="", choices=["", "cublas", "cublaslt"],
+                   help="also run with torch.backends.cuda.preferred_blas_library set so (the fp8 matmuls are cuBLASLt's either way)")
     p.add_argument("--compare-inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="also run with this inductor setting (repeatable: one run each), e.g. triton.multi_kernel=1")
     p.add_argument("--compare-plain-lora", action="store_true", help="also run with --lora-triton off --fp8-transposed off")

@@ -94,8 +94,9 @@ def train_args(model: Path, cache: Path, out: Path, *extra) -> list:
 
 # the longest files first: `-n 2 --dist loadfile` hands files to the two workers in collection
 # order, so long files at the end would leave one worker waiting (longest-first keeps them even)
-LONGEST_FIRST = ["test_checkpoint.py", "test_quality.py", "test_fsdp.py", "test_families_train.py", "test_learn_check.py",
-                 "test_train.py", "test_preprocess.py", "test_slurm.py", "test_watch.py"]
+LONGEST_FIRST = ["test_checkpoint.py", "test_fsdp.py", "test_learn_check.py", "test_slurm.py", "test_compiled_blocks.py",
+                 "test_preprocess.py", "test_families_train.py", "test_session.py", "test_quality.py", "test_train.py",
+                 "test_bench.py", "test_resolutions.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,13 @@
-"""`python -m flux_lora ARGS` as a process forked from a server that has imported the libraries.
+"""`python -m flux_lora ARGS` (or `python scripts/X.py ARGS`) as a process forked from a server
+that has imported the libraries.
 
 A fresh interpreter spends ~5 s of a CPU core importing torch, diffusers, transformers and peft
 before a tiny-model command does ~2 s of work; the suite runs ~90 single-process commands. Here
 each one is a child of a multiprocessing fork server started once per pytest worker, which
-imported those libraries (and flux_lora's modules, which are imported the same way by the CLI
-itself) before any test ran: the child starts with them in memory and runs `flux_lora.cli.main`,
-in its own process (own exit code, signals, files), with the environment, working directory,
-stdout and stderr a subprocess would have.
+imported those libraries (and flux_lora's modules, which the CLI imports the same way) before any
+test ran: the child starts with them in memory and runs `flux_lora.cli.main` or the script, in its
+own process (own exit code, signals, files), with the environment, working directory, stdout and
+stderr a subprocess would have.
 
 What a fork cannot give a child (an environment variable that a library reads while it is
 imported) sends the command to a real subprocess: see `needs_fresh_interpreter`. torchrun's ranks
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import multiprocessing.forkserver
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -53,8 +55,9 @@ def _server():
     return _context
 
 
-def _child(argv: list[str], env: dict, cwd: str, out_path: str, err_path: str) -> None:
-    """In the forked child: the subprocess's surroundings, then the CLI (which ends the process)."""
+def _child(argv: list[str], env: dict, cwd: str, out_path: str, err_path: str, script: str | None) -> None:
+    """In the forked child: the subprocess's surroundings, then the CLI (which ends the process) or
+    the script (whose SystemExit or exception ends it as it would end an interpreter)."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -66,6 +69,11 @@ def _child(argv: list[str], env: dict, cwd: str, out_path: str, err_path: str) -
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", write_through=True,
                                   errors="backslashreplace")
+    if script is not None:
+        sys.argv = [script, *argv]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python SCRIPT` puts it first
+        runpy.run_path(script, run_name="__main__")
+        return
     sys.argv = [os.path.join(cwd, "flux_lora", "__main__.py"), *argv]
     from flux_lora.cli import main
 
@@ -73,16 +81,17 @@ def _child(argv: list[str], env: dict, cwd: str, out_path: str, err_path: str) -
     os._exit(0)  # main ends the process itself; this only guards against a return
 
 
-def run(argv: list[str], env: dict, cwd: str, timeout: float) -> subprocess.CompletedProcess:
-    """subprocess.run([python, -m, flux_lora, *argv], capture_output=True, text=True, ...), forked."""
-    args = [sys.executable, "-m", "flux_lora", *argv]
+def run(argv: list[str], env: dict, cwd: str, timeout: float, script: str | None = None) -> subprocess.CompletedProcess:
+    """subprocess.run([python, -m, flux_lora, *argv], capture_output=True, text=True, ...), forked;
+    with `script`, [python, script, *argv]."""
+    args = [sys.executable, *([script] if script else ["-m", "flux_lora"]), *argv]
     if needs_fresh_interpreter(env):
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     with tempfile.TemporaryDirectory(prefix="forked_cli_") as tmp:
         out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         for path in (out_path, err_path):
             open(path, "w").close()
-        proc = _server().Process(target=_child, args=(argv, env, cwd, out_path, err_path))
+        proc = _server().Process(target=_child, args=(argv, env, cwd, out_path, err_path, script))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:

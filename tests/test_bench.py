@@ -2,16 +2,14 @@
     pytest -q tests/test_bench.py"""
 
 import json
-import subprocess
-import sys
 
+import forked_cli
 import pytest
 from conftest import ROOT, cli_env
 
 
 def _bench(kind, out, *flags):
-    proc = subprocess.run([sys.executable, "scripts/bench.py", kind, "--tiny", "--out", str(out), *flags],
-                          capture_output=True, text=True, cwd=ROOT, env=cli_env(), timeout=300)
+    proc = forked_cli.run([kind, "--tiny", "--out", str(out), *flags], cli_env(), str(ROOT), 300, script="scripts/bench.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text())
 
