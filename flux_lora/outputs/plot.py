@@ -70,7 +70,7 @@ class _Canvas:
         self.draw = ImageDraw.Draw(self.image)
         try:
             self.font = ImageFont.load_default(size=11 * SCALE)
-        except TypeError:  # Pillow < 10.1 or without FreeType: the bitmap font
+        except (TypeError, OSError, ImportError):  # a Pillow without FreeType: its bitmap font
             self.font = ImageFont.load_default()
         self.left, self.top = MARGIN["left"] * SCALE, MARGIN["top"] * SCALE
         self.right, self.bottom = (SIZE[0] - MARGIN["right"]) * SCALE, (SIZE[1] - MARGIN["bottom"]) * SCALE
@@ -89,14 +89,15 @@ class _Canvas:
                 run.append(self.point(x, y, span))
                 continue
             if dashed:
-                self._dashes(run, color, width)
+                self.dashes(run, color, width)
             elif len(run) > 1:
                 self.draw.line(run, fill=color, width=round(width * SCALE), joint="curve")
             elif run:
                 self.dot(run[0], color, width)
             run = []
 
-    def _dashes(self, points, color, width: float, on: float = 6.0, off: float = 4.0) -> None:
+    def dashes(self, points, color, width: float, on: float = 6.0, off: float = 4.0) -> None:
+        """A dashed polyline: `on` pixels drawn, `off` left, continued across the points."""
         position = 0.0
         for (xa, ya), (xb, yb) in zip(points, points[1:]):
             length = math.hypot(xb - xa, yb - ya)
@@ -172,7 +173,7 @@ def _legend(canvas: _Canvas, entries: list[tuple[str, tuple, bool]]) -> None:
         start = (x0 + pad, y)
         end = (x0 + pad + swatch, y)
         if dashed:
-            canvas._dashes([start, end], color, 1.2)
+            canvas.dashes([start, end], color, 1.2)
         else:
             canvas.draw.line([start, end], fill=color, width=round(1.6 * SCALE))
         canvas.text((x0 + 2 * pad + swatch, y), name, "lm")
