@@ -29,12 +29,10 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def nice_ticks(low: float, high: float, most: int = 6, finest: float = 0.0) -> list[float]:
-    """Round tick values (1, 2 or 5 times a power of ten apart, at least `finest`) within [low, high]."""
-    if not (math.isfinite(low) and math.isfinite(high)):
+    """Round tick values (1, 2 or 5 times a power of ten apart, at least `finest`) within [low, high]
+    (a span of _span's or render's: never empty)."""
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
         return []
-    if high <= low:
-        pad = abs(low) * 0.05 or 1.0
-        low, high = low - pad, high + pad
     raw = (high - low) / max(1, most - 1)
     power = 10 ** math.floor(math.log10(raw))
     step = max(finest, next(m * power for m in (1, 2, 5, 10) if m * power >= raw))
@@ -133,9 +131,9 @@ class _Canvas:
 def _axes(canvas: _Canvas) -> None:
     """Grid, frame, ticks and labels of the step, loss and learning-rate axes."""
     draw, axis = canvas.draw, COLORS["axis"]
-    x_ticks = [t for t in nice_ticks(*canvas.x_span, most=8, finest=1) if canvas.x_span[0] <= t <= canvas.x_span[1]]
-    y_ticks = [t for t in nice_ticks(*canvas.y_span) if canvas.y_span[0] <= t <= canvas.y_span[1]]
-    lr_ticks = [t for t in nice_ticks(*canvas.lr_span) if canvas.lr_span[0] <= t <= canvas.lr_span[1]]
+    x_ticks = nice_ticks(*canvas.x_span, most=8, finest=1)
+    y_ticks = nice_ticks(*canvas.y_span)
+    lr_ticks = nice_ticks(*canvas.lr_span)
     tick = 4 * SCALE
     for t in x_ticks:
         x, _ = canvas.point(t, canvas.y_span[0], canvas.y_span)
@@ -190,7 +188,8 @@ def render(history: list, validation: list = ()):
     x_span = (min(steps), max(steps)) if max(steps) > min(steps) else (min(steps) - 1, max(steps) + 1)
     y_span = _span(losses + [v[1] for v in validation])
     lr_span = _span(lrs)
-    lr_span = (min(0.0, lr_span[0]), lr_span[1]) if lr_span[0] >= 0 else lr_span
+    if lr_span[0] >= 0:  # a non-negative rate: its axis starts at zero
+        lr_span = (0.0, lr_span[1])
     canvas = _Canvas(x_span, y_span, lr_span)
     _axes(canvas)
     canvas.line(steps, losses, y_span, COLORS["loss"], 0.8)
