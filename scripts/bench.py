@@ -43,6 +43,9 @@ import torch
 import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # also when imported by path (tests/test_bench.py)
+
+import gpu_clocks  # noqa: E402  (scripts/, beside this file)
 
 from flux_lora.config import build_config  # noqa: E402
 from flux_lora.fast import (attention, compiled_blocks, determinism, fp8, fused_qkv, gc_freeze, lora_linear, memory,  # noqa: E402
@@ -340,9 +343,10 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
     with gc_freeze.frozen_gc_after_warmup(cfg.train.gc_freeze, 0) as after_step:
         after_step(gc_freeze.WARMUP_STEPS)  # the warm-up steps above are done: freeze as train does
         _sync(di.device)
-        t1 = time.perf_counter()
-        losses += steps(args.warmup, args.steps)
-        step_s = (time.perf_counter() - t1) / args.steps
+        with gpu_clocks.Sampler(di.device) as clocks:
+            t1 = time.perf_counter()
+            losses += steps(args.warmup, args.steps)
+            step_s = (time.perf_counter() - t1) / args.steps
         trace = f"{args.trace}-{re.sub(r'[^A-Za-z0-9]+', '-', setting['name'])}.json.gz" if args.trace else ""
         breakdown = profile_breakdown(steps, args.warmup + args.steps, di.device, trace=trace) if args.profile else None
     samples_s = setting["batch"] * di.world_size / step_s
@@ -360,7 +364,8 @@ def bench_train(args, di, setting: dict, peak: float | None, fp8_peak: float | N
            "lora_linear": lora_linear.ENABLED, "qk_rope": qk_rope.ENABLED,
            "blas": str(torch.backends.cuda.preferred_blas_library()),
            "sharded": fsdp.is_sharded(model), "fsdp_blocks_kept_gathered": getattr(model, "flux_lora_kept_gathered", None),
-           "fsdp_lora_replicated": bool(getattr(model, "flux_lora_replicated", None))}
+           "fsdp_lora_replicated": bool(getattr(model, "flux_lora_replicated", None)),
+           "gpu_clocks": clocks.summary()}
     if breakdown:
         out["gpu_time_breakdown"] = breakdown
     if previews:

@@ -14,6 +14,10 @@ def line(path: str, row: dict) -> str:
             "fsdp_lora_replicated", "images_per_s", "steady_images_per_s")
     shown = " ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row[k]}"
                      for k in keys if row.get(k) is not None)
+    clocks = row.get("gpu_clocks") or {}
+    if clocks:  # the clock the chip held under its power limit while the steps were timed
+        shown += (f" sm_mhz={clocks['sm_mhz_median']:.0f} (min {clocks['sm_mhz_min']:.0f})"
+                  f" power_w={clocks['power_w_median']:.0f} power_capped={clocks['power_capped_share']:.0%}")
     return f"{path.rsplit('/', 1)[-1]} | {row.get('name', '')} | {shown}"
 
 

@@ -59,3 +59,22 @@ def test_fp8_aware_mfu_counts_each_matmul_at_its_own_peak():
     # with no fp8 matmuls, or an fp8 peak no faster, it is the plain MFU
     assert bench.fp8_aware_mfu(10.0, 0.0, 0.5, 10.0, 20.0) == pytest.approx(0.5)
     assert bench.fp8_aware_mfu(10.0, 8.0, 0.5, 10.0, 10.0) == pytest.approx(0.5)
+
+
+def test_gpu_clock_samples_summarised(monkeypatch):
+    """bench.py's record of the clock a GPU held under its power limit: nvidia-smi's CSV lines
+    summarised (unparseable ones skipped); nothing sampled on the CPU."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import gpu_clocks
+
+    with gpu_clocks.Sampler(torch.device("cpu")) as cpu:
+        pass
+    assert cpu.summary() == {}
+    sampler = gpu_clocks.Sampler(torch.device("cpu"))
+    sampler.lines = ["1980, 120.5, 0x0000000000000000", "1635, 689.1, 0x0000000000000004",
+                     "1530, 693.4, 0x0000000000000004", "[N/A], [N/A], [N/A]"]
+    got = sampler.summary()
+    assert got["sm_mhz_median"] == 1635 and got["sm_mhz_min"] == 1530 and got["power_w_median"] == 689.1
+    assert got["power_capped_share"] == pytest.approx(2 / 3) and got["samples"] == 3

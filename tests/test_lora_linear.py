@@ -31,13 +31,34 @@ def test_op_values_gradients_and_registration(bias):
                                     (x, a, b))
     f = (lambda t: None if t is None else t.detach().float())
     torch.library.opcheck(lora_linear._forward, (f(x), f(w), f(b0), f(a), f(b), 2.0, False))
-    torch.library.opcheck(lora_linear._backward_op, (torch.randn(2, 5, 7), f(x), torch.randn(2, 5, 3), f(w), f(a), f(b), 2.0, True))
+    for need_dx in (True, False):
+        torch.library.opcheck(lora_linear._backward_op,
+                              (torch.randn(2, 5, 7), f(x), torch.randn(2, 5, 3), f(w), f(a), f(b), 2.0, True, need_dx))
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:  # bench.py's MFU: the base twice, the LoRA's matmuls thrice
         lora_linear.lora_linear(x, w, b0, a, b, 0.5, False, torch.float64).sum().backward()
     m, k, n, r = 10, 6, 7, 3
     assert counter.get_total_flops() == 2 * (2 * m * k * n) + 3 * (2 * m * k * r + 2 * m * r * n)
+
+
+def test_input_without_gradient_skips_dx():
+    """The first block's q/k/v read inputs that need no gradient: the backward leaves out dx's two
+    matmuls and gives the LoRA the same gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, b0, a, b = _operands()
+    grads = {}
+    for needs in (True, False):
+        xi = x.detach().requires_grad_(needs)
+        a.grad = b.grad = None
+        with FlopCounterMode(display=False) as counter:
+            lora_linear.lora_linear(xi, w, b0, a, b, 0.5, False, torch.float64).sum().backward()
+        grads[needs] = (a.grad.clone(), b.grad.clone(), counter.get_total_flops())
+        assert (xi.grad is not None) == needs
+    m, k, n, r = 10, 6, 7, 3
+    assert torch.equal(grads[True][0], grads[False][0]) and torch.equal(grads[True][1], grads[False][1])
+    assert grads[True][2] - grads[False][2] == 2 * m * n * k + 2 * m * r * k
 
 
 def _counting(monkeypatch):

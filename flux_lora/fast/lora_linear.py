@@ -51,13 +51,15 @@ def _(x, weight, bias, a, b, scaling, triton):
 
 @torch.library.custom_op("flux_lora::lora_linear_backward", mutates_args=())
 def _backward_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, a: torch.Tensor,
-                 b: torch.Tensor, scaling: float, triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB) of _forward's y."""
+                 b: torch.Tensor, scaling: float, triton: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB) of _forward's y; dx empty unless need_dx."""
     dy2, x2, h2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
     dh = dy2 @ b
     db = dy2.t() @ h2
     if scaling != 1.0:
         dh, db = dh.mul_(scaling), db.mul_(scaling)
+    if not need_dx:
+        return x.new_empty(0), dh.t() @ x2, db
     # dh·A [M, K] by the Triton kernel: cuBLAS writes this rank-r product at ~1.2 TB/s on an H200
     dx = lora_kernels.widen(dh, a.t()) if triton and lora_kernels.available(dh, a) else dh @ a
     dx.addmm_(dy2, weight)
@@ -65,8 +67,8 @@ def _backward_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, weight: tor
 
 
 @_backward_op.register_fake
-def _(dy, x, h, weight, a, b, scaling, triton):
-    return x.new_empty(x.shape), a.new_empty(a.shape), b.new_empty(b.shape)
+def _(dy, x, h, weight, a, b, scaling, triton, need_dx):
+    return x.new_empty(x.shape if need_dx else 0), a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -80,8 +82,10 @@ def _backward(ctx, dy, _dh_unused):
     if dy is None:
         return None, None, None, None, None, None, None
     x, h, weight, a, b = ctx.saved_tensors
-    dx, da, db = _backward_op(dy, x, h, weight, a, b, ctx.scaling, ctx.triton)
-    return dx, None, None, da, db, None, None
+    # the first block's q/k/v read inputs that need no gradient: the opaque op would compute dx anyway
+    need_dx = ctx.needs_input_grad[0]
+    dx, da, db = _backward_op(dy, x, h, weight, a, b, ctx.scaling, ctx.triton, need_dx)
+    return dx if need_dx else None, None, None, da, db, None, None
 
 
 _forward.register_autograd(_backward, setup_context=_setup)
@@ -95,9 +99,10 @@ def _forward_flops(x_shape, w_shape, bias_shape, a_shape, b_shape, *args, **kwar
 
 
 @register_flop_formula(torch.ops.flux_lora.lora_linear_backward)
-def _backward_flops(dy_shape, x_shape, h_shape, w_shape, a_shape, *args, **kwargs) -> int:
+def _backward_flops(dy_shape, x_shape, h_shape, w_shape, a_shape, b_shape, scaling, triton, need_dx, **kwargs) -> int:
     m, k, n, r = math.prod(x_shape[:-1]), x_shape[-1], w_shape[0], a_shape[0]
-    return 2 * m * n * k + 2 * (2 * m * n * r) + 2 * (2 * m * r * k)
+    dx = 2 * m * n * k + 2 * m * r * k
+    return 2 * (2 * m * n * r) + 2 * m * r * k + (dx if need_dx else 0)
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor, lora_weight: torch.Tensor) -> torch.dtype | None:
