@@ -78,6 +78,22 @@ def test_sdpa_switches_are_part_of_the_compile_cache_key(monkeypatch):
         cuda.enable_mem_efficient_sdp(before[1])
         torch.compiler.config.cache_key_tag = ""
     assert flash != efficient and flash.startswith("mine|") and efficient.startswith("mine|")
+    assert flash.endswith("|flux_lora=" + attention.code_fingerprint())
+
+
+def test_flux_lora_op_code_is_part_of_the_compile_cache_key(tmp_path):
+    """A custom op's backward is traced into the cached backward graph but is not in torch's key:
+    any change to flux_lora/fast/ must give another key (a warm cache ran an old backward)."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path / "fast"
+    shutil.copytree(Path(attention.__file__).parent, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    assert attention.code_fingerprint(folder) == attention.code_fingerprint()
+    op = folder / "lora_linear.py"
+    op.write_text(op.read_text().replace("need_dx", "needs_dx"))
+    attention.code_fingerprint.cache_clear()
+    assert attention.code_fingerprint(folder) != attention.code_fingerprint()
 
 
 def test_a_run_under_it_trains_as_without(tiny_model, cache_dir, tmp_path):

@@ -17,7 +17,10 @@ no dropout, not causal); anything else falls back to SDPA.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -202,14 +205,27 @@ def choose_backend(name: str, transformer, dtype: torch.dtype, device: torch.dev
 
 
 def tag_compile_caches() -> None:
-    """Make SDPA's backend switches part of torch.compile's cache keys. A compiled block calls SDPA,
-    which picks its kernel when the graph is traced; the caches key on the traced graph and on
-    torch's deterministic setting, not on these switches. So a run with model.attention=efficient
-    after one with flash loaded flash's compiled blocks (measured on an H200: the same losses to
-    the bit and an 11 s start; session 19)."""
+    """Make SDPA's backend switches and flux_lora's own op code part of torch.compile's cache keys.
+    A compiled block calls SDPA, which picks its kernel when the graph is traced; the caches key on
+    the traced graph and on torch's deterministic setting, not on these switches. So a run with
+    model.attention=efficient after one with flash loaded flash's compiled blocks (measured on an
+    H200: the same losses to the bit and an 11 s start; session 19). Likewise a custom op's
+    backward (lora_linear's, qk_rope's) is traced into the cached backward graph but is not in the
+    key: after an upgrade that changed it, a warm cache ran the old backward (session 24: an
+    op schema mismatch at the first backward)."""
     import torch.compiler.config
 
     cuda = torch.backends.cuda
     switches = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled())
     own = os.environ.get("TORCH_COMPILER_CACHE_KEY_TAG", "")  # the user's tag, if any, stays in the key
-    torch.compiler.config.cache_key_tag = own + "|sdpa=" + "".join("1" if on else "0" for on in switches)
+    torch.compiler.config.cache_key_tag = (own + "|sdpa=" + "".join("1" if on else "0" for on in switches)
+                                           + "|flux_lora=" + code_fingerprint())
+
+
+@functools.cache
+def code_fingerprint(folder: Path = Path(__file__).parent) -> str:
+    """A hash of flux_lora/fast/*.py, the code that compiled blocks call into or trace."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
