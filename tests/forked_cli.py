@@ -11,7 +11,7 @@ stderr a subprocess would have.
 
 What a fork cannot give a child (an environment variable that a library reads while it is
 imported) sends the command to a real subprocess: see `needs_fresh_interpreter`. torchrun's ranks
-are always fresh interpreters (tests/conftest.py's `torchrun`).
+are forked likewise, from a zygote of their own (tests/forked_rank.py).
 """
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ import tempfile
 IMPORT_TIME_ENV = ("TORCH", "PYTORCH", "TRITON", "OMP_", "MKL", "CUDA", "HF_", "HUGGINGFACE", "TRANSFORMERS",
                    "DIFFUSERS", "TOKENIZERS", "PYTHON")
 EMULATED_ENV = ("PYTHONPATH", "PYTHONUNBUFFERED")  # the child imports flux_lora from this checkout, writes unbuffered
+RUNTIME_ENV = ("TORCHELASTIC_", "TORCH_NCCL_")  # torchrun's, for its workers: read when used, not at import
 PRELOAD = ["forked_cli_preload"]
 _context = None
 
 
-def needs_fresh_interpreter(env: dict) -> bool:
-    """Whether `env` differs from this process's in a variable that the preloaded libraries read at
-    import (the server was started with this process's environment)."""
-    keys = {k for k in {*env, *os.environ} if k.startswith(IMPORT_TIME_ENV) and k not in EMULATED_ENV}
-    return any(env.get(k) != os.environ.get(k) for k in keys)
+def needs_fresh_interpreter(env: dict, base: dict | None = None) -> bool:
+    """Whether `env` differs from `base` (this process's environment, with which the server was
+    started) in a variable that the preloaded libraries read at import."""
+    base = os.environ if base is None else base
+    keys = {k for k in {*env, *base} if k.startswith(IMPORT_TIME_ENV) and k not in EMULATED_ENV
+            and not k.startswith(RUNTIME_ENV)}
+    return any(env.get(k) != base.get(k) for k in keys)
 
 
 def _server():
@@ -56,15 +59,21 @@ def _server():
 
 
 def _child(argv: list[str], env: dict, cwd: str, out_path: str, err_path: str, script: str | None) -> None:
-    """In the forked child: the subprocess's surroundings, then the CLI (which ends the process) or
-    the script (whose SystemExit or exception ends it as it would end an interpreter)."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
+    """In the forked child: stdout and stderr to their files, then child_main."""
     for fd, path in ((1, out_path), (2, err_path)):
         target = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
+    child_main(argv, env, cwd, script)
+
+
+def child_main(argv: list[str], env: dict, cwd: str, script: str | None) -> None:
+    """The subprocess's surroundings (its stdio already on fds 0-2), then the CLI (which ends the
+    process) or the script (whose SystemExit or exception the caller handles, as an interpreter
+    would). Also the rank of tests/forked_rank_zygote.py."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     # PYTHONUNBUFFERED, as cli_env asks of a subprocess
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", write_through=True,

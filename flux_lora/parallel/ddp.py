@@ -43,8 +43,9 @@ def wrap_ddp(model, di: DistInfo, bucket_mb: int = 0, average_per_bucket: bool =
     # 2-rank run compiled cold after a 1-rank one). The blocks are already the regions, and DDP's
     # reducer sees their gradients as each block's backward ends, so nothing is lost.
     torch._dynamo.config.optimize_ddp = False
-    ddp = DDP(model, find_unused_parameters=False, broadcast_buffers=False, bucket_cap_mb=bucket,
-              gradient_as_bucket_view=True, **kwargs)
+    # (no broadcast_buffers=False: every buffer is ignored above, so there is nothing to sync, and
+    # torch 2.13 deprecates the argument with a warning at each run)
+    ddp = DDP(model, find_unused_parameters=False, bucket_cap_mb=bucket, gradient_as_bucket_view=True, **kwargs)
     if average_per_bucket:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
