@@ -89,7 +89,8 @@ def main(argv: list[str]) -> None:
     status = int(last[1])
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        signal.signal(signum, signal.SIG_DFL)
+        if signum in FORWARDED:
+            signal.signal(signum, signal.SIG_DFL)  # (SIGKILL and most others were never caught)
         os.kill(os.getpid(), signum)
     sys.exit(os.waitstatus_to_exitcode(status))
 

@@ -10,6 +10,7 @@ import ctypes
 import faulthandler
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -73,9 +74,32 @@ def _monitor(conn: socket.socket, request: dict, fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)  # the rank alone holds the worker's stdio: torchrun sees EOF when it ends
     conn.sendall(f"pid {pid}\n".encode())
-    _, status = os.waitpid(pid, 0)
-    conn.sendall(f"status {status}\n".encode())
+    _, status = _wait_unless_the_worker_dies(pid, conn)
+    try:
+        conn.sendall(f"status {status}\n".encode())
+    except OSError:
+        pass  # the worker is gone
     os._exit(0)
+
+
+def _wait_unless_the_worker_dies(pid: int, conn: socket.socket) -> tuple[int, int]:
+    """waitpid(pid), but SIGKILL the rank first if its worker dies (torchrun's SIGKILL after a
+    stop's grace period, a test's kill): a killed worker takes its rank along, as a real rank would
+    die, instead of leaving it training on beside the next run. The worker sends nothing after its
+    request, so a readable connection means it closed."""
+    try:
+        watched = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # Linux < 5.3: poll
+        watched = None
+    while True:
+        ready, _, _ = select.select([conn] + ([watched] if watched is not None else []), [], [],
+                                    None if watched is not None else 0.2)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return done, status
+        if conn in ready:
+            os.kill(pid, signal.SIGKILL)
+            return os.waitpid(pid, 0)
 
 
 def serve(path: str) -> None:
