@@ -47,8 +47,9 @@ def torchrun(nproc: int, *args, timeout: float = 300, check: bool = True, module
     core sooner each; torchrun's agent, rendezvous, signals and exit codes are as they were."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *(extra or [])]
     env = dict(env or cli_env())
-    if fork:
-        env[forked_rank.ZYGOTE_ENV] = forked_rank.start_zygote(str(ROOT))
+    zygote = forked_rank.start_zygote(str(ROOT)) if fork else ""
+    if zygote:
+        env[forked_rank.ZYGOTE_ENV] = zygote
         cmd.append(str(ROOT / "tests" / "forked_rank.py"))
     cmd += (["-m", "flux_lora"] if module else []) + list(map(str, args))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
