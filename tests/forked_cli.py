@@ -29,6 +29,10 @@ IMPORT_TIME_ENV = ("TORCH", "PYTORCH", "TRITON", "OMP_", "MKL", "CUDA", "HF_", "
                    "DIFFUSERS", "TOKENIZERS", "PYTHON")
 EMULATED_ENV = ("PYTHONPATH", "PYTHONUNBUFFERED")  # the child imports flux_lora from this checkout, writes unbuffered
 RUNTIME_ENV = ("TORCHELASTIC_", "TORCH_NCCL_")  # torchrun's, for its workers: read when used, not at import
+# what flux_lora itself sets after its imports (so read when used): a test that ran flux_lora code in
+# the pytest process leaves them in os.environ, which must not send every later command to a fresh interpreter
+SET_BY_FLUX_LORA = ("HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM", "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE",
+                    "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUBLAS_WORKSPACE_CONFIG")
 PRELOAD = ["forked_cli_preload"]
 _context = None
 
@@ -37,7 +41,7 @@ def needs_fresh_interpreter(env: dict, base: dict | None = None) -> bool:
     """Whether `env` differs from `base` (this process's environment, with which the server was
     started) in a variable that the preloaded libraries read at import."""
     base = os.environ if base is None else base
-    keys = {k for k in {*env, *base} if k.startswith(IMPORT_TIME_ENV) and k not in EMULATED_ENV
+    keys = {k for k in {*env, *base} if k.startswith(IMPORT_TIME_ENV) and k not in EMULATED_ENV + SET_BY_FLUX_LORA
             and not k.startswith(RUNTIME_ENV)}
     return any(env.get(k) != base.get(k) for k in keys)
 

@@ -25,6 +25,7 @@ import sys
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 ZYGOTE_ENV = "FLUX_LORA_TEST_ZYGOTE"  # the zygote's socket path, set by tests/conftest.py
 _zygote = None
+started_with: dict = {}  # the environment the zygote was started with (tests/test_forked_rank.py's base)
 
 
 def start_zygote(root: str) -> str:
@@ -42,6 +43,7 @@ def start_zygote(root: str) -> str:
         path = os.path.join(folder, "sock")
         tests = os.path.join(root, "tests")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, root, os.environ.get("PYTHONPATH")]))}
+        started_with.update(env)
         proc = subprocess.Popen([sys.executable, os.path.join(tests, "forked_rank_zygote.py"), path],
                                 stdout=subprocess.PIPE, text=True, env=env, cwd=root)
         atexit.register(lambda: (proc.kill(), proc.wait(), shutil.rmtree(folder, ignore_errors=True)))

@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 import forked_rank
-from conftest import ROOT, cli_env
+from conftest import ROOT
 
 WORKER = str(ROOT / "tests" / "forked_rank.py")
 
 
 def _env() -> dict:
-    return {**cli_env(), forked_rank.ZYGOTE_ENV: forked_rank.start_zygote(str(ROOT))}
+    """The zygote's own environment: whatever earlier tests in this process left in os.environ, the
+    ranks here are forked, not fresh interpreters."""
+    path = forked_rank.start_zygote(str(ROOT))
+    return {**forked_rank.started_with, forked_rank.ZYGOTE_ENV: path}
 
 
 def _script(tmp_path: Path, body: str) -> str:
