@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from flux_lora.fast import lora_kernels
-from lora_kernel_speed import timed_ms  # scripts/: a CUDA graph of calls, replayed
+from lora_kernel_speed import graph_of, timed_ms  # scripts/: a CUDA graph of calls, replayed
 
 
 def shapes(resolution: int, batch: int, text: int) -> list[tuple[str, int, int, int]]:
@@ -59,17 +59,7 @@ def variants(x, w, h, b, backward: bool):
 
 def profiled(fn, calls: int = 10) -> dict:
     """Memsets, matmul kernel names and idle GPU time in one replay of `calls` calls."""
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = graph_of(fn, calls)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()

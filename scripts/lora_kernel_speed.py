@@ -174,9 +174,8 @@ def layer_shapes(resolution: int, batch: int, text_len: int = 512, rank: int = 1
     return shapes
 
 
-def timed_ms(fn, calls: int = 20, replays: int = 10) -> float:
-    """GPU time of one call, from a CUDA graph of `calls` calls: as the training step replays
-    them, without the host's launch cost (which dominates these small kernels launched eagerly)."""
+def graph_of(fn, calls: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` calls of fn (warmed up on a side stream, as capture wants), replayed once."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -189,6 +188,13 @@ def timed_ms(fn, calls: int = 20, replays: int = 10) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def timed_ms(fn, calls: int = 20, replays: int = 10) -> float:
+    """GPU time of one call, from a CUDA graph of `calls` calls: as the training step replays
+    them, without the host's launch cost (which dominates these small kernels launched eagerly)."""
+    graph = graph_of(fn, calls)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):

@@ -5,7 +5,6 @@ which forks the rank (the worker's environment, working directory and stdio, the
 
     python forked_rank_zygote.py SOCKET_PATH      (tests/conftest.py starts one per pytest worker)"""
 
-import atexit
 import ctypes
 import faulthandler
 import json
@@ -15,13 +14,13 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import traceback
 
 BASE_ENV = dict(os.environ)  # as this process was started: the preload below sets some defaults
 
 import forked_cli  # noqa: E402
 import forked_cli_preload  # noqa: E402, F401  (the point: imported once, here)
+from flux_lora.cli import _leave  # noqa: E402
 
 
 def _read_exactly(conn: socket.socket, n: int) -> bytes:
@@ -55,11 +54,7 @@ def _rank(request: dict, fds: list[int]) -> None:
     except BaseException:  # noqa: BLE001  (what the interpreter does with an uncaught exception)
         traceback.print_exc()
         code = 1
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _leave(code)  # as flux_lora's CLI ends: threads joined, exit handlers run, output flushed
 
 
 def _monitor(conn: socket.socket, request: dict, fds: list[int]) -> None:
