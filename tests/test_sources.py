@@ -1,6 +1,6 @@
-"""Where a dataset comes from (flux_lora.data.sources): discovery, captions and their encodings,
-containment (no symbolic link followed out of the dataset), safe ZIP extraction, downloads keyed
-by URL.   pytest -q tests/test_sources.py"""
+"""Where a dataset comes from (flux_lora.data.sources): discovery (and what it leaves out, named),
+captions and their encodings, containment (no symbolic link followed out of the dataset), safe ZIP
+extraction, downloads keyed by URL.   pytest -q tests/test_sources.py"""
 
 import io
 import stat
@@ -10,9 +10,9 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from PIL import Image
+from PIL import Image, features
 
-from flux_lora.data.sources import check_zip, discover, download, extract_zip, read_caption, resolve_source
+from flux_lora.data.sources import check_zip, discover, download, extract_zip, read_caption, resolve_source, scan
 from flux_lora.errors import DataError
 
 
@@ -207,3 +207,70 @@ def test_downloads_are_keyed_by_url_checked_and_refreshed(tmp_path, web):
     assert len(zipfile.ZipFile(download(f"{base}/a/data.zip", work, refresh=True)).namelist()) == 2
     first.write_bytes(b"tampered")  # a record that no longer matches its file is not trusted
     assert len(zipfile.ZipFile(download(f"{base}/a/data.zip", work)).namelist()) == 2
+
+
+def _skips_folder(tmp_path):
+    """A dataset with readable images of every taken type beside what discovery must leave out."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir()
+    outside.mkdir()
+    _png(data / "a.png")
+    Image.new("RGB", (12, 8), (200, 0, 0)).save(data / "b.jfif", "JPEG")
+    frames = [Image.new("RGB", (10, 6), c) for c in ((0, 200, 0), (0, 0, 200))]
+    frames[0].save(data / "c.gif", save_all=True, append_images=frames[1:])
+    if features.check("avif"):  # Pillow's wheels read AVIF from 11.3 on
+        Image.new("RGB", (16, 8), (0, 0, 200)).save(data / "d.avif")
+    (data / "phone.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (data / "link.png").symlink_to(data / "a.png")
+    _png(outside / "e.png")
+    (data / "linked").symlink_to(outside, target_is_directory=True)
+    return data
+
+
+def test_discovery_takes_jfif_gif_avif_and_names_what_it_leaves_out(tmp_path):
+    from flux_lora.data.images import load_rgb
+
+    data = _skips_folder(tmp_path)
+    items, skipped = scan(data)
+    avif = features.check("avif")
+    assert [i.name for i in items] == ["a.png", "b.jfif", "c.gif"] + ["d.avif"] * avif
+    assert [load_rgb(i.path).size for i in items[1:]] == [(12, 8), (10, 6)] + [(16, 8)] * avif
+    assert load_rgb(items[2].path).getpixel((0, 0)) == (0, 200, 0)  # a GIF's first frame
+    why = dict(skipped)
+    assert sorted(why) == ["link.png", "linked", "phone.HEIC"]
+    assert "symbolic link" in why["link.png"] and "copy the file" in why["link.png"]
+    assert "symbolic link to a folder" in why["linked"]
+    assert "HEIC" in why["phone.HEIC"] and "convert it to JPEG or PNG" in why["phone.HEIC"]
+    assert discover(data) == items
+
+
+class _Warnings:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, text, file=None):
+        self.lines.append(text)
+
+
+def test_find_sources_warns_of_each_skip_fails_under_strict_and_explains_an_empty_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from flux_lora.data.preprocess import SKIPS_NAMED, find_sources
+
+    family = SimpleNamespace(paired=False, title="FLUX.1")
+    data = _skips_folder(tmp_path)
+    reporter = _Warnings()
+    assert len(find_sources(data, family, False, reporter)) == len(scan(data)[0])
+    assert reporter.lines == [f"skipping {name}: {why}" for name, why in scan(data)[1]]
+    with pytest.raises(DataError, match=r"link\.png: a symbolic link.*\(--strict\)"):
+        find_sources(data, family, True, _Warnings())
+
+    links = tmp_path / "links"
+    links.mkdir()
+    for k in range(SKIPS_NAMED + 3):
+        (links / f"{k:02d}.png").symlink_to(data / "a.png")
+    reporter = _Warnings()
+    with pytest.raises(DataError, match=r"no images \(.*gif.*\) found in .*13 left out, e.g. 00\.png: a symbolic link"):
+        find_sources(links, family, False, reporter)
+    assert len(reporter.lines) == SKIPS_NAMED + 1
+    assert reporter.lines[-1] == f"skipping 3 more files in {links}: 3 symbolic links, 0 of types flux_lora cannot read"

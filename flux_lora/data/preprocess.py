@@ -26,7 +26,7 @@ from flux_lora.config import Config, build_config, parse_resolutions
 from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
 from flux_lora.data.images import load_for_bucket, load_mask, load_rgb, make_buckets, resize_to_bucket
-from flux_lora.data.sources import SourceImage, attach_masks, discover, pair_controls, resolve_source
+from flux_lora.data.sources import SourceImage, attach_masks, pair_controls, resolve_source, scan, supported_kinds
 from flux_lora.errors import CacheError, ConfigError, DataError
 from flux_lora.fast import compiled_encoders, memory, wide_attention
 from flux_lora.models import families, loading, placement
@@ -508,11 +508,31 @@ def _download_display():
     return update
 
 
+SKIPS_NAMED = 10  # files left out that get a warning line each; the rest are counted in one
+
+
+def _warn_skipped(skipped: list[tuple[str, str]], root: Path, reporter) -> None:
+    """A warning for each file discovery left out (symbolic links, HEIC, ...), the first
+    SKIPS_NAMED by name: a folder of 10,000 links gets 11 lines, not 10,000."""
+    for name, why in skipped[:SKIPS_NAMED]:
+        reporter.warning(f"skipping {name}: {why}", file=name)
+    rest = skipped[SKIPS_NAMED:]
+    if rest:
+        links = sum("symbolic link" in why for _, why in rest)
+        reporter.warning(f"skipping {len(rest)} more files in {root}: {links} symbolic links, "
+                         f"{len(rest) - links} of types flux_lora cannot read")
+
+
 def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str = "off") -> list[SourceImage]:
     """The dataset's items: images with captions (and loss masks), or for an editing family,
     (control, target) pairs; what does not pair is warned about (reporter: rank 0's, else None)
     or, under --strict, fails the run."""
-    sources, mask_problems = attach_masks(discover(root), masks)
+    found, skipped = scan(root)
+    if skipped and strict:
+        raise DataError(f"{root / skipped[0][0]}: {skipped[0][1]} (--strict); fix it or drop --strict")
+    if reporter:
+        _warn_skipped(skipped, root, reporter)
+    sources, mask_problems = attach_masks(found, masks)
     for name, problem in mask_problems if reporter else []:
         reporter.warning(problem, file=name)
     if family.paired:
@@ -525,7 +545,8 @@ def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str 
             raise DataError(f"no editing pairs found in {root}: {family.title} trains on a target image with a control "
                             "image of the same stem in a control/ folder beside it, or named STEM_control.EXT")
     if not sources:
-        raise DataError(f"no images (jpg, png, webp, bmp, tiff) found in {root}; check the --data path")
+        left_out = f" ({len(skipped)} left out, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise DataError(f"no images ({supported_kinds()}) found in {root}{left_out}; check the --data path")
     return sources
 
 

@@ -21,7 +21,11 @@ from typing import Callable
 from flux_lora.errors import DataError
 from flux_lora.outputs import files
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"}
+# Image files Pillow cannot decode, which users drop into datasets (phones, cameras, vector art)
+UNREADABLE_KINDS = {".heic": "HEIC", ".heif": "HEIF", ".svg": "SVG", ".dng": "camera raw", ".cr2": "camera raw",
+                    ".cr3": "camera raw", ".nef": "camera raw", ".arw": "camera raw", ".raf": "camera raw",
+                    ".orf": "camera raw", ".rw2": "camera raw"}
 MAX_ZIP_RATIO = 200  # a real image compresses 1-3x; a zip bomb compresses 1000x
 RATIO_CHECK_BYTES = 2**20  # below this much unpacked data a high ratio is harmless
 
@@ -90,31 +94,63 @@ def read_metadata(root: Path) -> dict[str, tuple[str, bool]]:
 
 
 def discover(root: Path) -> list[SourceImage]:
-    """Images under root, recursively, sorted by relative path; captions from same-stem .txt files,
-    else from ROOT/metadata.jsonl. Symbolic links (images or captions) are not followed: they could
-    read outside the dataset. (For editing pairs, `pair_controls` then takes the control images
-    out of this list.)"""
+    """Images under root, recursively, sorted by relative path (`scan`'s items)."""
+    return scan(root)[0]
+
+
+def scan(root: Path) -> tuple[list[SourceImage], list[tuple[str, str]]]:
+    """(images under root, recursively, sorted by relative path, with captions from same-stem .txt
+    files, else from ROOT/metadata.jsonl; the files left out that look like images, as (relative
+    name, why)). Symbolic links (images, folders or captions) are not followed: they could read
+    outside the dataset. (For editing pairs, `pair_controls` then takes the control images out of
+    the list.)"""
     metadata = read_metadata(root)
-    items = []
+    items, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
+        for d in sorted(dirnames):
+            if (Path(dirpath) / d).is_symlink() and not _hidden(PurePosixPath(d)):
+                skipped.append((_relative(Path(dirpath) / d, root), "a symbolic link to a folder: not followed (it "
+                                "could read outside the dataset); move or copy the folder into the dataset"))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
         for fn in sorted(filenames):
             p = Path(dirpath) / fn
-            rel = PurePosixPath(p.relative_to(root).as_posix())
-            if _hidden(rel) or p.suffix.lower() not in IMAGE_SUFFIXES or not contained(p, root):
+            rel = PurePosixPath(_relative(p, root))
+            suffix = p.suffix.lower()
+            if _hidden(rel) or (suffix not in IMAGE_SUFFIXES and suffix not in UNREADABLE_KINDS):
                 continue
-            caption, note = None, None
-            txt = next((t for t in (p.with_suffix(".txt"), p.with_suffix(".TXT")) if t.is_file() or t.is_symlink()), None)
-            if txt is not None and not contained(txt, root):
-                note = f"caption {txt.name} is a symbolic link or lies outside the dataset; ignored"
-            elif txt is not None:
-                caption, note = read_caption(txt)
-            several = False
-            if caption is None and str(rel) in metadata:
-                caption, several = metadata[str(rel)]
-            items.append(SourceImage(p, str(rel), caption, note, several_captions=several))
+            if suffix in UNREADABLE_KINDS:
+                skipped.append((str(rel), f"a {UNREADABLE_KINDS[suffix]} file, which flux_lora cannot read; "
+                                          "convert it to JPEG or PNG"))
+            elif p.is_symlink():
+                skipped.append((str(rel), "a symbolic link: not followed (it could read outside the dataset); "
+                                          "copy the file into the dataset"))
+            elif contained(p, root):
+                items.append(_with_caption(p, rel, root, metadata))
     items.sort(key=lambda s: s.name)
-    return items
+    return items, sorted(skipped)
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _with_caption(p: Path, rel: PurePosixPath, root: Path, metadata: dict) -> SourceImage:
+    """The image at p with its caption: its .txt beside it (not a link), else metadata.jsonl's."""
+    caption, note = None, None
+    txt = next((t for t in (p.with_suffix(".txt"), p.with_suffix(".TXT")) if t.is_file() or t.is_symlink()), None)
+    if txt is not None and not contained(txt, root):
+        note = f"caption {txt.name} is a symbolic link or lies outside the dataset; ignored"
+    elif txt is not None:
+        caption, note = read_caption(txt)
+    several = False
+    if caption is None and str(rel) in metadata:
+        caption, several = metadata[str(rel)]
+    return SourceImage(p, str(rel), caption, note, several_captions=several)
+
+
+def supported_kinds() -> str:
+    """The image types discovery takes, for messages: "jpg, jpeg, ..."."""
+    return ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
 
 
 MASK_DIR = "masks"
