@@ -69,6 +69,27 @@ def test_train_overwrite_keeps_the_users_files(tiny_model, cache_dir, images, tm
     assert (user / "lora.safetensors").is_file()
 
 
+def test_a_cache_is_never_an_output_nor_an_output_a_cache(tmp_path):
+    """Both write config.yaml and events.jsonl: one in the other's folder would replace them."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    run_dir.claim(cache, "cache", "--cache-dir")
+    run_dir.claim(out, "output", "--output")
+    with pytest.raises(DirectoryError, match=r"--output .*cache is a cache \(preprocess wrote it; train reads it\); "
+                                             r"its files would be replaced: choose another --output"):
+        run_dir.claim(cache, "output", "--output")
+    with pytest.raises(DirectoryError, match=r"--cache-dir .*out is a training output"):
+        run_dir.claim(out, "cache", "--cache-dir")
+    run_dir.claim(cache, "cache", "--cache-dir")  # its own kind: still ours
+
+
+def test_train_into_its_own_cache_refuses_and_changes_nothing(tiny_model, cache_dir):
+    before = {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()}
+    result = run_cli(*train_args(tiny_model, cache_dir, cache_dir, "--steps", "1"))
+    assert result.returncode != 0
+    assert f"--output {cache_dir} is a cache" in result.stderr and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in cache_dir.rglob("*") if p.is_file()} == before
+
+
 def test_a_second_run_refuses_at_once_naming_the_first(tmp_path):
     folder = tmp_path / "out"
     run_dir.claim(folder, "output", "--output")

@@ -39,6 +39,7 @@ OURS = {
     "cache": ["events.jsonl", "config.yaml", "settings.json", "manifest.json", "captions.jsonl", "samples.pt", "empty_prompt.pt",
               "shards/rank-*", "shards/res-*", "progress/rank-*", "download/*", "extracted", ".extracted.tmp", "dataset-*", FAILURES],
 }
+MADE_BY = {"output": "a training output (train wrote it)", "cache": "a cache (preprocess wrote it; train reads it)"}
 _BOOKKEEPING = {MARKER, LOCK}
 _CONTAINERS = ("checkpoints", "samples", "shards", "progress", "download")  # looked into, entry by entry
 
@@ -76,6 +77,10 @@ def claim(folder: Path, kind: str, flag: str) -> None:
     except OSError as e:
         raise DirectoryError(f"{flag} {folder} is not writable ({e.strerror or e}); choose another {flag}") from None
     if (folder / MARKER).is_file():
+        made_by = (files.read_json(folder / MARKER) or {}).get("kind", kind)
+        if made_by != kind:  # a cache and an output share file names (config.yaml, events.jsonl)
+            raise DirectoryError(f"{flag} {folder} is {MADE_BY.get(made_by, 'another kind of flux_lora folder')}; "
+                                 f"its files would be replaced: choose another {flag}")
         return
     entries = _entries(folder)
     clashes = [rel for rel in entries if _ours(kind, rel)]
