@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -102,6 +103,54 @@ def load_errors(model: str, part: str):
 
 def revision_kwargs(revision: str) -> dict:
     return {"revision": revision} if revision else {}
+
+
+# Weights files that name a variant (save_pretrained(variant="fp16")): diffusers and transformers
+# read them only when given that variant, and a folder holding nothing else fails without it.
+_VARIANT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model|pytorch_model)(?:-\d+-of-\d+)?\.(\w+?)(?:-\d+-of-\d+)?"
+                           r"\.(?:safetensors|bin)$"
+                           r"|^(?:diffusion_pytorch_model|model|pytorch_model)\.(?:safetensors|bin)\.index\.(\w+)\.json$")
+_PLAIN_FILES = {f"{stem}.{ext}{index}" for stem in ("diffusion_pytorch_model", "model", "pytorch_model")
+                for ext in ("safetensors", "bin") for index in ("", ".index.json")}
+
+
+def _local_folder(model: str, revision: str) -> Path | None:
+    """model's files on this machine: the folder itself, or a hub id's downloaded snapshot."""
+    if synthetic.is_synthetic(model):
+        return None
+    if Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "model_index.json", revision=revision or None)
+    except Exception:  # not a valid repo id: from_pretrained says what is wrong
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def stored_variant(model: str, revision: str = "", part: str = "") -> str | None:
+    """The variant (fp16, bf16, ...) whose files are the only weights of model's `part` folder
+    (transformer, vae), or with no part of any of its folders; None where plain files are there
+    (or the files are not on this machine)."""
+    folder = _local_folder(model, revision)
+    if folder is None:
+        return None
+    found = set()
+    for sub in [folder / part] if part else sorted(p for p in folder.iterdir() if p.is_dir()):
+        names = {f.name for f in sub.iterdir()} if sub.is_dir() else set()
+        if not names & _PLAIN_FILES:
+            found |= {next(v for v in m.groups() if v) for m in map(_VARIANT_FILE.match, names) if m}
+    if len(found) > 1:
+        raise ModelError(f"{folder} stores its weights in several variants ({', '.join(sorted(found))}) and "
+                         "no plain files; keep one variant's files")
+    return found.pop() if found else None
+
+
+def weights_kwargs(model: str, revision: str = "", part: str = "") -> dict:
+    """from_pretrained's revision and, for weights saved only as a variant, that variant."""
+    variant = stored_variant(model, revision, part)
+    return {**revision_kwargs(revision), **({"variant": variant} if variant else {})}
 
 
 def load_transformer(model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):

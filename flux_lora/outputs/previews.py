@@ -165,7 +165,8 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
     dtype = loading.resolve_dtype("auto", device)
     replaced = {"transformer": family.load_transformer(model, dtype, file=transformer_file)} if transformer_file else {}
     with loading.load_errors(model, "the pipeline"):
-        pipe = family.diffusers_class(family.pipeline_class).from_pretrained(model, dtype=dtype, **replaced).to(device)
+        pipe = family.diffusers_class(family.pipeline_class).from_pretrained(
+            model, dtype=dtype, **replaced, **loading.weights_kwargs(model)).to(device)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         if not Path(lora).is_file():

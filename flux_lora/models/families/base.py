@@ -12,7 +12,7 @@ import torch
 
 from flux_lora.errors import ModelError
 from flux_lora.models import synthetic
-from flux_lora.models.loading import check_model_path, load_errors, revision_kwargs
+from flux_lora.models.loading import check_model_path, load_errors, revision_kwargs, weights_kwargs
 
 
 _queued = threading.local()  # inside host_copies_queued: to_host does not wait for its copies
@@ -95,7 +95,7 @@ class Family:
         placement = {"device_map": {"": device}} if device is not None and device.type == "cuda" else {}
         with load_errors(model, "the transformer"):
             return self.diffusers_class(self.transformer_class).from_pretrained(
-                model, subfolder="transformer", dtype=dtype, **placement, **revision_kwargs(revision))
+                model, subfolder="transformer", dtype=dtype, **placement, **weights_kwargs(model, revision, "transformer"))
 
     def transformer_config(self, model: str, revision: str = "") -> dict:
         """The transformer's config (no weights read): what the memory plan needs."""
@@ -109,7 +109,7 @@ class Family:
         self._needs_files(model, "a VAE")
         with load_errors(model, "the VAE"):
             return self.diffusers_class(self.vae_class).from_pretrained(model, subfolder="vae", dtype=dtype,
-                                                                         **revision_kwargs(revision))
+                                                                         **weights_kwargs(model, revision, "vae"))
 
     def load_text_pipeline(self, model: str, dtype: torch.dtype, revision: str = "", device: torch.device | None = None):
         """The family's pipeline holding only its text encoder(s) and tokenizer(s), so prompts are
@@ -117,7 +117,7 @@ class Family:
         self._needs_files(model, "text encoders")
         with load_errors(model, "the text encoders"):
             return self.diffusers_class(self.pipeline_class).from_pretrained(
-                model, transformer=None, vae=None, dtype=dtype, **revision_kwargs(revision))
+                model, transformer=None, vae=None, dtype=dtype, **weights_kwargs(model, revision))
 
     def load_scheduler(self, model: str, revision: str = ""):
         from diffusers import FlowMatchEulerDiscreteScheduler

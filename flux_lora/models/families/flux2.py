@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from flux_lora.models.families.base import Family, to_host
-from flux_lora.models.loading import load_errors, revision_kwargs
+from flux_lora.models.loading import load_errors, revision_kwargs, weights_kwargs
 
 _DOUBLE = r"transformer_blocks\.\d+\."
 _SINGLE = r"single_transformer_blocks\.\d+\."
@@ -103,7 +103,7 @@ class Flux2(Family):
             if tokenizer.chat_template is None:
                 tokenizer.chat_template = _processor_chat_template(model, revision)
             return self.diffusers_class(self.pipeline_class).from_pretrained(
-                model, transformer=None, vae=None, tokenizer=tokenizer, dtype=dtype, **revision_kwargs(revision))
+                model, transformer=None, vae=None, tokenizer=tokenizer, dtype=dtype, **weights_kwargs(model, revision))
 
     @torch.no_grad()
     def encode_latents(self, vae, pixels):
