@@ -41,6 +41,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers' hub-id loads, huggingface_hub 1.x
     import diffusers
     import transformers
 
@@ -49,6 +50,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # offline, every load of a cached hub id said "Could not reach the Hub ... Using cached commit hash"
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
