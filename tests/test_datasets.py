@@ -124,6 +124,31 @@ def test_metadata_jsonl_captions(tmp_path):
         discover(tmp_path)
 
 
+def test_metadata_csv_and_metadata_in_subfolders(tmp_path):
+    """imagefolder's other layouts: metadata.csv (file_name,text or caption; quoted commas, a BOM),
+    and a metadata file in a subfolder, its file_name relative to that folder. Bad ones: one line."""
+    from PIL import Image
+
+    from flux_lora.data.sources import discover
+    from flux_lora.errors import DataError
+
+    for name in ("a.png", "b.png", "train/c.png", "train/deep/d.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "metadata.csv").write_text('\ufefffile_name,text\na.png,"red, square"\nb.png,\n', encoding="utf-8")
+    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "c.png", "text": "see"}) + "\n")
+    (tmp_path / "train" / "deep" / "metadata.csv").write_text("caption,file_name\nDee,./d.png\n")
+    found = {s.name: s.caption for s in discover(tmp_path)}
+    assert found == {"a.png": "red, square", "b.png": None, "train/c.png": "see", "train/deep/d.png": "Dee"}
+    (tmp_path / "metadata.csv").write_text("image,prompt\na.png,x\n")
+    with pytest.raises(DataError, match=r"metadata.csv needs a header with a file_name column and a text \(or caption\) "
+                                         r"column; its first line is 'image,prompt'"):
+        discover(tmp_path)
+    (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"metadata.csv is not UTF-8 text; save it as UTF-8"):
+        discover(tmp_path)
+
+
 def test_a_jsonl_list_becomes_several_captions_each_with_its_datasets_trigger():
     from pathlib import Path
 

@@ -5,9 +5,10 @@ checked; extraction and download are atomic, so a failure leaves nothing half-ma
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-
 import hashlib
+import io
 import json
 import os
 import stat
@@ -61,19 +62,35 @@ def contained(path: Path, root: Path) -> bool:
         return False
 
 
-METADATA = "metadata.jsonl"  # Hugging Face's imagefolder layout: {"file_name": ..., "text": ...} per line
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face's imagefolder layout
 CAPTION_FIELDS = ("text", "caption", "captions")
 
 
-def read_metadata(root: Path) -> dict[str, tuple[str, bool]]:
-    """ROOT/metadata.jsonl, if there is one: relative image path -> (caption, several). "text" or
-    "caption" is one caption, a list (or "captions") several, one drawn per step. One line naming
-    the line number for a line that is not a JSON object with a file_name and a caption."""
-    path = Path(root) / METADATA
-    if not contained(path, root):
-        return {}
+def read_metadata(folder: Path, root: Path) -> dict[str, tuple[str, bool]]:
+    """FOLDER/metadata.jsonl or metadata.csv, where there is one (Hugging Face's imagefolder layout:
+    at the root or in a folder below, its file_name relative to it): image path relative to root ->
+    (caption, several). "text" or "caption" is one caption; a JSON list (or "captions") several, one
+    drawn per step. One line naming the line for a row without a file_name and a caption."""
+    prefix = PurePosixPath(Path(folder).relative_to(root).as_posix())
     out = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for path in (Path(folder) / name for name in METADATA_FILES):
+        if not contained(path, root):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+        for file_name, texts in _jsonl_rows(path, text) if path.suffix == ".jsonl" else _csv_rows(path, text):
+            texts = [t.strip() for t in texts if t.strip()]
+            if texts:
+                key = (prefix / PurePosixPath(file_name.replace("\\", "/"))).as_posix()
+                out[key] = ("\n".join(texts), len(texts) > 1)
+    return out
+
+
+def _jsonl_rows(path: Path, text: str):
+    """(file_name, captions) per line of a metadata.jsonl."""
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -87,10 +104,20 @@ def read_metadata(root: Path) -> dict[str, tuple[str, bool]]:
                 or not all(isinstance(t, str) for t in texts):
             raise DataError(f"{path} line {n} is not a JSON object with a file_name and a text (or a list of "
                             "captions); fix that line")
-        texts = [t.strip() for t in texts if t.strip()]
-        if texts:
-            out[PurePosixPath(row["file_name"].replace("\\", "/")).as_posix()] = ("\n".join(texts), len(texts) > 1)
-    return out
+        yield row["file_name"], texts
+
+
+def _csv_rows(path: Path, text: str):
+    """(file_name, [caption]) per row of a metadata.csv with a header naming file_name and text (or caption)."""
+    reader = csv.DictReader(io.StringIO(text))
+    field = next((f for f in CAPTION_FIELDS[:2] if f in (reader.fieldnames or [])), None)
+    if "file_name" not in (reader.fieldnames or []) or field is None:
+        raise DataError(f"{path} needs a header with a file_name column and a text (or caption) column; "
+                        f"its first line is {text.splitlines()[0][:80] if text.strip() else 'empty'!r}")
+    for row in reader:
+        if not row.get("file_name"):
+            raise DataError(f"{path} line {reader.line_num} has no file_name; fix that line")
+        yield row["file_name"], [row.get(field) or ""]
 
 
 def discover(root: Path) -> list[SourceImage]:
@@ -100,13 +127,13 @@ def discover(root: Path) -> list[SourceImage]:
 
 def scan(root: Path) -> tuple[list[SourceImage], list[tuple[str, str]]]:
     """(images under root, recursively, sorted by relative path, with captions from same-stem .txt
-    files, else from ROOT/metadata.jsonl; the files left out that look like images, as (relative
-    name, why)). Symbolic links (images, folders or captions) are not followed: they could read
-    outside the dataset. (For editing pairs, `pair_controls` then takes the control images out of
-    the list.)"""
-    metadata = read_metadata(root)
-    items, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    files, else from a metadata.jsonl/.csv above them; the files left out that look like images, as
+    (relative name, why)). Symbolic links (images, folders or captions) are not followed: they could
+    read outside the dataset. (For editing pairs, `pair_controls` then takes the control images out
+    of the list.)"""
+    items, skipped, metadata = [], [], {}
+    for dirpath, dirnames, filenames in os.walk(root):  # top-down: a folder's metadata before its images
+        metadata.update(read_metadata(Path(dirpath), root))
         for d in sorted(dirnames):
             if (Path(dirpath) / d).is_symlink() and not _hidden(PurePosixPath(d)):
                 skipped.append((_relative(Path(dirpath) / d, root), "a symbolic link to a folder: not followed (it "
@@ -135,7 +162,7 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _with_caption(p: Path, rel: PurePosixPath, root: Path, metadata: dict) -> SourceImage:
-    """The image at p with its caption: its .txt beside it (not a link), else metadata.jsonl's."""
+    """The image at p with its caption: its .txt beside it (not a link), else a metadata file's."""
     caption, note = None, None
     txt = next((t for t in (p.with_suffix(".txt"), p.with_suffix(".TXT")) if t.is_file() or t.is_symlink()), None)
     if txt is not None and not contained(txt, root):
