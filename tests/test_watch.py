@@ -183,6 +183,24 @@ def test_sample_command_changes_with_lora(finished_run, tiny_model, tmp_path):
     assert a.tobytes() != b.tobytes()
     proc = run_cli(*common, "--lora", tmp_path / "missing.safetensors", "--out", tmp_path / "x.png")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    proc = run_cli(*common, "--lora", tmp_path / "junk.safetensors", "--out", tmp_path / "x.png")
+    assert proc.returncode == 2 and "junk.safetensors is not a readable .safetensors file" in proc.stderr
+
+
+def test_a_lora_of_another_model_is_one_line_naming_a_mismatch(finished_run, tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(finished_run / "lora.safetensors")
+    key = next(k for k in weights if k.endswith("lora_B.weight"))
+    weights[key] = weights[key][:-1].contiguous()  # another model's width
+    save_file(weights, tmp_path / "other.safetensors")
+    proc = run_cli("sample", "--model", tiny_model, "--prompt", "sks", "--size", "32", "--steps", "1",
+                   "--max-sequence-length", "32", "--lora", tmp_path / "other.safetensors", "--out", tmp_path / "x.png")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr  # not diffusers' line per tensor before it
+    assert "does not load into this FLUX.1 model (RuntimeError: size mismatch for" in lines[0]
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_export_command(finished_run, tmp_path):

@@ -171,11 +171,7 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
     if lora is not None:
         if not Path(lora).is_file():
             raise FluxLoraError(f"LoRA file {lora} does not exist")
-        try:
-            pipe.load_lora_weights(str(lora), adapter_name="trained")
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise FluxLoraError(f"{lora} does not load into this {family.title} model ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}); was it trained on another model?") from None
+        _load_lora(pipe, Path(lora), family.title)
         if not pipe.get_list_adapters().get("transformer"):
             raise FluxLoraError(f"{lora} loaded no LoRA weights into the transformer; is it a {family.title} LoRA?")
     if control is None and image is not None:
@@ -194,6 +190,35 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
     result = images[0] if len(images) == 1 else make_grid(images, prompts)
     files.write_atomic(out, lambda f: result.save(f, format="PNG"))
     return out
+
+
+def _load_lora(pipe, lora: Path, title: str) -> None:
+    """pipe.load_lora_weights(lora), its failures as one line (diffusers' own log of a mismatch,
+    a line per tensor, is held back: the line here says it)."""
+    import logging
+
+    from flux_lora.errors import FluxLoraError
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(lora), framework="pt"):
+            pass
+    except Exception as e:  # safetensors' own error type is not an OSError
+        raise FluxLoraError(f"{lora} is not a readable .safetensors file ({type(e).__name__}: {str(e)[:120]}); "
+                            "pass the lora.safetensors (or lora-kohya.safetensors) a train run wrote") from None
+    diffusers_log = logging.getLogger("diffusers")
+    level = diffusers_log.level
+    diffusers_log.setLevel(logging.CRITICAL)
+    try:
+        pipe.load_lora_weights(str(lora), adapter_name="trained")
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = next((line for line in lines if "mismatch" in line or line.startswith(("Missing", "Unexpected"))), lines[0])
+        raise FluxLoraError(f"{lora} does not load into this {title} model ({type(e).__name__}: {detail[:200]}); "
+                            "was it trained on another model?") from None
+    finally:
+        diffusers_log.setLevel(level)
 
 
 def _area_size(width: int, height: int, side: int) -> tuple[int, int]:
