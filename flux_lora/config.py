@@ -65,6 +65,7 @@ class DataConfig:
     resolutions: list = doc([], "several resolutions in one cache, e.g. [512, 768, 1024] (ai-toolkit's resolution list; on the command line --resolution 512,768,1024): each image is cached at each, with buckets per resolution, and training draws every batch from one bucket of one of them; the first is data.resolution (previews use it). The text is encoded once; `preprocess --add-resolution R` adds one to a finished cache")
     square: bool = doc(False, "center-crop every image to resolution×resolution instead of aspect buckets")
     trigger_word: str = doc("", "prepended to every caption (once); replaces a [trigger] placeholder")
+    caption_extension: str = doc(".txt", "the extension of an image's caption file beside it (kohya's .caption: a.jpg is captioned by a.caption)")
     caption_lines: bool = doc(False, "each non-empty line of a .txt is one caption of its image (several captions per image); a step trains on one of them, drawn from the seed, the step and the sample's position")
     class_word: str = doc("", "what the trigger word stands for (e.g. person, dog): preprocess also caches each caption with the trigger replaced by it, for train.preservation_weight (differential output preservation)")
     default_caption: str = doc("", "caption for images without a .txt when captioner is none")
@@ -85,6 +86,9 @@ class DataConfig:
             raise ConfigError(f"data.resolution={self.resolution} is not a positive multiple of 16; use e.g. 512 or 1024")
         self.sample_prompts = [str(p) for p in self.sample_prompts]
         _choice("data.masks", self.masks, ("auto", "folder", "alpha", "off"))
+        ext = self.caption_extension
+        if not (ext.startswith(".") and len(ext) > 1 and not any(c in ext for c in "/\\ ")) or ext == ".jsonl":
+            raise ConfigError(f"data.caption_extension={ext!r} is not a file extension; use e.g. .txt or .caption")
         if self.class_word and not self.trigger_word:
             raise ConfigError("data.class_word replaces the trigger word in each caption; set data.trigger_word (--trigger-word) too")
 

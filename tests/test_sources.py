@@ -274,3 +274,27 @@ def test_find_sources_warns_of_each_skip_fails_under_strict_and_explains_an_empt
         find_sources(links, family, False, reporter)
     assert len(reporter.lines) == SKIPS_NAMED + 1
     assert reporter.lines[-1] == f"skipping 3 more files in {links}: 3 symbolic links, 0 of types flux_lora cannot read"
+
+
+def test_caption_files_of_another_extension(tmp_path):
+    """kohya's .caption sidecars with data.caption_extension; a bad extension is one line."""
+    from types import SimpleNamespace
+
+    from flux_lora.config import build_config
+    from flux_lora.data.preprocess import find_sources
+    from flux_lora.errors import ConfigError
+
+    for stem in ("a", "b", "c"):
+        _png(tmp_path / f"{stem}.png")
+    (tmp_path / "a.caption").write_text("a from kohya\n")
+    (tmp_path / "b.CAPTION").write_text("b shouted")
+    (tmp_path / "c.txt").write_text("c's .txt is not read now")
+    assert {i.name: i.caption for i in discover(tmp_path, ".caption")} == {"a.png": "a from kohya", "b.png": "b shouted",
+                                                                          "c.png": None}
+    assert {i.name: i.caption for i in discover(tmp_path)}["c.png"] == "c's .txt is not read now"
+    assert build_config(None, {"data.caption_extension": ".caption"}).data.caption_extension == ".caption"
+    for bad in ("caption", ".", "a/b", ""):
+        with pytest.raises(ConfigError, match=rf"data.caption_extension={bad!r} is not a file extension"):
+            build_config(None, {"data.caption_extension": bad})
+    with pytest.raises(ConfigError, match=r"data.caption_extension='.PNG' is an image type"):
+        find_sources(tmp_path, SimpleNamespace(paired=False), False, None, caption_extension=".PNG")

@@ -26,7 +26,8 @@ from flux_lora.config import Config, build_config, parse_resolutions
 from flux_lora.data import cache, datasets
 from flux_lora.data.captions import Captioner, apply_trigger, replace_trigger
 from flux_lora.data.images import load_for_bucket, load_mask, load_rgb, make_buckets, resize_to_bucket
-from flux_lora.data.sources import SourceImage, attach_masks, pair_controls, resolve_source, scan, supported_kinds
+from flux_lora.data.sources import (IMAGE_SUFFIXES, UNREADABLE_KINDS, SourceImage, attach_masks, pair_controls,
+                                    resolve_source, scan, supported_kinds)
 from flux_lora.errors import CacheError, ConfigError, DataError
 from flux_lora.fast import compiled_encoders, memory, wide_attention
 from flux_lora.models import families, loading, placement
@@ -523,11 +524,15 @@ def _warn_skipped(skipped: list[tuple[str, str]], root: Path, reporter) -> None:
                          f"{len(rest) - links} of types flux_lora cannot read")
 
 
-def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str = "off") -> list[SourceImage]:
+def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str = "off",
+                 caption_extension: str = ".txt") -> list[SourceImage]:
     """The dataset's items: images with captions (and loss masks), or for an editing family,
     (control, target) pairs; what does not pair is warned about (reporter: rank 0's, else None)
     or, under --strict, fails the run."""
-    found, skipped = scan(root)
+    if caption_extension.lower() in IMAGE_SUFFIXES | UNREADABLE_KINDS.keys():
+        raise ConfigError(f"data.caption_extension={caption_extension!r} is an image type; captions are text files, "
+                          "e.g. .txt or .caption")
+    found, skipped = scan(root, caption_extension)
     if skipped and strict:
         raise DataError(f"{root / skipped[0][0]}: {skipped[0][1]} (--strict); fix it or drop --strict")
     if reporter:
@@ -560,7 +565,8 @@ def gather_sources(cfg: Config, cache_dir: Path, family: Family, reporter) -> tu
 
     if not datasets.is_datasets_file(cfg.data.source):
         root = resolve(cfg.data.source, cache_dir)
-        return find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks), root, None
+        return find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks,
+                            cfg.data.caption_extension), root, None
     sources, recorded = [], []
     for k, spec in enumerate(datasets.load_datasets(cfg.data.source)):
         trigger = spec.trigger_word if spec.trigger_word is not None else ("" if spec.regularization else None)
@@ -568,7 +574,8 @@ def gather_sources(cfg: Config, cache_dir: Path, family: Family, reporter) -> tu
             root = resolve(spec.path, cache_dir / f"dataset-{k}")  # each dataset's own download/extraction folder
             found = [dataclasses.replace(s, name=f"{k}/{s.name}", dataset=k, trigger_word=trigger,
                                          default_caption=spec.default_caption)
-                     for s in find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks)]
+                     for s in find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks,
+                                           cfg.data.caption_extension)]
         except DataError as e:
             kind = "regularization dataset" if spec.regularization else "dataset"
             raise DataError(f"{cfg.data.source}, {kind} {k + 1}: {e}") from None

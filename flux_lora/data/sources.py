@@ -120,14 +120,14 @@ def _csv_rows(path: Path, text: str):
         yield row["file_name"], [row.get(field) or ""]
 
 
-def discover(root: Path) -> list[SourceImage]:
+def discover(root: Path, caption_extension: str = ".txt") -> list[SourceImage]:
     """Images under root, recursively, sorted by relative path (`scan`'s items)."""
-    return scan(root)[0]
+    return scan(root, caption_extension)[0]
 
 
-def scan(root: Path) -> tuple[list[SourceImage], list[tuple[str, str]]]:
-    """(images under root, recursively, sorted by relative path, with captions from same-stem .txt
-    files, else from a metadata.jsonl/.csv above them; the files left out that look like images, as
+def scan(root: Path, caption_extension: str = ".txt") -> tuple[list[SourceImage], list[tuple[str, str]]]:
+    """(images under root, recursively, sorted by relative path, with captions from same-stem
+    caption files (.txt, or caption_extension), else from a metadata.jsonl/.csv above them; the files left out that look like images, as
     (relative name, why)). Symbolic links (images, folders or captions) are not followed: they could
     read outside the dataset. (For editing pairs, `pair_controls` then takes the control images out
     of the list.)"""
@@ -152,7 +152,7 @@ def scan(root: Path) -> tuple[list[SourceImage], list[tuple[str, str]]]:
                 skipped.append((str(rel), "a symbolic link: not followed (it could read outside the dataset); "
                                           "copy the file into the dataset"))
             elif contained(p, root):
-                items.append(_with_caption(p, rel, root, metadata))
+                items.append(_with_caption(p, rel, root, metadata, caption_extension))
     items.sort(key=lambda s: s.name)
     return items, sorted(skipped)
 
@@ -161,10 +161,11 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _with_caption(p: Path, rel: PurePosixPath, root: Path, metadata: dict) -> SourceImage:
-    """The image at p with its caption: its .txt beside it (not a link), else a metadata file's."""
+def _with_caption(p: Path, rel: PurePosixPath, root: Path, metadata: dict, extension: str = ".txt") -> SourceImage:
+    """The image at p with its caption: its caption file beside it (not a link), else a metadata file's."""
     caption, note = None, None
-    txt = next((t for t in (p.with_suffix(".txt"), p.with_suffix(".TXT")) if t.is_file() or t.is_symlink()), None)
+    txt = next((t for t in (p.with_suffix(extension), p.with_suffix(extension.upper())) if t.is_file() or t.is_symlink()),
+               None)
     if txt is not None and not contained(txt, root):
         note = f"caption {txt.name} is a symbolic link or lies outside the dataset; ignored"
     elif txt is not None:
