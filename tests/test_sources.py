@@ -246,10 +246,13 @@ def test_discovery_takes_jfif_gif_avif_and_names_what_it_leaves_out(tmp_path):
 
 class _Warnings:
     def __init__(self):
-        self.lines = []
+        self.lines, self.infos = [], []
 
     def warning(self, text, file=None):
         self.lines.append(text)
+
+    def info(self, text):
+        self.infos.append(text)
 
 
 def test_find_sources_warns_of_each_skip_fails_under_strict_and_explains_an_empty_folder(tmp_path):
@@ -298,3 +301,26 @@ def test_caption_files_of_another_extension(tmp_path):
             build_config(None, {"data.caption_extension": bad})
     with pytest.raises(ConfigError, match=r"data.caption_extension='.PNG' is an image type"):
         find_sources(tmp_path, SimpleNamespace(paired=False), False, None, caption_extension=".PNG")
+
+
+def test_an_empty_caption_file_is_the_empty_caption_not_a_missing_one(tmp_path):
+    """kohya's and ai-toolkit's meaning: the image trains on the trigger word alone; said once."""
+    from types import SimpleNamespace
+
+    from flux_lora.config import build_config
+    from flux_lora.data.preprocess import final_captions, find_sources
+
+    for stem in ("a", "b", "c", "d"):
+        _png(tmp_path / f"{stem}.png")
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("  \n\n")
+    (tmp_path / "d.txt").write_text("")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "d.png", "text": "d from metadata"}\n')
+    reporter = _Warnings()
+    items = find_sources(tmp_path, SimpleNamespace(paired=False), False, reporter)
+    assert {i.name: i.caption for i in items} == {"a.png": "", "b.png": "", "c.png": None, "d.png": "d from metadata"}
+    assert reporter.infos == ["2 image(s) have an empty caption file (e.g. a.png): their caption is the trigger word "
+                              "alone (empty without one); delete the file to have the image auto-captioned"]
+    cfg = build_config(None, {"data.trigger_word": "sks"})
+    captions = final_captions(cfg, list(enumerate(items)), auto={2: "auto caption"})
+    assert captions == {0: ["sks"], 1: ["sks"], 2: ["sks, auto caption"], 3: ["sks, d from metadata"]}

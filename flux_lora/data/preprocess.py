@@ -537,6 +537,10 @@ def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str 
         raise DataError(f"{root / skipped[0][0]}: {skipped[0][1]} (--strict); fix it or drop --strict")
     if reporter:
         _warn_skipped(skipped, root, reporter)
+        empty = [s.name for s in found if s.caption == ""]
+        if empty:
+            reporter.info(f"{len(empty)} image(s) have an empty caption file (e.g. {empty[0]}): their caption is the "
+                          "trigger word alone (empty without one); delete the file to have the image auto-captioned")
     sources, mask_problems = attach_masks(found, masks)
     for name, problem in mask_problems if reporter else []:
         reporter.warning(problem, file=name)

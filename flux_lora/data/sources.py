@@ -171,7 +171,7 @@ def _with_caption(p: Path, rel: PurePosixPath, root: Path, metadata: dict, exten
     elif txt is not None:
         caption, note = read_caption(txt)
     several = False
-    if caption is None and str(rel) in metadata:
+    if not caption and str(rel) in metadata:
         caption, several = metadata[str(rel)]
     return SourceImage(p, str(rel), caption, note, several_captions=several)
 
@@ -276,7 +276,7 @@ def _shape_mismatch(target: SourceImage, control: SourceImage) -> str | None:
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:
     """(caption, note): UTF-8 (with or without Notepad's BOM) or UTF-16 with its BOM as is;
-    other bytes are read as Windows-1252/Latin-1, with a note saying so."""
+    other bytes are read as Windows-1252/Latin-1, with a note saying so. An empty file gives ""."""
     raw = path.read_bytes()
     note = None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -290,8 +290,7 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
         except UnicodeDecodeError:
             text = raw.decode("cp1252", errors="replace")
             note = f"caption {path.name} is not UTF-8; read it as Windows-1252/Latin-1 (save it as UTF-8 to be sure)"
-    text = text.strip()
-    return (text or None), note
+    return text.strip(), note  # an empty file is an empty caption (kohya, ai-toolkit): the trigger word alone
 
 
 def check_zip(path: Path, max_bytes: int) -> list[zipfile.ZipInfo]:
