@@ -127,10 +127,10 @@ def discover(root: Path, caption_extension: str = ".txt") -> list[SourceImage]:
 
 def scan(root: Path, caption_extension: str = ".txt") -> tuple[list[SourceImage], list[tuple[str, str]]]:
     """(images under root, recursively, sorted by relative path, with captions from same-stem
-    caption files (.txt, or caption_extension), else from a metadata.jsonl/.csv above them; the files left out that look like images, as
-    (relative name, why)). Symbolic links (images, folders or captions) are not followed: they could
-    read outside the dataset. (For editing pairs, `pair_controls` then takes the control images out
-    of the list.)"""
+    caption files (caption_extension), else from a metadata.jsonl/.csv above them; the files left
+    out that look like images, as (relative name, why)). Symbolic links (images, folders or
+    captions) are not followed: they could read outside the dataset. (For editing pairs,
+    `pair_controls` then takes the control images out of the list.)"""
     items, skipped, metadata = [], [], {}
     for dirpath, dirnames, filenames in os.walk(root):  # top-down: a folder's metadata before its images
         metadata.update(read_metadata(Path(dirpath), root))
@@ -274,7 +274,7 @@ def _shape_mismatch(target: SourceImage, control: SourceImage) -> str | None:
             "target's size; crop it to the same aspect ratio")
 
 
-def read_caption(path: Path) -> tuple[str | None, str | None]:
+def read_caption(path: Path) -> tuple[str, str | None]:
     """(caption, note): UTF-8 (with or without Notepad's BOM) or UTF-16 with its BOM as is;
     other bytes are read as Windows-1252/Latin-1, with a note saying so. An empty file gives ""."""
     raw = path.read_bytes()
