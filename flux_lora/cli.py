@@ -135,6 +135,7 @@ def preprocess(
     class_word: Annotated[Optional[str], typer.Option(help="what the trigger word stands for (e.g. person): also caches each caption with it in the trigger's place, for --preservation-weight")] = None,
     caption_lines: Annotated[Optional[bool], typer.Option("--caption-lines/--no-caption-lines", help="each line of a .txt is one caption of the image")] = None,
     caption_extension: Annotated[Optional[str], typer.Option(help="extension of the caption file beside each image (default .txt; kohya's .caption)")] = None,
+    follow_symlinks: Annotated[Optional[bool], typer.Option("--follow-symlinks/--no-follow-symlinks", help="read images, captions and folders that are symbolic links (off: skipped, named)")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="rebuild an existing cache")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow the captioner's own code")] = None,
     json_events: JsonOpt = None,
@@ -148,7 +149,7 @@ def preprocess(
              "data.default_caption": default_caption, "data.max_sequence_length": max_sequence_length,
              "data.sample_prompts": sample_prompt or None, "preprocess.batch_size": batch_size,
              "preprocess.num_workers": num_workers, "data.strict": strict, "data.caption_lines": caption_lines,
-             "data.caption_extension": caption_extension, "data.class_word": class_word, "preprocess.overwrite": overwrite,
+             "data.caption_extension": caption_extension, "data.follow_symlinks": follow_symlinks, "data.class_word": class_word, "preprocess.overwrite": overwrite,
              "data.trust_remote_code": trust_remote_code, "output.json": json_events}
 
     def go():

@@ -74,6 +74,7 @@ class DataConfig:
     trust_remote_code: bool = doc(False, "allow the captioner's own code from the hub (off: only natively supported models)")
     max_sequence_length: int = doc(512, "T5 tokens per caption (FLUX.1-dev: 512, schnell: 256)", low=1)
     strict: bool = doc(False, "fail on the first unreadable image instead of skipping it with a warning")
+    follow_symlinks: bool = doc(False, "read images, captions and folders of a local dataset that are symbolic links (off: each is skipped with a warning, since a link can point anywhere; on for a folder of links you made)")
     masks: str = doc("auto", "loss masks (white: learn, black: ignore): folder (masks/STEM.png beside the images, each the size of its image), alpha (each image's own alpha channel; opaque: learn), off, or auto (folder when a masks/ folder exists)")
     sample_prompts: list = doc([], "prompts encoded now so train can draw preview images without text encoders")
 

@@ -324,3 +324,25 @@ def test_an_empty_caption_file_is_the_empty_caption_not_a_missing_one(tmp_path):
     cfg = build_config(None, {"data.trigger_word": "sks"})
     captions = final_captions(cfg, list(enumerate(items)), auto={2: "auto caption"})
     assert captions == {0: ["sks"], 1: ["sks"], 2: ["sks, auto caption"], 3: ["sks, d from metadata"]}
+
+
+def test_follow_symlinks_reads_a_folder_of_links_once_and_names_broken_ones(tmp_path):
+    """--follow-symlinks: a dataset made of links into a shared store (files, captions, folders);
+    a link back up the tree is walked once; links to nothing are named, not fatal."""
+    store, data = tmp_path / "store", tmp_path / "data"
+    (store / "more").mkdir(parents=True)
+    data.mkdir()
+    _png(store / "a.png")
+    (store / "a.txt").write_text("a from the store")
+    _png(store / "more" / "b.png")
+    (data / "a.png").symlink_to(store / "a.png")
+    (data / "a.txt").symlink_to(store / "a.txt")
+    (data / "more").symlink_to(store / "more", target_is_directory=True)
+    (data / "up").symlink_to(data, target_is_directory=True)  # a loop
+    (data / "gone.png").symlink_to(store / "gone.png")
+    items, skipped = scan(data, follow_symlinks=True)
+    assert {i.name: i.caption for i in items} == {"a.png": "a from the store", "more/b.png": None}
+    assert [name for name, _ in skipped] == ["gone.png"] and "symbolic link to nothing" in skipped[0][1]
+    items, skipped = scan(data)  # the default: nothing of it read
+    assert items == [] and sorted(n for n, _ in skipped) == ["a.png", "gone.png", "more", "up"]
+    assert all("--follow-symlinks" in why for _, why in skipped)

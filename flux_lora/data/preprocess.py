@@ -169,8 +169,8 @@ def caption_missing(cfg: Config, entries: list[tuple[int, SourceImage]], buckets
         return {}
     if cfg.data.captioner.lower() == "none":
         if di.is_main:
-            reporter.warning(f"{len(missing)} image(s) on rank 0 have no .txt caption; using the default caption "
-                             f"{default_caption(cfg, missing[0][1])!r} (captioner is none)")
+            reporter.warning(f"{len(missing)} image(s) on rank 0 have no {cfg.data.caption_extension} caption; using the "
+                             f"default caption {default_caption(cfg, missing[0][1])!r} (captioner is none)")
         return {i: default_caption(cfg, s) for i, s in missing}
     dtype = loading.resolve_dtype(cfg.model.dtype, di.device)
     captioner = Captioner(cfg.data.captioner, di.device, dtype, cfg.data.trust_remote_code, prompt=cfg.data.caption_prompt)
@@ -525,14 +525,14 @@ def _warn_skipped(skipped: list[tuple[str, str]], root: Path, reporter) -> None:
 
 
 def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str = "off",
-                 caption_extension: str = ".txt") -> list[SourceImage]:
+                 caption_extension: str = ".txt", follow_symlinks: bool = False) -> list[SourceImage]:
     """The dataset's items: images with captions (and loss masks), or for an editing family,
     (control, target) pairs; what does not pair is warned about (reporter: rank 0's, else None)
     or, under --strict, fails the run."""
     if caption_extension.lower() in IMAGE_SUFFIXES | UNREADABLE_KINDS.keys():
         raise ConfigError(f"data.caption_extension={caption_extension!r} is an image type; captions are text files, "
                           "e.g. .txt or .caption")
-    found, skipped = scan(root, caption_extension)
+    found, skipped = scan(root, caption_extension, follow_symlinks)
     if skipped and strict:
         raise DataError(f"{root / skipped[0][0]}: {skipped[0][1]} (--strict); fix it or drop --strict")
     if reporter:
@@ -570,7 +570,7 @@ def gather_sources(cfg: Config, cache_dir: Path, family: Family, reporter) -> tu
     if not datasets.is_datasets_file(cfg.data.source):
         root = resolve(cfg.data.source, cache_dir)
         return find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks,
-                            cfg.data.caption_extension), root, None
+                            cfg.data.caption_extension, cfg.data.follow_symlinks), root, None
     sources, recorded = [], []
     for k, spec in enumerate(datasets.load_datasets(cfg.data.source)):
         trigger = spec.trigger_word if spec.trigger_word is not None else ("" if spec.regularization else None)
@@ -579,7 +579,7 @@ def gather_sources(cfg: Config, cache_dir: Path, family: Family, reporter) -> tu
             found = [dataclasses.replace(s, name=f"{k}/{s.name}", dataset=k, trigger_word=trigger,
                                          default_caption=spec.default_caption)
                      for s in find_sources(Path(root), family, cfg.data.strict, reporter, cfg.data.masks,
-                                           cfg.data.caption_extension)]
+                                           cfg.data.caption_extension, cfg.data.follow_symlinks)]
         except DataError as e:
             kind = "regularization dataset" if spec.regularization else "dataset"
             raise DataError(f"{cfg.data.source}, {kind} {k + 1}: {e}") from None

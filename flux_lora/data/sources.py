@@ -66,15 +66,16 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face's imagefolde
 CAPTION_FIELDS = ("text", "caption", "captions")
 
 
-def read_metadata(folder: Path, root: Path) -> dict[str, tuple[str, bool]]:
+def read_metadata(folder: Path, root: Path, follow_symlinks: bool = False) -> dict[str, tuple[str, bool]]:
     """FOLDER/metadata.jsonl or metadata.csv, where there is one (Hugging Face's imagefolder layout:
     at the root or in a folder below, its file_name relative to it): image path relative to root ->
     (caption, several). "text" or "caption" is one caption; a JSON list (or "captions") several, one
-    drawn per step. One line naming the line for a row without a file_name and a caption."""
+    drawn per step. One line naming the line for a row without a file_name and a caption. (A
+    symbolic link is read only with follow_symlinks.)"""
     prefix = PurePosixPath(Path(folder).relative_to(root).as_posix())
     out = {}
     for path in (Path(folder) / name for name in METADATA_FILES):
-        if not contained(path, root):
+        if not (path.is_file() if follow_symlinks else contained(path, root)):
             continue
         try:
             text = path.read_text(encoding="utf-8-sig")
@@ -120,27 +121,38 @@ def _csv_rows(path: Path, text: str):
         yield row["file_name"], [row.get(field) or ""]
 
 
-def discover(root: Path, caption_extension: str = ".txt") -> list[SourceImage]:
+def discover(root: Path, caption_extension: str = ".txt", follow_symlinks: bool = False) -> list[SourceImage]:
     """Images under root, recursively, sorted by relative path (`scan`'s items)."""
-    return scan(root, caption_extension)[0]
+    return scan(root, caption_extension, follow_symlinks)[0]
 
 
-def scan(root: Path, caption_extension: str = ".txt") -> tuple[list[SourceImage], list[tuple[str, str]]]:
+LINK_NOT_FOLLOWED = ("a symbolic link: not followed (it could read outside the dataset); copy the file into the "
+                     "dataset, or pass --follow-symlinks")
+
+
+def scan(root: Path, caption_extension: str = ".txt",
+         follow_symlinks: bool = False) -> tuple[list[SourceImage], list[tuple[str, str]]]:
     """(images under root, recursively, sorted by relative path, with captions from same-stem
     caption files (caption_extension), else from a metadata.jsonl/.csv above them; the files left
     out that look like images, as (relative name, why)). Symbolic links (images, folders or
-    captions) are not followed: they could read outside the dataset. (For editing pairs,
-    `pair_controls` then takes the control images out of the list.)"""
-    items, skipped, metadata = [], [], {}
-    for dirpath, dirnames, filenames in os.walk(root):  # top-down: a folder's metadata before its images
-        metadata.update(read_metadata(Path(dirpath), root))
+    captions) are not followed unless follow_symlinks: they could read outside the dataset. (For
+    editing pairs, `pair_controls` then takes the control images out of the list.)"""
+    items, skipped, metadata, walked = [], [], {}, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):  # top-down: metadata first
+        here = Path(dirpath)
+        if follow_symlinks:
+            if here.resolve() in walked:  # a link back up the tree: that folder was walked already
+                dirnames[:] = []
+                continue
+            walked.add(here.resolve())
+        metadata.update(read_metadata(here, root, follow_symlinks))
         for d in sorted(dirnames):
-            if (Path(dirpath) / d).is_symlink() and not _hidden(PurePosixPath(d)):
-                skipped.append((_relative(Path(dirpath) / d, root), "a symbolic link to a folder: not followed (it "
-                                "could read outside the dataset); move or copy the folder into the dataset"))
+            if not follow_symlinks and (here / d).is_symlink() and not _hidden(PurePosixPath(d)):
+                skipped.append((_relative(here / d, root), "a symbolic link to a folder: not followed (it could read "
+                                "outside the dataset); move or copy the folder into the dataset, or pass --follow-symlinks"))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
         for fn in sorted(filenames):
-            p = Path(dirpath) / fn
+            p = here / fn
             rel = PurePosixPath(_relative(p, root))
             suffix = p.suffix.lower()
             if _hidden(rel) or (suffix not in IMAGE_SUFFIXES and suffix not in UNREADABLE_KINDS):
@@ -148,11 +160,12 @@ def scan(root: Path, caption_extension: str = ".txt") -> tuple[list[SourceImage]
             if suffix in UNREADABLE_KINDS:
                 skipped.append((str(rel), f"a {UNREADABLE_KINDS[suffix]} file, which flux_lora cannot read; "
                                           "convert it to JPEG or PNG"))
-            elif p.is_symlink():
-                skipped.append((str(rel), "a symbolic link: not followed (it could read outside the dataset); "
-                                          "copy the file into the dataset"))
-            elif contained(p, root):
-                items.append(_with_caption(p, rel, root, metadata, caption_extension))
+            elif p.is_symlink() and not follow_symlinks:
+                skipped.append((str(rel), LINK_NOT_FOLLOWED))
+            elif p.is_symlink() and not p.is_file():
+                skipped.append((str(rel), "a symbolic link to nothing (its target is gone, or it loops); fix or remove it"))
+            elif follow_symlinks or contained(p, root):
+                items.append(_with_caption(p, rel, root, metadata, caption_extension, follow_symlinks))
     items.sort(key=lambda s: s.name)
     return items, sorted(skipped)
 
@@ -161,13 +174,16 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _with_caption(p: Path, rel: PurePosixPath, root: Path, metadata: dict, extension: str = ".txt") -> SourceImage:
-    """The image at p with its caption: its caption file beside it (not a link), else a metadata file's."""
+def _with_caption(p: Path, rel: PurePosixPath, root: Path, metadata: dict, extension: str = ".txt",
+                  follow_symlinks: bool = False) -> SourceImage:
+    """The image at p with its caption: its caption file beside it (not a link unless
+    follow_symlinks), else a metadata file's."""
     caption, note = None, None
     txt = next((t for t in (p.with_suffix(extension), p.with_suffix(extension.upper())) if t.is_file() or t.is_symlink()),
                None)
-    if txt is not None and not contained(txt, root):
-        note = f"caption {txt.name} is a symbolic link or lies outside the dataset; ignored"
+    if txt is not None and not (txt.is_file() if follow_symlinks else contained(txt, root)):
+        note = (f"caption {txt.name} is a symbolic link to nothing; ignored" if follow_symlinks else
+                f"caption {txt.name} is a symbolic link or lies outside the dataset; ignored (--follow-symlinks reads it)")
     elif txt is not None:
         caption, note = read_caption(txt)
     several = False
