@@ -280,6 +280,19 @@ def test_all_checkpoints_unreadable_stops_instead_of_starting_over(tmp_path):
     assert resume_from.endswith("step-000001") and len(notes) == 0  # pruning removed the unreadable ones
 
 
+def test_resume_from_a_file_or_a_missing_folder_says_which(tmp_path):
+    from flux_lora.config import build_config
+    from flux_lora.errors import CheckpointError
+    from flux_lora.training import train
+
+    (tmp_path / "lora.safetensors").write_bytes(b"x")
+    for target, said in ((tmp_path / "lora.safetensors", r"is a file; point it at a checkpoint folder.*--init-lora"),
+                         (tmp_path / "nowhere", r"nowhere does not exist; point it at OUTPUT/checkpoints/step-NNNNNN")):
+        cfg = build_config(None, {"output.dir": str(tmp_path / "out"), "output.resume_from": str(target)})
+        with pytest.raises(CheckpointError, match=said):
+            train.choose_resume(cfg, tmp_path / "out")
+
+
 def test_resume_reads_the_validated_checkpoint_once(tmp_path, monkeypatch):
     sd = {"w": torch.ones(2)}
     checkpoint.save_checkpoint(tmp_path, 1, sd, {"optimizer": {}, "scheduler": {}}, {}, keep=2)

@@ -112,6 +112,9 @@ def _train(cfg: Config, di: session.DistInfo, out: Path, reporter, marks: dict) 
 def choose_resume(cfg: Config, out: Path) -> tuple[str | None, list[str]]:
     """Rank 0: the checkpoint to resume from (or None), and warnings about corrupt checkpoints."""
     if cfg.output.resume_from:
+        if Path(cfg.output.resume_from).is_file():
+            raise CheckpointError(f"--resume-from {cfg.output.resume_from} is a file; point it at a checkpoint folder, "
+                                  "OUTPUT/checkpoints/step-NNNNNN (to start from a LoRA file, pass --init-lora)")
         if not Path(cfg.output.resume_from).is_dir():
             raise CheckpointError(f"--resume-from {cfg.output.resume_from} does not exist; point it at OUTPUT/checkpoints/step-NNNNNN")
         return cfg.output.resume_from, []
