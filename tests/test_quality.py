@@ -238,6 +238,39 @@ def test_init_lora_reads_kohya_files(tiny_model, tmp_path):
     assert layers == 3
 
 
+def test_init_lora_reads_kohya_files_of_every_layer_at_any_width(tiny_model, tmp_path):
+    """Every attention-mlp layer, single blocks' fused linear1 (q/k/v + MLP) included, at the tiny
+    model's width (diffusers' own kohya reader assumes FLUX.1-dev's 3072 and fails there), and a
+    dense fused LoRA as kohya's sd-scripts trains it on BFL's linear1 (one down for all four)."""
+    from safetensors.torch import save_file
+
+    from flux_lora.training import lora
+
+    source = _lora_transformer(tiny_model)
+    for _, p in lora.lora_parameters(source):
+        p.data = torch.randn(p.shape) * 0.2
+    lora.export_lora(tmp_path / "l.safetensors", source, export_format="kohya", save_dtype="fp32")
+    run = _lora_transformer(tiny_model, rank=4, alpha=16.0)
+    initial, layers = lora.initial_weights(tmp_path / "l-kohya.safetensors", run, 4, 16.0)
+    lora.load_initial(run, initial)
+    with torch.no_grad():
+        torch.testing.assert_close(_forward(run), _forward(source), rtol=1e-4, atol=1e-4)
+    assert layers == len({n.split(".lora_")[0] for n, _ in lora.lora_parameters(source)})
+
+    block = source.single_transformer_blocks[0]
+    widths = [block.attn.to_q.base_layer.out_features] * 3 + [block.proj_mlp.base_layer.out_features]
+    down, up = torch.randn(4, block.attn.to_q.base_layer.in_features), torch.randn(sum(widths), 4)
+    save_file({"lora_unet_single_blocks_0_linear1.lora_down.weight": down,
+               "lora_unet_single_blocks_0_linear1.lora_up.weight": up,
+               "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(2.0)}, tmp_path / "dense.safetensors")
+    initial, layers = lora.initial_weights(tmp_path / "dense.safetensors", _lora_transformer(tiny_model), 4, 4.0)
+    assert layers == 4
+    for member, rows in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), torch.split(up, widths)):
+        key = f"single_transformer_blocks.0.{member}"
+        update = initial[f"{key}.lora_B.weight"] @ initial[f"{key}.lora_A.weight"] * (4.0 / 4)  # the run's alpha/rank
+        torch.testing.assert_close(update, rows @ down * (2.0 / 4))  # the file's alpha/rank
+
+
 def test_dora_file_loads_in_diffusers_with_the_same_output(tiny_model, tmp_path):
     from flux_lora.training import lora
 

@@ -92,6 +92,52 @@ def to_kohya(sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tenso
     return out
 
 
+_KOHYA_KEY = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def is_kohya(keys) -> bool:
+    """Whether every key is a kohya/BFL FLUX block LoRA key (`lora_unet_double_blocks_0_img_attn_qkv...`)."""
+    keys = list(keys)
+    return bool(keys) and all(_KOHYA_KEY.match(k) for k in keys)
+
+
+def from_kohya(sd: dict[str, torch.Tensor], out_features) -> dict[str, torch.Tensor]:
+    """kohya/BFL-named LoRA tensors (to_kohya's, or a LoRA trained on BFL's fused layers) -> per
+    diffusers layer `transformer_blocks.N.attn.to_q.lora_A.weight` / `lora_B.weight`, with each
+    layer's alpha/rank folded into B. A fused up is split by `out_features(block, member)`, this
+    model's sizes (diffusers' own reader assumes FLUX.1-dev's); a block-diagonal one (to_kohya's)
+    gives each member its own slice of the rank, a dense one the whole down. Untrained members
+    (zero rows) are left out, so they keep a fresh init."""
+    groups: dict[tuple[str, int, str], dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        m = _KOHYA_KEY.match(key)
+        groups.setdefault((m.group(1), int(m.group(2)), m.group(3)), {})[m.group(4)] = value
+    out = {}
+    for (kind, idx, name), parts in sorted(groups.items()):
+        table, block = (DOUBLE, f"transformer_blocks.{idx}") if kind == "double" else (SINGLE, f"single_transformer_blocks.{idx}")
+        if name not in table or {"lora_down.weight", "lora_up.weight"} - parts.keys():
+            raise FluxLoraError(f"lora_unet_{kind}_blocks_{idx}_{name}: not a FLUX.1 layer with lora_down and lora_up")
+        members = table[name]
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        rank = down.shape[0]
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+        dims = [out_features(block, member) for member in members]
+        if sum(dims) != up.shape[0]:
+            raise FluxLoraError(f"lora_unet_{kind}_blocks_{idx}_{name} has {up.shape[0]} outputs, this model's "
+                                f"{'+'.join(map(str, dims))}; was it trained on another model?")
+        rows, k = torch.split(up, dims), len(members)
+        width = rank // k if k > 1 and rank % k == 0 else rank
+        diagonal = width < rank and all(not r[:, :j * width].any() and not r[:, (j + 1) * width:].any()
+                                        for j, r in enumerate(rows))
+        for j, (member, b) in enumerate(zip(members, rows)):
+            a = down[j * width:(j + 1) * width] if diagonal else down
+            b = b[:, j * width:(j + 1) * width] if diagonal else b
+            if a.any() or b.any():
+                out[f"{block}.{member}.lora_A.weight"] = a.contiguous()
+                out[f"{block}.{member}.lora_B.weight"] = (b * scale).contiguous()
+    return out
+
+
 def export_file(src: Path, dst: Path, export_format: str = "kohya") -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file

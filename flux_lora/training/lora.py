@@ -111,15 +111,7 @@ def initial_weights(path: str | Path, model: torch.nn.Module, rank: int, alpha: 
     Returns (state dict for load_initial, layers it covers)."""
     if not Path(path).is_file():
         raise ConfigError(f"--init-lora {path} does not exist")
-    pipeline = family.diffusers_class(family.pipeline_class)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            read = pipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    except Exception as e:  # noqa: BLE001 - whatever the readers raise on a foreign file
-        raise ConfigError(f"--init-lora {path} is not a {family.title} LoRA diffusers can read "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    sd, meta = read[0], (read[-1] or {})
+    sd, meta = _read_lora_file(Path(path), model, family)
     sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.startswith(("text_encoder", "te_"))}
     ours = {peft_key(name): p for name, p in lora_parameters(model)}
     outside = [k for k in sd if k not in ours]
@@ -140,6 +132,40 @@ def initial_weights(path: str | Path, model: torch.nn.Module, rank: int, alpha: 
             tensor = tensor.float() * (file_scale / (alpha / rank))
         out[key] = tensor.float()
     return out, len({k.split(".lora_")[0] for k in out})
+
+
+def _read_lora_file(path: Path, model: torch.nn.Module, family: Family) -> tuple[dict, dict]:
+    """(state dict, metadata) of a LoRA file: kohya/BFL names split by this model's layer sizes
+    (outputs/export.from_kohya), any other format through the family pipeline's reader."""
+    from flux_lora.outputs import export
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            kohya = family.kohya_export and export.is_kohya(keys)
+            sd = {k: f.get_tensor(k) for k in keys} if kohya else None
+    except Exception:  # noqa: BLE001 - not safetensors: the pipeline's reader says what it is
+        kohya = False
+    if kohya:
+        def out_features(block: str, member: str) -> int:
+            layer = model.get_submodule(f"{block}.{member}")
+            return getattr(layer, "base_layer", layer).out_features
+
+        try:
+            return export.from_kohya(sd, out_features), {}
+        except (FluxLoraError, AttributeError) as e:
+            raise ConfigError(f"--init-lora {path} does not fit this model ({e})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read = family.diffusers_class(family.pipeline_class).lora_state_dict(str(path), return_lora_metadata=True)
+    except Exception as e:  # noqa: BLE001 - whatever the readers raise on a foreign file
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"--init-lora {path} is not a {family.title} LoRA diffusers can read "
+                          f"({type(e).__name__}{': ' + first if first else ''})") from None
+    return read[0], (read[-1] or {})
 
 
 def load_initial(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
