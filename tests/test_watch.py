@@ -181,6 +181,9 @@ def test_sample_command_changes_with_lora(finished_run, tiny_model, tmp_path):
     a, b = Image.open(tmp_path / "base.png"), Image.open(tmp_path / "lora.png")
     assert a.size == b.size == (32, 32)
     assert a.tobytes() != b.tobytes()
+    # the kohya/ComfyUI export, at the tiny model's width (diffusers' own kohya reader assumes FLUX.1-dev's)
+    run_cli(*common, "--lora", finished_run / "lora-kohya.safetensors", "--out", tmp_path / "kohya.png", check=True)
+    assert Image.open(tmp_path / "kohya.png").tobytes() == b.tobytes()
     proc = run_cli(*common, "--lora", tmp_path / "missing.safetensors", "--out", tmp_path / "x.png")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     (tmp_path / "junk.safetensors").write_bytes(b"garbage")

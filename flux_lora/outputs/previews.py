@@ -171,7 +171,7 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
     if lora is not None:
         if not Path(lora).is_file():
             raise FluxLoraError(f"LoRA file {lora} does not exist")
-        _load_lora(pipe, Path(lora), family.title)
+        _load_lora(pipe, Path(lora), family)
         if not pipe.get_list_adapters().get("transformer"):
             raise FluxLoraError(f"{lora} loaded no LoRA weights into the transformer; is it a {family.title} LoRA?")
     if control is None and image is not None:
@@ -192,18 +192,21 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
     return out
 
 
-def _load_lora(pipe, lora: Path, title: str) -> None:
+def _load_lora(pipe, lora: Path, family) -> None:
     """pipe.load_lora_weights(lora), its failures as one line (diffusers' own log of a mismatch,
-    a line per tensor, is held back: the line here says it)."""
+    a line per tensor, is held back: the line here says it). kohya/BFL-named files of FLUX.1 are
+    split by the model's own layer sizes first (export.from_kohya), as --init-lora reads them."""
     import logging
 
     from flux_lora.errors import FluxLoraError
+    from flux_lora.outputs import export
 
     try:
         from safetensors import safe_open
 
-        with safe_open(str(lora), framework="pt"):
-            pass
+        with safe_open(str(lora), framework="pt") as f:
+            kohya = family.kohya_export and export.is_kohya(f.keys())
+            source = {k: f.get_tensor(k) for k in f.keys()} if kohya else str(lora)
     except Exception as e:  # safetensors' own error type is not an OSError
         raise FluxLoraError(f"{lora} is not a readable .safetensors file ({type(e).__name__}: {str(e)[:120]}); "
                             "pass the lora.safetensors (or lora-kohya.safetensors) a train run wrote") from None
@@ -211,12 +214,15 @@ def _load_lora(pipe, lora: Path, title: str) -> None:
     level = diffusers_log.level
     diffusers_log.setLevel(logging.CRITICAL)
     try:
-        pipe.load_lora_weights(str(lora), adapter_name="trained")
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        if kohya:
+            sizes = (lambda block, member: pipe.transformer.get_submodule(f"{block}.{member}").out_features)
+            source = {f"transformer.{k}": v for k, v in export.from_kohya(source, sizes).items()}
+        pipe.load_lora_weights(source, adapter_name="trained")
+    except (ValueError, KeyError, RuntimeError, OSError, AttributeError, FluxLoraError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         detail = next((line for line in lines if "mismatch" in line or line.startswith(("Missing", "Unexpected"))), lines[0])
-        raise FluxLoraError(f"{lora} does not load into this {title} model ({type(e).__name__}: {detail[:200]}); "
-                            "was it trained on another model?") from None
+        raise FluxLoraError(f"{lora} does not load into this {family.title} model ({type(e).__name__}: "
+                            f"{detail[:200]}); was it trained on another model?") from None
     finally:
         diffusers_log.setLevel(level)
 
