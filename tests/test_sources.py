@@ -273,7 +273,7 @@ def test_find_sources_warns_of_each_skip_fails_under_strict_and_explains_an_empt
     for k in range(SKIPS_NAMED + 3):
         (links / f"{k:02d}.png").symlink_to(data / "a.png")
     reporter = _Warnings()
-    with pytest.raises(DataError, match=r"no images \(.*gif.*\) found in .*13 left out, e.g. 00\.png: a symbolic link"):
+    with pytest.raises(DataError, match=r"no images \(.*gif.*\) found in .*13 files left out, e.g. 00\.png: a symbolic link"):
         find_sources(links, family, False, reporter)
     assert len(reporter.lines) == SKIPS_NAMED + 1
     assert reporter.lines[-1] == f"skipping 3 more files in {links}: 3 symbolic links, 0 of types flux_lora cannot read"

@@ -550,11 +550,11 @@ def find_sources(root: Path, family: Family, strict: bool, reporter, masks: str 
             raise DataError(f"{problems[0][1]} (--strict); fix the pairs or drop --strict")
         for name, problem in problems if reporter else []:
             reporter.warning(problem, file=name)
-        if not sources:
-            raise DataError(f"no editing pairs found in {root}: {family.title} trains on a target image with a control "
-                            "image of the same stem in a control/ folder beside it, or named STEM_control.EXT")
+    left_out = f" ({len(skipped)} files left out, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    if family.paired and not sources:
+        raise DataError(f"no editing pairs found in {root}{left_out}: {family.title} trains on a target image with a "
+                        "control image of the same stem in a control/ folder beside it, or named STEM_control.EXT")
     if not sources:
-        left_out = f" ({len(skipped)} left out, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise DataError(f"no images ({supported_kinds()}) found in {root}{left_out}; check the --data path")
     return sources
 
