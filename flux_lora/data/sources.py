@@ -141,10 +141,11 @@ def scan(root: Path, caption_extension: str = ".txt",
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):  # top-down: metadata first
         here = Path(dirpath)
         if follow_symlinks:
-            if here.resolve() in walked:  # a link back up the tree: that folder was walked already
+            real = here.resolve()
+            if real in walked:  # a link back up the tree: that folder was walked already
                 dirnames[:] = []
                 continue
-            walked.add(here.resolve())
+            walked.add(real)
         metadata.update(read_metadata(here, root, follow_symlinks))
         for d in sorted(dirnames):
             if not follow_symlinks and (here / d).is_symlink() and not _hidden(PurePosixPath(d)):

@@ -138,6 +138,24 @@ def from_kohya(sd: dict[str, torch.Tensor], out_features) -> dict[str, torch.Ten
     return out
 
 
+def read_kohya_for(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A kohya/BFL-named LoRA file as from_kohya gives it, split by `model`'s own layer sizes (a
+    peft-wrapped layer's base); None for a file of another format. safetensors' own error for a
+    file that is not one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if not is_kohya(f.keys()):
+            return None
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+
+    def out_features(block: str, member: str) -> int:
+        layer = model.get_submodule(f"{block}.{member}")
+        return getattr(layer, "base_layer", layer).out_features
+
+    return from_kohya(sd, out_features)
+
+
 def export_file(src: Path, dst: Path, export_format: str = "kohya") -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -195,7 +195,7 @@ def sample_command(model: str, lora: Path | None, prompts: list[str], out: Path,
 def _load_lora(pipe, lora: Path, family) -> None:
     """pipe.load_lora_weights(lora), its failures as one line (diffusers' own log of a mismatch,
     a line per tensor, is held back: the line here says it). kohya/BFL-named files of FLUX.1 are
-    split by the model's own layer sizes first (export.from_kohya), as --init-lora reads them."""
+    split by the model's own layer sizes first (export.read_kohya_for), as --init-lora reads them."""
     import logging
 
     from flux_lora.errors import FluxLoraError
@@ -204,9 +204,8 @@ def _load_lora(pipe, lora: Path, family) -> None:
     try:
         from safetensors import safe_open
 
-        with safe_open(str(lora), framework="pt") as f:
-            kohya = family.kohya_export and export.is_kohya(f.keys())
-            source = {k: f.get_tensor(k) for k in f.keys()} if kohya else str(lora)
+        with safe_open(str(lora), framework="pt"):
+            pass
     except Exception as e:  # safetensors' own error type is not an OSError
         raise FluxLoraError(f"{lora} is not a readable .safetensors file ({type(e).__name__}: {str(e)[:120]}); "
                             "pass the lora.safetensors (or lora-kohya.safetensors) a train run wrote") from None
@@ -214,9 +213,8 @@ def _load_lora(pipe, lora: Path, family) -> None:
     level = diffusers_log.level
     diffusers_log.setLevel(logging.CRITICAL)
     try:
-        if kohya:
-            sizes = (lambda block, member: pipe.transformer.get_submodule(f"{block}.{member}").out_features)
-            source = {f"transformer.{k}": v for k, v in export.from_kohya(source, sizes).items()}
+        converted = export.read_kohya_for(lora, pipe.transformer) if family.kohya_export else None
+        source = {f"transformer.{k}": v for k, v in converted.items()} if converted is not None else str(lora)
         pipe.load_lora_weights(source, adapter_name="trained")
     except (ValueError, KeyError, RuntimeError, OSError, AttributeError, FluxLoraError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]

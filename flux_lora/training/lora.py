@@ -136,27 +136,17 @@ def initial_weights(path: str | Path, model: torch.nn.Module, rank: int, alpha: 
 
 def _read_lora_file(path: Path, model: torch.nn.Module, family: Family) -> tuple[dict, dict]:
     """(state dict, metadata) of a LoRA file: kohya/BFL names split by this model's layer sizes
-    (outputs/export.from_kohya), any other format through the family pipeline's reader."""
+    (outputs/export.read_kohya_for), any other format through the family pipeline's reader."""
     from flux_lora.outputs import export
 
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            kohya = family.kohya_export and export.is_kohya(keys)
-            sd = {k: f.get_tensor(k) for k in keys} if kohya else None
+        converted = export.read_kohya_for(path, model) if family.kohya_export else None
+    except (FluxLoraError, AttributeError) as e:
+        raise ConfigError(f"--init-lora {path} does not fit this model ({e})") from None
     except Exception:  # noqa: BLE001 - not safetensors: the pipeline's reader says what it is
-        kohya = False
-    if kohya:
-        def out_features(block: str, member: str) -> int:
-            layer = model.get_submodule(f"{block}.{member}")
-            return getattr(layer, "base_layer", layer).out_features
-
-        try:
-            return export.from_kohya(sd, out_features), {}
-        except (FluxLoraError, AttributeError) as e:
-            raise ConfigError(f"--init-lora {path} does not fit this model ({e})") from None
+        converted = None
+    if converted is not None:
+        return converted, {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
